@@ -1,0 +1,39 @@
+"""palme_hf: PaLM-E style vision-language models as Transformers models."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from .modeling_palme import (
+    PalmEForConditionalGeneration,
+    PalmEModel,
+    PalmEPreTrainedModel,
+    PalmETextModel,
+    PalmEVisionModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(PalmEConfig.model_type, PalmEConfig, exist_ok=True)
+AutoConfig.register(PalmEVisionConfig.model_type, PalmEVisionConfig, exist_ok=True)
+AutoConfig.register(PalmETextConfig.model_type, PalmETextConfig, exist_ok=True)
+AutoModel.register(PalmEConfig, PalmEModel, exist_ok=True)
+AutoModel.register(PalmEVisionConfig, PalmEVisionModel, exist_ok=True)
+AutoModel.register(PalmETextConfig, PalmETextModel, exist_ok=True)
+AutoModelForImageTextToText.register(PalmEConfig, PalmEForConditionalGeneration, exist_ok=True)
+
+# `save_pretrained` writes an `auto_map` and copies these modules, so that a saved model loads with
+# `trust_remote_code=True` where palme_hf is not installed.
+PalmEConfig.register_for_auto_class()
+PalmEModel.register_for_auto_class("AutoModel")
+PalmEForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "PalmEConfig",
+    "PalmEForConditionalGeneration",
+    "PalmEModel",
+    "PalmEPreTrainedModel",
+    "PalmETextConfig",
+    "PalmETextModel",
+    "PalmEVisionConfig",
+    "PalmEVisionModel",
+]

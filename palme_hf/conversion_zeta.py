@@ -1,0 +1,157 @@
+"""Conversion of zeta `PalmE` checkpoints (`torch.save(model.state_dict())` plus the constructor keyword arguments)
+into palme_hf models."""
+
+import json
+import os
+
+import torch
+
+from .configuration_palme import ZETA_PALME_DEFAULTS, PalmEConfig
+from .layers_palme import PalmERotaryEmbedding
+from .modeling_palme import PalmEForConditionalGeneration
+
+
+def zeta_palme_config(zeta_kwargs: dict) -> PalmEConfig:
+    """
+    The [`PalmEConfig`] of a zeta `PalmE(**zeta_kwargs)` (missing arguments take zeta's defaults), with the
+    reference's quirks switched on so the converted model computes what the reference computes:
+
+    - values are rotated (with the key's xpos scale) in self-attention, `text_config.rotate_values=True`;
+    - the xpos offset is fixed at `max_seq_len // 2` (the offset a model trained on full-length sequences saw),
+      `text_config.xpos_offset`;
+    - `qk_norm` is off whatever the kwargs say: the reference passes it where nothing reads it.
+    """
+    unknown = sorted(set(zeta_kwargs) - set(ZETA_PALME_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"zeta's PalmE does not take the keyword arguments {unknown}; it takes {sorted(ZETA_PALME_DEFAULTS)}."
+        )
+    kwargs = {**ZETA_PALME_DEFAULTS, **zeta_kwargs}
+    if not kwargs["cross_attend"]:
+        raise ValueError(
+            "`cross_attend=False`: zeta's PalmE cannot run such a model (its forward always passes the image as "
+            "cross-attention context), so there is no trained behaviour to convert. Build a palme_hf model with "
+            "`PalmEConfig(cross_attend=False)` and train it instead."
+        )
+    config = PalmEConfig(**{**kwargs, "qk_norm": False})
+    if config.text_config.use_rotary:
+        config.text_config.rotate_values = True
+        config.text_config.xpos_offset = kwargs["max_seq_len"] // 2
+    return config
+
+
+def _zeta_key_map(config: PalmEConfig) -> dict[str, str]:
+    """zeta state-dict key -> palme_hf state-dict key, for every parameter of the converted model."""
+    mapping = {
+        "encoder.pos_embedding": "model.vision_model.embeddings.position_embedding",
+        "encoder.attn_layers.final_norm": "model.vision_model.post_layernorm",
+        "decoder.net.token_emb.emb": "model.language_model.embed_tokens",
+        "decoder.net.pos_emb.emb": "model.language_model.embed_positions",
+        "decoder.net.attn_layers.final_norm": "model.language_model.norm",
+        "decoder.net.to_logits": "lm_head",
+    }
+    for index, name in enumerate(("patch_norm", "patch_projection", "projection_norm")):
+        mapping[f"encoder.patch_to_embedding.{index}"] = f"model.vision_model.embeddings.{name}"
+    attention = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "o_proj"}
+    feed_forward = {"ff.0.0": "fc1", "ff.2": "fc2"}
+
+    # x-transformers numbers the sub-layers of each layer consecutively: (attention, feed-forward) in the encoder,
+    # (self-attention, cross-attention, feed-forward) in the decoder. Each is `[norms, block, residual]`.
+    def add_layer(zeta_prefix: str, hf_prefix: str, kinds: tuple[str, ...], layer: int):
+        for offset, kind in enumerate(kinds):
+            zeta = f"{zeta_prefix}.{layer * len(kinds) + offset}"
+            hf = f"{hf_prefix}.{layer}"
+            mapping[f"{zeta}.0.0"] = f"{hf}.{kind}_layer_norm"
+            modules = feed_forward if kind == "mlp" else attention
+            for zeta_name, hf_name in modules.items():
+                mapping[f"{zeta}.1.{zeta_name}"] = f"{hf}.{kind}.{hf_name}"
+
+    for layer in range(config.vision_config.num_hidden_layers):
+        add_layer("encoder.attn_layers.layers", "model.vision_model.layers", ("self_attn", "mlp"), layer)
+    for layer in range(config.text_config.num_hidden_layers):
+        add_layer(
+            "decoder.net.attn_layers.layers", "model.language_model.layers", ("self_attn", "cross_attn", "mlp"), layer
+        )
+    return mapping
+
+
+def convert_zeta_palme_state_dict(state_dict: dict[str, torch.Tensor], config: PalmEConfig) -> dict[str, torch.Tensor]:
+    """
+    Renames a zeta `PalmE` state dict into a [`PalmEForConditionalGeneration`] state dict.
+
+    Raises:
+        `ValueError` naming every missing, unexpected or wrongly shaped tensor.
+    """
+    with torch.device("meta"):
+        expected_model = PalmEForConditionalGeneration(config)
+    expected = expected_model.state_dict()
+    module_map = {hf: zeta for zeta, hf in _zeta_key_map(config).items()}
+    hf_to_zeta = {}
+    for hf_key in expected:
+        if hf_key in module_map:  # a bare parameter, such as the encoder's positions
+            hf_to_zeta[hf_key] = module_map[hf_key]
+        else:
+            module, _, leaf = hf_key.rpartition(".")
+            hf_to_zeta[hf_key] = f"{module_map[module]}.{leaf}"
+    zeta_to_hf = {zeta: hf for hf, zeta in hf_to_zeta.items()}
+
+    converted, unexpected, wrong_shape = {}, [], []
+    for key, tensor in state_dict.items():
+        if key.startswith("decoder.net.attn_layers.rotary_pos_emb."):
+            _check_rotary_buffer(key, tensor, config)
+        elif key not in zeta_to_hf:
+            unexpected.append(key)
+        elif tuple(expected[zeta_to_hf[key]].shape) != tuple(tensor.shape):
+            wrong_shape.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(expected[zeta_to_hf[key]].shape)}")
+        else:
+            converted[zeta_to_hf[key]] = tensor
+    missing = sorted(zeta for zeta in zeta_to_hf if zeta not in state_dict)
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys: {sorted(unexpected)}")
+    if wrong_shape:
+        problems.append(f"wrongly shaped tensors: {wrong_shape}")
+    if problems:
+        raise ValueError("The checkpoint does not match zeta's PalmE with these kwargs: " + "; ".join(problems) + ".")
+    return converted
+
+
+def _check_rotary_buffer(key: str, tensor: torch.Tensor, config: PalmEConfig):
+    """The reference saves its rotary buffers; they must be the ones the converted configuration computes."""
+    text_config = config.text_config
+    if not text_config.use_rotary:
+        raise ValueError(f"The checkpoint holds {key}, but its kwargs turn rotary embeddings off.")
+    inv_freq, xpos_scale = PalmERotaryEmbedding(text_config.rotary_dim, base=text_config.rope_theta).compute_buffers()
+    reference = {"inv_freq": inv_freq, "scale": xpos_scale}.get(key.rsplit(".", 1)[1])
+    if reference is None or reference.shape != tensor.shape or not torch.allclose(reference, tensor.float()):
+        raise ValueError(f"The checkpoint's rotary buffer {key} does not match the configuration's rotary embedding.")
+
+
+def load_zeta_palme(checkpoint_path: str, zeta_kwargs: dict) -> PalmEForConditionalGeneration:
+    """Loads a zeta `PalmE` checkpoint (`torch.save(model.state_dict())`, read with `weights_only=True`)."""
+    config = zeta_palme_config(zeta_kwargs)
+    state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict.")
+    converted = convert_zeta_palme_state_dict(state_dict, config)
+    model = PalmEForConditionalGeneration(config)
+    model.load_state_dict(converted, strict=False)
+    return model.eval()
+
+
+def convert_zeta_palme_checkpoint(checkpoint_path: str, kwargs_path: str, output_dir: str) -> PalmEForConditionalGeneration:
+    """Converts a zeta checkpoint and its kwargs JSON into a `from_pretrained` folder (safetensors, config.json,
+    generation_config.json, and the modelling code for `trust_remote_code`)."""
+    with open(kwargs_path) as handle:
+        zeta_kwargs = json.load(handle)
+    if not isinstance(zeta_kwargs, dict):
+        raise ValueError(f"{kwargs_path} must hold a JSON object of zeta PalmE keyword arguments.")
+    model = load_zeta_palme(checkpoint_path, zeta_kwargs)
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    return model
+
+
+__all__ = ["convert_zeta_palme_checkpoint", "convert_zeta_palme_state_dict", "load_zeta_palme", "zeta_palme_config"]

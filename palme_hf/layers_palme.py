@@ -1,0 +1,328 @@
+"""The attention core shared by every PalmE layer and block: rotary embeddings with xpos, ALiBi, query/key
+normalisation, multi-head or multi-query attention, self- or cross-attention, through Transformers' attention
+function registry and `Cache` classes."""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class PalmERotaryEmbedding(nn.Module):
+    """
+    Rotary position embedding over the first `rotary_dim` features of each head, with optional xpos scaling.
+
+    The xpos scale of position `p` is `scale ** ((p - xpos_offset) / xpos_scale_base)` per frequency: queries are
+    multiplied by it and keys by its inverse, so `q . k` depends only on the distance between positions. The offset
+    therefore cancels in attention scores; it is kept fixed (rather than tied to the sequence length) so that outputs
+    are prefix-consistent and a cache reproduces full recomputation.
+    """
+
+    def __init__(
+        self,
+        rotary_dim: int,
+        base: float = 10000.0,
+        use_xpos: bool = False,
+        xpos_scale_base: float = 512.0,
+    ):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.use_xpos = use_xpos
+        self.xpos_scale_base = xpos_scale_base
+        self.base = base
+        inv_freq, xpos_scale = self.compute_buffers()
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.xpos_scale = nn.Buffer(xpos_scale, persistent=False)
+
+    def compute_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse frequencies and the per-frequency xpos scales, each of shape `(rotary_dim // 2,)`."""
+        half = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32)
+        inv_freq = 1.0 / (self.base ** (half / self.rotary_dim))
+        xpos_scale = (half + 0.4 * self.rotary_dim) / (1.4 * self.rotary_dim)
+        return inv_freq, xpos_scale
+
+    @torch.no_grad()
+    def forward(
+        self, position_ids: torch.Tensor, xpos_offset: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): positions of the tokens.
+            xpos_offset (`int`): the position at which the xpos scale is 1.
+
+        Returns:
+            `cos`, `sin` of shape `(batch_size, seq_len, rotary_dim)` and the xpos scale of the same shape (or `None`),
+            all in float32: the rotation is applied in float32 so xpos scales stay finite in half precision.
+        """
+        positions = position_ids.to(torch.float32)
+        freqs = positions[..., None] * self.inv_freq.to(position_ids.device)
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        if not self.use_xpos:
+            return freqs.cos(), freqs.sin(), None
+        power = (positions - xpos_offset) / self.xpos_scale_base
+        scale = self.xpos_scale.to(position_ids.device) ** power[..., None]
+        scale = torch.cat((scale, scale), dim=-1)
+        return freqs.cos(), freqs.sin(), scale
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the features of `x`: `(x1, x2) -> (-x2, x1)`."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    Rotates the first `cos.shape[-1]` features of `states` (batch, heads, seq_len, head_dim), multiplied by `scale`
+    (xpos) when given; the other features pass through. Computed in float32, returned in the dtype of `states`.
+    """
+    rotary_dim = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated, passed = states[..., :rotary_dim].float(), states[..., rotary_dim:]
+    rotated = rotated * cos + rotate_half(rotated) * sin
+    if scale is not None:
+        rotated = rotated * scale.unsqueeze(1)
+    return torch.cat((rotated.to(states.dtype), passed), dim=-1)
+
+
+def alibi_slopes(num_alibi_heads: int, num_heads: int) -> torch.Tensor:
+    """ALiBi slopes for the first `num_alibi_heads` heads (the geometric series of the ALiBi paper), 0 for the rest."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start**i for i in range(1, n + 1)]
+
+    slopes = []
+    if num_alibi_heads > 0:
+        if math.log2(num_alibi_heads).is_integer():
+            slopes = power_of_two_slopes(num_alibi_heads)
+        else:
+            closest = 2 ** math.floor(math.log2(num_alibi_heads))
+            extra = power_of_two_slopes(2 * closest)[0::2][: num_alibi_heads - closest]
+            slopes = power_of_two_slopes(closest) + extra
+    return torch.tensor(slopes + [0.0] * (num_heads - num_alibi_heads), dtype=torch.float32)
+
+
+class PalmEAlibiBias(nn.Module):
+    """ALiBi: a bias of `-slope * |i - j|` between query `i` and key `j` on the first `num_alibi_heads` heads."""
+
+    def __init__(self, num_alibi_heads: int, num_heads: int):
+        super().__init__()
+        self.num_alibi_heads = num_alibi_heads
+        self.num_heads = num_heads
+        self.slopes = nn.Buffer(alibi_slopes(num_alibi_heads, num_heads), persistent=False)
+
+    def forward(self, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """
+        Args:
+            query_positions (`torch.LongTensor` of shape `(query_length,)`): cache indices of the queries.
+            key_length (`int`): number of keys (cache indices `0 .. key_length - 1`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(1, num_heads, query_length, key_length)`.
+        """
+        key_positions = torch.arange(key_length, device=query_positions.device)
+        distance = (query_positions[:, None] - key_positions[None, :]).abs().to(torch.float32)
+        return -(self.slopes.to(query_positions.device)[:, None, None] * distance).unsqueeze(0)
+
+
+def add_bias_to_mask(attention_mask: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """
+    Folds an additive bias (batch or 1, heads, query_length, key_length) into a boolean (True = attend) or additive
+    float attention mask, giving an additive float mask in `dtype` that every attention implementation accepts.
+    """
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask == 0
+    min_value = torch.finfo(dtype).min
+    return torch.where(allowed, bias.to(dtype), torch.tensor(min_value, dtype=dtype, device=bias.device))
+
+
+class PalmEQKNorm(nn.Module):
+    """l2-normalisation of each head's features with a learned per-feature gain (cosine-similarity attention)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(states, dim=-1) * self.weight
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention; keys and values may have fewer heads than queries (multi-query / grouped attention)."""
+    if module.num_key_value_groups > 1:
+        key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+        value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    elif module.is_causal and query.shape[2] > 1:
+        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+        causal = causal.tril(key.shape[2] - query.shape[2])
+        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class PalmEAttention(nn.Module):
+    """
+    The one attention layer of palme_hf: self-attention (causal or not) or cross-attention, with `num_heads` query
+    heads and `num_key_value_heads` key/value heads (1 = multi-query), optional query/key l2-normalisation, rotary
+    (xpos) embeddings on the first features of queries and keys (and of values, with `rotate_values`), caching its
+    keys/values in a Transformers `Cache` (cross-attention keys/values are computed once per image and reused).
+
+    Args:
+        config: the model configuration; only its attention implementation (`config._attn_implementation`) is read.
+        hidden_size (`int`): width of the input (the queries' input).
+        num_heads (`int`): query heads.
+        head_dim (`int`): width of each head.
+        num_key_value_heads (`int`, *optional*): key/value heads, `num_heads` by default.
+        key_value_size (`int`, *optional*): width of the key/value input, `hidden_size` by default (cross-attention
+            to image features of another width).
+        is_causal (`bool`): causal self-attention.
+        is_cross_attention (`bool`): keys and values come from `key_value_states`.
+        qk_norm (`bool`): l2-normalise queries and keys, with learned gains; the scale is then `qk_norm_scale`.
+        rotate_values (`bool`): also rotate the values (the zeta reference's behaviour).
+        attention_dropout (`float`): dropout on attention probabilities while training.
+        layer_idx (`int`, *optional*): the index of this layer in the cache.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        num_key_value_heads: int | None = None,
+        key_value_size: int | None = None,
+        is_causal: bool = True,
+        is_cross_attention: bool = False,
+        qk_norm: bool = False,
+        qk_norm_scale: float = 10.0,
+        rotate_values: bool = False,
+        attention_dropout: float = 0.0,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_key_value_heads = num_heads if num_key_value_heads is None else num_key_value_heads
+        self.num_key_value_groups = num_heads // self.num_key_value_heads
+        self.is_causal = is_causal and not is_cross_attention
+        self.is_cross_attention = is_cross_attention
+        self.rotate_values = rotate_values
+        self.attention_dropout = attention_dropout
+        self.layer_idx = layer_idx
+        self.scaling = qk_norm_scale if qk_norm else head_dim**-0.5
+        key_value_size = hidden_size if key_value_size is None else key_value_size
+
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
+        self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
+
+    def _project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*states.shape[:-1], self.num_key_value_heads, self.head_dim)
+        key = self.k_proj(states).view(shape).transpose(1, 2)
+        value = self.v_proj(states).view(shape).transpose(1, 2)
+        if self.k_norm is not None:
+            key = self.k_norm(key)
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the queries' input.
+            key_value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the
+                keys' and values' input of cross-attention; may be omitted once the cache holds them.
+            position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], for self-attention.
+            attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
+                to `(batch_size, num_heads, seq_len, kv_len)`.
+            past_key_values (`Cache`, *optional*): the cache; an `EncoderDecoderCache` holds self- and cross-attention
+                keys/values apart.
+
+        Returns:
+            The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
+        """
+        batch_size, seq_len = hidden_states.shape[:2]
+        query = self.q_proj(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+
+        if self.is_cross_attention:
+            cache, is_cached = past_key_values, False
+            if isinstance(past_key_values, EncoderDecoderCache):
+                cache = past_key_values.cross_attention_cache
+                is_cached = past_key_values.is_updated.get(self.layer_idx, False)
+            if is_cached:
+                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+            else:
+                if key_value_states is None:
+                    raise ValueError(
+                        "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
+                        "pass `pixel_values` on the first forward pass."
+                    )
+                key, value = self._project_key_value(key_value_states)
+                if cache is not None:
+                    key, value = cache.update(key, value, self.layer_idx)
+                    if isinstance(past_key_values, EncoderDecoderCache):
+                        past_key_values.is_updated[self.layer_idx] = True
+        else:
+            key, value = self._project_key_value(hidden_states)
+            if position_embeddings is not None:
+                cos, sin, xpos_scale = position_embeddings
+                key_scale = None if xpos_scale is None else xpos_scale.reciprocal()
+                query = apply_rotary_pos_emb(query, cos, sin, xpos_scale)
+                key = apply_rotary_pos_emb(key, cos, sin, key_scale)
+                if self.rotate_values:
+                    value = apply_rotary_pos_emb(value, cos, sin, key_scale)
+            if past_key_values is not None:
+                cache = past_key_values
+                if isinstance(past_key_values, EncoderDecoderCache):
+                    cache = past_key_values.self_attention_cache
+                key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights

@@ -1,0 +1,646 @@
+"""PyTorch PalmE: a ViT image encoder and a causal text decoder that sees the image through cross-attention (as the
+zeta reference) or as projected embeddings inside the token sequence (as the PaLM-E paper)."""
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from .layers_palme import (
+    PalmEAlibiBias,
+    PalmEAttention,
+    PalmEQKNorm,
+    PalmERotaryEmbedding,
+    add_bias_to_mask,
+    alibi_slopes,
+)
+
+
+@dataclass
+class PalmEModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Cross-attention probabilities of each decoder layer, `(batch_size, num_heads, seq_len, num_image_tokens)`.
+    image_hidden_states (`torch.FloatTensor`, *optional*):
+        The image features the text received, `(batch_size, num_image_tokens, width)`.
+    """
+
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class PalmECausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`): next-token scores.
+    past_key_values (`Cache`, *optional*): the cache, to continue decoding.
+    hidden_states, attentions, cross_attentions: per-layer outputs, when asked for.
+    image_hidden_states (`torch.FloatTensor`, *optional*): the image features the text received.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class PalmEMLP(nn.Module):
+    """Feed-forward: `Linear -> activation -> Linear`, with biases."""
+
+    def __init__(self, config: PalmEVisionConfig | PalmETextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation_fn = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+class PalmEVisionEmbeddings(nn.Module):
+    """
+    Patch embedding: each `patch_size x patch_size` patch, flattened as `(row, column, channel)`, is layer-normed,
+    projected to `hidden_size` and layer-normed again; learned positions are added.
+    """
+
+    def __init__(self, config: PalmEVisionConfig):
+        super().__init__()
+        self.config = config
+        patch_dim = config.num_channels * config.patch_size**2
+        self.patch_norm = nn.LayerNorm(patch_dim, eps=config.layer_norm_eps)
+        self.patch_projection = nn.Linear(patch_dim, config.hidden_size)
+        self.projection_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` (batch_size, num_channels, image_size, image_size) -> (batch_size, num_patches, hidden_size)."""
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"`pixel_values` must have shape (batch_size, {', '.join(map(str, expected))}) "
+                f"(channels, height, width), got {tuple(pixel_values.shape)}."
+            )
+        patch = self.config.patch_size
+        patches = rearrange(pixel_values, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch, p2=patch)
+        patches = patches.to(self.patch_projection.weight.dtype)
+        embeddings = self.projection_norm(self.patch_projection(self.patch_norm(patches)))
+        return embeddings + self.position_embedding
+
+
+class PalmEVisionEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm encoder layer: bidirectional self-attention then feed-forward, each with a residual."""
+
+    def __init__(self, config: PalmEVisionConfig):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PalmEAttention(
+            config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            is_causal=False,
+            attention_dropout=config.attention_dropout,
+        )
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = PalmEMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
+
+
+class PalmETextDecoderLayer(GradientCheckpointingLayer):
+    """
+    Pre-norm decoder layer: causal self-attention (rotary/xpos, ALiBi through the mask), then cross-attention to the
+    image features (when `add_cross_attention`), then feed-forward, each with a residual.
+    """
+
+    def __init__(self, config: PalmETextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = PalmEAttention(
+            config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            is_causal=True,
+            qk_norm=config.qk_norm,
+            qk_norm_scale=config.qk_norm_scale,
+            rotate_values=config.rotate_values,
+            attention_dropout=config.attention_dropout,
+            layer_idx=layer_idx,
+        )
+        self.cross_attn_layer_norm = None
+        self.cross_attn = None
+        if config.add_cross_attention:
+            self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.cross_attn = PalmEAttention(
+                config,
+                hidden_size=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                head_dim=config.head_dim,
+                key_value_size=config.cross_attention_hidden_size,
+                is_cross_attention=True,
+                qk_norm=config.qk_norm,
+                qk_norm_scale=config.qk_norm_scale,
+                attention_dropout=config.attention_dropout,
+                layer_idx=layer_idx,
+            )
+        self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = PalmEMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(
+            self.self_attn_layer_norm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attn_output
+        if self.cross_attn is not None:
+            attn_output, _ = self.cross_attn(
+                self.cross_attn_layer_norm(hidden_states),
+                key_value_states=encoder_hidden_states,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
+
+
+class PalmEPreTrainedModel(PreTrainedModel):
+    config: PalmEConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PalmEVisionEncoderLayer", "PalmETextDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # ALiBi is an additive mask
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the cross-attention cache is filled on the first pass, a data-dependent branch
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
+        if isinstance(module, PalmEVisionEmbeddings):
+            init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, PalmEQKNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, PalmERotaryEmbedding):
+            inv_freq, xpos_scale = module.compute_buffers()
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.xpos_scale, xpos_scale)
+        elif isinstance(module, PalmEAlibiBias):
+            init.copy_(module.slopes, alibi_slopes(module.num_alibi_heads, module.num_heads))
+
+
+class PalmEVisionModel(PalmEPreTrainedModel):
+    """The ViT image encoder: `pixel_values` -> patch features `(batch_size, num_patches, hidden_size)`."""
+
+    config: PalmEVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    base_model_prefix = "vision_model"
+    _can_record_outputs = {
+        "hidden_states": PalmEVisionEncoderLayer,
+        "attentions": PalmEAttention,
+    }
+
+    def __init__(self, config: PalmEVisionConfig):
+        super().__init__(config)
+        self.embeddings = PalmEVisionEmbeddings(config)
+        self.layers = nn.ModuleList([PalmEVisionEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
+            Images, values in [0, 1] (the reference feeds them un-normalised).
+        """
+        hidden_states = self.embeddings(pixel_values)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
+
+
+class PalmETextModel(PalmEPreTrainedModel):
+    """
+    The text decoder without its head: token embeddings (plus absolute positions if configured), decoder layers, final
+    LayerNorm. Self-attention keys/values (and, in cross-attention layers, the image keys/values) live in
+    `past_key_values`.
+    """
+
+    config: PalmETextConfig
+    input_modalities = ("text",)
+    _can_record_outputs = {
+        "hidden_states": PalmETextDecoderLayer,
+        "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn"),
+    }
+
+    def __init__(self, config: PalmETextConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            if config.use_absolute_position_embeddings
+            else None
+        )
+        self.rotary_emb = (
+            PalmERotaryEmbedding(
+                config.rotary_dim,
+                base=config.rope_theta,
+                use_xpos=config.use_xpos,
+                xpos_scale_base=config.xpos_scale_base,
+            )
+            if config.use_rotary
+            else None
+        )
+        self.alibi = (
+            PalmEAlibiBias(config.alibi_num_heads, config.num_attention_heads) if config.alibi_num_heads > 0 else None
+        )
+        self.layers = nn.ModuleList(
+            [PalmETextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.embed_tokens = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        encoder_hidden_states: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): token ids.
+        attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*): 1 for tokens, 0 for
+            padding.
+        position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): positions of the tokens,
+            `past_len + arange(seq_len)` by default.
+        past_key_values (`Cache`, *optional*): keys/values of earlier steps (an `EncoderDecoderCache` when the layers
+            cross-attend).
+        inputs_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*): embeddings in
+            place of `input_ids`.
+        encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, cross_attention_hidden_size)`,
+            *optional*): image features to cross-attend to; not needed once the cache holds their keys/values.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if (
+            self.config.add_cross_attention
+            and past_key_values is not None
+            and not isinstance(past_key_values, EncoderDecoderCache)
+        ):
+            if past_key_values.get_seq_length() != 0:
+                raise ValueError(
+                    "A decoder with cross-attention needs an `EncoderDecoderCache` (self-attention cache, "
+                    f"cross-attention cache); got a filled {type(past_key_values).__name__}."
+                )
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+        self_attention_cache = (
+            past_key_values.self_attention_cache
+            if isinstance(past_key_values, EncoderDecoderCache)
+            else past_key_values
+        )
+
+        past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
+        seq_len = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+
+        if self.embed_positions is not None:
+            if not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.max_position_embeddings:
+                raise ValueError(
+                    f"Position {int(position_ids.max())} is beyond `max_position_embeddings` "
+                    f"({self.config.max_position_embeddings}) of this model's absolute positions: the sequence (with "
+                    "its cached past) is too long."
+                )
+            inputs_embeds = inputs_embeds + self.embed_positions(position_ids) * self.config.hidden_size**-0.5
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=self_attention_cache,
+            position_ids=position_ids,
+            allow_is_causal_skip=self.alibi is None,
+        )
+        if self.alibi is not None:
+            query_positions = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
+            alibi = self.alibi(query_positions, causal_mask.shape[-1])
+            causal_mask = add_bias_to_mask(causal_mask, alibi, inputs_embeds.dtype)
+
+        position_embeddings = None
+        if self.rotary_emb is not None:
+            position_embeddings = self.rotary_emb(position_ids, xpos_offset=self.config.xpos_offset)
+
+        hidden_states = inputs_embeds
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                encoder_hidden_states=encoder_hidden_states,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
+    """Raises a `ValueError` for token ids outside `[0, vocab_size)` (skipped while compiling: it synchronises)."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
+
+
+class PalmEModel(PalmEPreTrainedModel):
+    """PalmE without its language-model head: the image encoder, the image-to-text bridge and the text decoder."""
+
+    _checkpoint_conversion_mapping = {}
+
+    def __init__(self, config: PalmEConfig):
+        super().__init__(config)
+        self.vision_model = PalmEVisionModel(config.vision_config)
+        self.multi_modal_projector = (
+            nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
+            if config.vision_integration == "prefix"
+            else None
+        )
+        self.language_model = PalmETextModel(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        """
+        The image features the text receives, `(batch_size, num_image_tokens, width)`: the encoder's patch features,
+        projected to the decoder width with `"prefix"` integration.
+        """
+        image_features = self.vision_model(pixel_values, **kwargs).last_hidden_state
+        if self.multi_modal_projector is not None:
+            image_features = self.multi_modal_projector(image_features)
+        return image_features
+
+    def _merge_image_features(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Replaces the `image_token_id` placeholders of each sequence by its image's features, in order."""
+        image_token_mask = input_ids == self.config.image_token_id
+        counts = image_token_mask.sum(dim=1)
+        expected = image_features.shape[1]
+        if not torch.compiler.is_compiling() and bool((counts != expected).any()):
+            raise ValueError(
+                f"Each sequence must hold exactly {expected} image placeholder tokens (id "
+                f"{self.config.image_token_id}), one per image feature; got {counts.tolist()}."
+            )
+        mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> PalmEModelOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): token ids; with `"prefix"` integration,
+            `config.num_image_tokens` placeholders (`config.image_token_id`) where the image goes.
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`, *optional*):
+            one image per sequence; may be omitted once the cache holds the image (cross-attention) or after the
+            placeholders were consumed (prefix).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        image_features = None
+        if pixel_values is not None:
+            if pixel_values.shape[0] != batch_size:
+                raise ValueError(
+                    f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: give one image per sequence."
+                )
+            image_features = self.get_image_features(pixel_values)
+
+        encoder_hidden_states = None
+        if self.config.vision_integration == "prefix":
+            if inputs_embeds is None:
+                check_token_ids(input_ids, self.config.text_config.vocab_size)
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                if image_features is not None:
+                    inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+                elif not torch.compiler.is_compiling() and bool((input_ids == self.config.image_token_id).any()):
+                    raise ValueError(
+                        f"`input_ids` hold image placeholder tokens (id {self.config.image_token_id}) but no "
+                        "`pixel_values` were given."
+                    )
+            input_ids = None
+        else:
+            encoder_hidden_states = image_features
+
+        outputs = self.language_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            encoder_hidden_states=encoder_hidden_states,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return PalmEModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=getattr(outputs, "cross_attentions", None),
+            image_hidden_states=image_features,
+        )
+
+
+class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
+    """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
+
+    def __init__(self, config: PalmEConfig):
+        super().__init__(config)
+        self.model = PalmEModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> PalmECausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): targets for the next-token loss,
+            aligned with `input_ids` (shifted inside); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only (0 = all).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+
+        >>> model = PalmEForConditionalGeneration(PalmEConfig())
+        >>> pixel_values = torch.rand(1, 3, 256, 256)
+        >>> input_ids = torch.randint(0, 20000, (1, 8))
+        >>> generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=16)
+        ```
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.text_config.vocab_size, **kwargs)
+
+        return PalmECausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=outputs.cross_attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            *args, pixel_values=pixel_values, is_first_iteration=is_first_iteration, **kwargs
+        )
+        # Once the cache holds the image (its cross-attention keys/values, or the prefix it replaced), decoding steps
+        # run without it; without a cache every step recomputes from the full inputs.
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = None
+        return model_inputs
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if (
+            self.config.vision_integration == "cross_attention"
+            and cache is not None
+            and not isinstance(cache, EncoderDecoderCache)
+            and not getattr(cache, "_is_user_defined", False)
+        ):
+            text_config = self.config.get_text_config(decoder=True)
+            if isinstance(cache, StaticCache):
+                # Cross-attention keys/values span the image features, whatever the text length.
+                cross_cache = StaticCache(config=text_config, max_cache_len=self.config.num_image_tokens)
+            else:
+                cross_cache = DynamicCache(config=text_config)
+            model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
+
+
+__all__ = [
+    "PalmEForConditionalGeneration",
+    "PalmEModel",
+    "PalmEPreTrainedModel",
+    "PalmETextModel",
+    "PalmEVisionModel",
+]
