@@ -286,11 +286,16 @@ class PalmEConfig(PreTrainedConfig):
         if flat or is_new:
             # Build from the reference's arguments: its defaults for everything not given.
             reference = {**ZETA_PALME_DEFAULTS, **flat} if is_new else flat
-            vision_kwargs, text_kwargs, vision_integration, attn_implementation = _map_zeta_arguments(
-                reference, vision_kwargs, text_kwargs, vision_integration
-            )
+            vision_kwargs, text_kwargs, attn_implementation = _map_zeta_arguments(reference, vision_kwargs, text_kwargs)
             if attn_implementation is not None and kwargs.get("attn_implementation") is None:
                 kwargs["attn_implementation"] = attn_implementation
+        if "cross_attend" in flat:
+            flat_integration = "cross_attention" if flat["cross_attend"] else "prefix"
+            if vision_integration != "cross_attention" and vision_integration != flat_integration:
+                raise ValueError(
+                    f"`cross_attend={flat['cross_attend']}` contradicts `vision_integration={vision_integration!r}`."
+                )
+            vision_integration = flat_integration
         if vision_integration not in VISION_INTEGRATIONS:
             raise ValueError(
                 f"`vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
@@ -316,8 +321,9 @@ class PalmEConfig(PreTrainedConfig):
         return self.vision_config.num_patches
 
 
-def _map_zeta_arguments(reference: dict, vision_kwargs: dict, text_kwargs: dict, vision_integration: str):
-    """Maps the reference `PalmE` keyword arguments onto the sub-configuration keyword arguments."""
+def _map_zeta_arguments(reference: dict, vision_kwargs: dict, text_kwargs: dict) -> tuple[dict, dict, str | None]:
+    """Maps the reference `PalmE` keyword arguments onto the sub-configurations' keyword arguments and the attention
+    implementation (`cross_attend` is handled by the caller)."""
     vision_keys = {
         "image_size": "image_size",
         "patch_size": "patch_size",
@@ -355,12 +361,10 @@ def _map_zeta_arguments(reference: dict, vision_kwargs: dict, text_kwargs: dict,
         # The reference adds absolute positions only when the decoder has no rotary embedding.
         use_rotary = text_kwargs.get("use_rotary", True)
         text_kwargs["use_absolute_position_embeddings"] = bool(reference["use_abs_pos_emb"]) and not use_rotary
-    if "cross_attend" in reference:
-        vision_integration = "cross_attention" if reference["cross_attend"] else "prefix"
     attn_implementation = None
     if "attn_flash" in reference:
         attn_implementation = "sdpa" if reference["attn_flash"] else "eager"
-    return vision_kwargs, text_kwargs, vision_integration, attn_implementation
+    return vision_kwargs, text_kwargs, attn_implementation
 
 
 __all__ = ["PalmEConfig", "PalmETextConfig", "PalmEVisionConfig"]

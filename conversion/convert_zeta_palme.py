@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Convert a zeta `PalmE` checkpoint into a folder that `PalmEForConditionalGeneration.from_pretrained` loads.
+
+    python conversion/convert_zeta_palme.py --checkpoint CKPT.pt --kwargs KWARGS.json --output DIR
+
+CKPT.pt is `torch.save(model.state_dict())` of a `zeta.models.PalmE`, read with `weights_only=True`; KWARGS.json is
+the JSON object of keyword arguments it was built with (missing keys take zeta's defaults). The folder gets
+safetensors weights, config.json, generation_config.json and the modelling code for `trust_remote_code=True`.
+A checkpoint with missing, unexpected or wrongly shaped tensors, or kwargs zeta's PalmE does not take, is refused
+with a non-zero exit and a message naming them.
+"""
+
+import argparse
+import sys
+
+from palme_hf.conversion_zeta import convert_zeta_palme_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="zeta PalmE state dict saved with torch.save")
+    parser.add_argument("--kwargs", required=True, help="JSON object of the PalmE constructor keyword arguments")
+    parser.add_argument("--output", required=True, help="folder to write the converted model to")
+    args = parser.parse_args(argv)
+    try:
+        convert_zeta_palme_checkpoint(args.checkpoint, args.kwargs, args.output)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.checkpoint} into {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

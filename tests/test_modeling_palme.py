@@ -1,0 +1,300 @@
+"""PalmE models through the public API: forward, loss, attention implementations, caching and generate(),
+padding, training features, the reference document's examples and bad input."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
+
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEModel
+from palme_hf.layers_palme import PalmERotaryEmbedding, apply_rotary_pos_emb
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    encoder_dim=32,
+    encoder_depth=2,
+    encoder_heads=2,
+    num_tokens=97,
+    max_seq_len=64,
+    decoder_dim=48,
+    decoder_depth=2,
+    decoder_heads=4,
+    alibi_num_heads=2,
+)
+VARIANTS = {
+    "reference": {},
+    "zeta_quirks": {},  # value rotation and a fixed xpos offset, as converted zeta models have
+    "abs_positions": dict(alibi_pos_bias=False, rotary_xpos=False, use_abs_pos_emb=True),
+    "prefix": dict(cross_attend=False),
+}
+
+
+def tiny_model(variant="reference", **overrides):
+    config = PalmEConfig(**{**TINY, **VARIANTS[variant], **overrides})
+    if variant == "zeta_quirks":
+        config.text_config.rotate_values = True
+        config.text_config.qk_norm = False
+    return PalmEForConditionalGeneration(config).eval()
+
+
+def tiny_inputs(model, batch_size=2, length=7):
+    config = model.config
+    pixel_values = torch.rand(batch_size, 3, 32, 32)
+    input_ids = torch.randint(0, config.text_config.vocab_size - 1, (batch_size, length))
+    if config.vision_integration == "prefix":
+        placeholders = torch.full((batch_size, config.num_image_tokens), config.image_token_id)
+        input_ids = torch.cat([input_ids[:, :2], placeholders, input_ids[:, 2:]], dim=1)
+    return pixel_values, input_ids
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forward_shapes_and_loss(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    outputs = model(pixel_values=pixel_values, input_ids=input_ids, labels=labels)
+    assert outputs.logits.shape == (*input_ids.shape, 97)
+    expected = torch.nn.functional.cross_entropy(
+        outputs.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(outputs.loss, expected)
+    outputs.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), "unused parameters"
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_eager_and_sdpa_agree(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    results = []
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            results.append(model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits)
+    # padding positions are not compared: what a fully masked query row yields differs between implementations
+    real = attention_mask.bool()
+    torch.testing.assert_close(results[0][real], results[1][real], atol=1e-5, rtol=1e-5)
+    assert all(torch.isfinite(result).all() for result in results)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_step_by_step_cache_equals_full_forward(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model, length=9)
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        split = input_ids.shape[1] - 6
+        outputs = model(pixel_values=pixel_values, input_ids=input_ids[:, :split], use_cache=True)
+        steps = [outputs.logits]
+        cache = outputs.past_key_values
+        for position in range(split, input_ids.shape[1]):
+            outputs = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+            cache = outputs.past_key_values
+            steps.append(outputs.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+    if model.config.vision_integration == "cross_attention":
+        assert isinstance(cache, EncoderDecoderCache)
+        # the image's keys/values were computed once and are as many as the image features
+        assert cache.cross_attention_cache.get_seq_length() == model.config.num_image_tokens
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generate_with_cache_equals_without(variant, cache_implementation):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=12)
+    kwargs["min_new_tokens"] = 12
+    uncached = model.generate(**kwargs, use_cache=False)
+    cached = model.generate(**kwargs, use_cache=True, cache_implementation=cache_implementation)
+    assert uncached.shape[1] == input_ids.shape[1] + 12
+    assert torch.equal(cached, uncached)
+
+
+def test_generate_passes_the_image_only_while_the_cache_is_empty():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model)
+    seen = []
+    model.model.vision_model.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    model.generate(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    assert seen == [2]
+
+
+@pytest.mark.parametrize("variant", ["reference", "zeta_quirks", "prefix"])
+def test_left_padded_batch_generation_equals_one_by_one(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model, batch_size=2, length=8)
+    short = input_ids[1, 3:]  # the second prompt is 3 tokens shorter (keeps the prefix placeholders)
+    if model.config.vision_integration == "prefix":
+        short = input_ids[1, 0:].clone()
+        short = torch.cat([short[:2], short[2 : 2 + model.config.num_image_tokens], short[-3:]])
+    pad = input_ids.shape[1] - short.shape[0]
+    padded = torch.cat([torch.zeros(pad, dtype=torch.long), short])
+    batch = torch.stack([input_ids[0], padded])
+    attention_mask = torch.stack([torch.ones_like(input_ids[0]), (torch.arange(len(padded)) >= pad).long()])
+    kwargs = dict(do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    batched = model.generate(pixel_values=pixel_values, input_ids=batch, attention_mask=attention_mask, **kwargs)
+    first = model.generate(pixel_values=pixel_values[:1], input_ids=input_ids[:1], **kwargs)
+    second = model.generate(pixel_values=pixel_values[1:], input_ids=short[None], **kwargs)
+    assert torch.equal(batched[0, -8:], first[0, -8:])
+    assert torch.equal(batched[1, -8:], second[0, -8:])
+
+
+def test_encoder_and_decoder_widths_may_differ():
+    model = tiny_model(encoder_dim=24, decoder_dim=40)
+    pixel_values, input_ids = tiny_inputs(model)
+    assert model(pixel_values=pixel_values, input_ids=input_ids).logits.shape == (2, 7, 97)
+    cached = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=4, do_sample=False)
+    uncached = model.generate(
+        pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=4, do_sample=False, use_cache=False
+    )
+    assert torch.equal(cached, uncached)
+
+
+def test_output_attentions_and_hidden_states():
+    model = tiny_model(attn_flash=False)
+    pixel_values, input_ids = tiny_inputs(model)
+    outputs = model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True, output_hidden_states=True)
+    assert len(outputs.hidden_states) == 3  # embeddings + 2 layers
+    assert len(outputs.attentions) == 2 and outputs.attentions[0].shape == (2, 4, 7, 7)
+    assert len(outputs.cross_attentions) == 2 and outputs.cross_attentions[0].shape == (2, 4, 7, 16)
+    probabilities = outputs.attentions[0]
+    assert torch.allclose(probabilities.sum(-1), torch.ones(2, 4, 7))
+    assert probabilities[..., 0, 1:].abs().max() == 0  # causal
+    assert outputs.image_hidden_states.shape == (2, 16, 32)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny_model().train()
+    pixel_values, input_ids = tiny_inputs(model)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.zero_grad()
+        model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert model.model.language_model.gradient_checkpointing and model.model.vision_model.gradient_checkpointing
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_weight_init_and_no_split_modules():
+    model = tiny_model()
+    text = model.model.language_model
+    assert set(model._no_split_modules) == {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer"}
+    assert torch.equal(text.layers[0].self_attn_layer_norm.weight, torch.ones(48))
+    assert torch.equal(text.layers[0].self_attn.q_norm.weight, torch.ones(64))
+    assert torch.equal(model.lm_head.bias, torch.zeros(97))
+    std = text.embed_tokens.weight.std().item()
+    assert 0.015 < std < 0.025  # initializer_range
+    assert 0.01 < model.model.vision_model.embeddings.position_embedding.std().item() < 0.03
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model("prefix")
+    pixel_values, input_ids = tiny_inputs(model)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert isinstance(loaded, PalmEForConditionalGeneration)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, input_ids=input_ids).logits,
+            model(pixel_values=pixel_values, input_ids=input_ids).logits,
+        )
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, PalmEModel)
+
+
+def test_reference_document_examples():
+    # PalmE() on 16 images of 256x256 with 16 token sequences (the document's (50, 16) is a typo for (16, 50)).
+    model = PalmEForConditionalGeneration(PalmEConfig()).eval()
+    pixel_values = torch.randn(16, 3, 256, 256)
+    input_ids = torch.randint(0, 20000, (16, 50))
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, input_ids=input_ids).logits
+    assert logits.shape == (16, 50, 20000) and torch.isfinite(logits).all()
+    del model
+    config = PalmEConfig(encoder_dim=1024, encoder_depth=8, decoder_dim=1024, decoder_depth=8, attn_flash=False)
+    assert config._attn_implementation == "eager"
+    model = PalmEForConditionalGeneration(config).eval()
+    assert model.config.text_config.hidden_size == 1024 and len(model.model.language_model.layers) == 8
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values[:1], input_ids=input_ids[:1, :8]).logits
+    assert logits.shape == (1, 8, 20000) and torch.isfinite(logits).all()
+
+
+def test_xpos_scales_stay_finite_in_half_precision():
+    rotary = PalmERotaryEmbedding(32, use_xpos=True, xpos_scale_base=512)
+    positions = torch.arange(8192)[None]
+    cos, sin, scale = rotary(positions, xpos_offset=4096)
+    states = torch.ones(1, 2, 8192, 64, dtype=torch.float16)
+    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale)).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale.reciprocal())).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states.bfloat16(), cos, sin, scale)).all()
+
+
+# Bad input
+
+
+def test_wrong_image_size_or_channels():
+    model = tiny_model()
+    _, input_ids = tiny_inputs(model)
+    with pytest.raises(ValueError, match=r"\(batch_size, 3, 32, 32\).*\(2, 3, 48, 48\)"):
+        model(pixel_values=torch.rand(2, 3, 48, 48), input_ids=input_ids)
+    with pytest.raises(ValueError, match=r"\(2, 1, 32, 32\)"):
+        model(pixel_values=torch.rand(2, 1, 32, 32), input_ids=input_ids)
+
+
+def test_token_ids_outside_the_vocabulary():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model)
+    input_ids[1, 3] = 97
+    with pytest.raises(ValueError, match="token id 97.*0 to 96"):
+        model(pixel_values=pixel_values, input_ids=input_ids)
+    input_ids[1, 3] = -1
+    with pytest.raises(ValueError, match="token id -1"):
+        model(pixel_values=pixel_values, input_ids=input_ids)
+
+
+def test_image_batch_must_match_text_batch():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model)
+    with pytest.raises(ValueError, match="3 images for 2 text sequences"):
+        model(pixel_values=torch.rand(3, 3, 32, 32), input_ids=input_ids)
+
+
+def test_sequence_longer_than_absolute_positions():
+    model = tiny_model("abs_positions")
+    pixel_values = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="Position 64 is beyond `max_position_embeddings` \\(64\\)"):
+        model(pixel_values=pixel_values, input_ids=torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(pixel_values=pixel_values, input_ids=torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10,
+                       min_new_tokens=10)
+    # rotary models are not bound to max_seq_len
+    assert tiny_model()(pixel_values=pixel_values, input_ids=torch.zeros(1, 80, dtype=torch.long)).logits.shape[1] == 80
+
+
+def test_prefix_placeholder_count_must_match():
+    model = tiny_model("prefix")
+    pixel_values, input_ids = tiny_inputs(model)
+    input_ids[1, 2] = 5  # the second sequence loses one of its 16 placeholders
+    with pytest.raises(ValueError, match="exactly 16 image placeholder tokens.*\\[16, 15\\]"):
+        model(pixel_values=pixel_values, input_ids=input_ids)
+    with pytest.raises(ValueError, match="no `pixel_values`"):
+        model(input_ids=input_ids)
+
+
+def test_cross_attention_needs_the_image_first():
+    model = tiny_model()
+    _, input_ids = tiny_inputs(model)
+    with pytest.raises(ValueError, match="pass `pixel_values`"):
+        model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="EncoderDecoderCache"):
+        cache = DynamicCache()
+        model(pixel_values=torch.rand(2, 3, 32, 32), input_ids=input_ids, past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids[:, :1], past_key_values=cache, use_cache=True)
