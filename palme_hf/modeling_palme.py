@@ -12,7 +12,12 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, S
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPastAndCrossAttentions,
+    ModelOutput,
+)
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
@@ -318,7 +323,7 @@ class PalmETextModel(PalmEPreTrainedModel):
         encoder_hidden_states: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): token ids.
         attention_mask (`torch.Tensor` of shape `(batch_size, past_len + seq_len)`, *optional*): 1 for tokens, 0 for
@@ -400,7 +405,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 **kwargs,
             )
 
-        return BaseModelOutputWithPast(
+        return BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
         )
@@ -418,8 +423,6 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
 
 class PalmEModel(PalmEPreTrainedModel):
     """PalmE without its language-model head: the image encoder, the image-to-text bridge and the text decoder."""
-
-    _checkpoint_conversion_mapping = {}
 
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
@@ -524,7 +527,7 @@ class PalmEModel(PalmEPreTrainedModel):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            cross_attentions=getattr(outputs, "cross_attentions", None),
+            cross_attentions=outputs.cross_attentions,
             image_hidden_states=image_features,
         )
 
