@@ -66,6 +66,16 @@ class PalmECausalLMOutputWithPast(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
+    """Raises a `ValueError` for token ids outside `[0, vocab_size)` (skipped while compiling: it synchronises)."""
+    if torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
+
+
 class PalmEMLP(nn.Module):
     """Feed-forward: `Linear -> activation -> Linear`, with biases."""
 
@@ -409,16 +419,6 @@ class PalmETextModel(PalmEPreTrainedModel):
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
         )
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
-    """Raises a `ValueError` for token ids outside `[0, vocab_size)` (skipped while compiling: it synchronises)."""
-    if torch.compiler.is_compiling() or input_ids.numel() == 0:
-        return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
 
 
 class PalmEModel(PalmEPreTrainedModel):
