@@ -2,7 +2,9 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
+from .blocks_palme import ParallelTransformerBlock, PerceiverLayer, TransformerBlock
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from .hierarchical_palme import HierarchicalBlock
 from .modeling_palme import (
     PalmEForConditionalGeneration,
     PalmEModel,
@@ -28,6 +30,10 @@ PalmEModel.register_for_auto_class("AutoModel")
 PalmEForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
+    "HierarchicalBlock",
+    "ParallelTransformerBlock",
+    "PerceiverLayer",
+    "TransformerBlock",
     "PalmEConfig",
     "PalmEForConditionalGeneration",
     "PalmEModel",

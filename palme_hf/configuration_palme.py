@@ -122,6 +122,18 @@ class PalmETextConfig(PreTrainedConfig):
         cross_attention_hidden_size (`int`, *optional*): width of the image features, `hidden_size` by default.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         initializer_range (`float`, defaults to 0.02): standard deviation of the weight initialisation.
+        block_type (`str`, defaults to `"standard"`): the decoder layer.
+            `"standard"`: the reference layer above (ALiBi, partial rotary/xpos, GELU feed-forward).
+            `"parallel"`: PaLM's parallel block ([`TransformerBlock`]): multi-query attention with rotary/xpos over
+            the whole head (query/key normalisation with `qk_norm`) in parallel with a SwiGLU feed-forward of width
+            `intermediate_size`.
+            `"hierarchical"`: [`HierarchicalBlock`]: token shift, full (rotary with xpos) or local-window
+            (`window_size`, plain rotary) attention, axial grouping by `compress_factor // stride`, a GELU
+            feed-forward of width `intermediate_size`; no query/key normalisation or attention dropout.
+            Cross-attention to the image follows the block in every layer, whatever its type.
+        window_size (`int`, *optional*): local attention window of the hierarchical block (`None`: full attention).
+        compress_factor (`int`, defaults to 1): compression of the hierarchical block, a power of two.
+        stride (`int`, defaults to 1): stride of the hierarchical block.
     """
 
     model_type = "palme_text"
@@ -155,12 +167,17 @@ class PalmETextConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
+        block_type: str = "standard",
+        window_size: int | None = None,
+        compress_factor: int = 1,
+        stride: int = 1,
         **kwargs,
     ):
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         cross_attention_hidden_size = hidden_size if cross_attention_hidden_size is None else cross_attention_hidden_size
         if rotary_dim is None:
-            rotary_dim = min(head_dim, max(head_dim // 2, 32))
+            # the blocks rotate the whole head; the reference layer the first max(head_dim // 2, 32) features
+            rotary_dim = min(head_dim, max(head_dim // 2, 32)) if block_type == "standard" else head_dim
         xpos_offset = max_position_embeddings // 2 if xpos_offset is None else xpos_offset
         name = type(self).__name__
         _check_positive(
@@ -189,6 +206,15 @@ class PalmETextConfig(PreTrainedConfig):
             raise ValueError(f"{name}: `rotate_values=True` needs `use_rotary=True`.")
         if use_xpos and xpos_scale_base <= 0:
             raise ValueError(f"{name}: `xpos_scale_base` must be positive, got {xpos_scale_base}.")
+        _check_block_options(
+            name, block_type, hidden_size, intermediate_size, head_dim, alibi_num_heads, use_rotary, rotary_dim,
+            rotate_values, window_size, compress_factor, stride,
+        )
+        if block_type == "hierarchical" and (qk_norm or attention_dropout):
+            raise ValueError(
+                f"{name}: the hierarchical block has no query/key normalisation or attention dropout; got "
+                f"`qk_norm={qk_norm}`, `attention_dropout={attention_dropout}`."
+            )
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -214,7 +240,89 @@ class PalmETextConfig(PreTrainedConfig):
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self.block_type = block_type
+        self.window_size = window_size
+        self.compress_factor = compress_factor
+        self.stride = stride
+        # The cache layout the hierarchical block needs, read by `DynamicCache(config=...)`/`StaticCache`; derived,
+        # so a saved value must agree with the block options.
+        layout = {}
+        if block_type == "hierarchical":
+            layer_type, sliding_window, num_states = hierarchical_cache_layout(window_size, compress_factor, stride)
+            layout = {
+                "layer_types": [layer_type] * num_hidden_layers,
+                "sliding_window": sliding_window,
+                "number_of_conv_states": num_states,
+            }
+        for key in ("layer_types", "sliding_window", "number_of_conv_states"):
+            given = kwargs.pop(key, None)
+            if given is not None and given != layout.get(key):
+                raise ValueError(
+                    f"{name}: `{key}={given!r}` does not match the block options, which need {layout.get(key)!r}."
+                )
+            if key in layout:
+                setattr(self, key, layout[key])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+
+BLOCK_TYPES = ("standard", "parallel", "hierarchical")
+
+
+def hierarchical_cache_layout(window_size: int | None, compress_factor: int, stride: int) -> tuple[str, int | None, int]:
+    """
+    The cache layer a `HierarchicalBlock` needs: its Transformers cache layer type (`"hybrid"`: growing keys/values
+    plus token-shift states; `"hybrid_sliding"`: keys/values of the last `sliding_window` tokens plus token-shift
+    states; `"conv"`: token-shift state only, for `window_size=0`), its sliding window, and its number of token-shift
+    states (one before the attention, one before the feed-forward).
+    """
+    if window_size == 0:
+        return "conv", None, 1
+    if window_size is None:
+        return "hybrid", None, 2
+    return "hybrid_sliding", window_size * (compress_factor // stride) + 1, 2
+
+
+def _check_block_options(
+    name, block_type, hidden_size, intermediate_size, head_dim, alibi_num_heads, use_rotary, rotary_dim,
+    rotate_values, window_size, compress_factor, stride,
+):
+    """The options each decoder block supports; an option a block would ignore is an error."""
+    if block_type not in BLOCK_TYPES:
+        raise ValueError(f"{name}: `block_type` must be one of {BLOCK_TYPES}, got {block_type!r}.")
+    if block_type == "standard":
+        if window_size is not None or compress_factor != 1 or stride != 1:
+            raise ValueError(
+                f"{name}: `window_size`, `compress_factor` and `stride` are options of `block_type='hierarchical'`."
+            )
+        return
+    if alibi_num_heads:
+        raise ValueError(
+            f"{name}: ALiBi is part of the standard layer; `block_type={block_type!r}` needs `alibi_num_heads=0`, "
+            f"got {alibi_num_heads}."
+        )
+    if not use_rotary or rotary_dim != head_dim or rotate_values:
+        raise ValueError(
+            f"{name}: `block_type={block_type!r}` rotates the whole head of queries and keys: it needs "
+            f"`use_rotary=True`, `rotary_dim=head_dim` ({head_dim}) and `rotate_values=False`."
+        )
+    if block_type == "parallel":
+        if intermediate_size % hidden_size != 0:
+            raise ValueError(
+                f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` ({hidden_size}); "
+                f"got `intermediate_size={intermediate_size}`."
+            )
+        if window_size is not None or compress_factor != 1 or stride != 1:
+            raise ValueError(
+                f"{name}: `window_size`, `compress_factor` and `stride` are options of `block_type='hierarchical'`."
+            )
+        return
+    if window_size is not None and (not isinstance(window_size, int) or window_size < 0):
+        raise ValueError(f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
+    _check_positive(name, compress_factor=compress_factor, stride=stride)
+    if compress_factor & (compress_factor - 1):
+        raise ValueError(f"{name}: `compress_factor` must be a power of two, got {compress_factor}.")
+    if stride > compress_factor or compress_factor % stride:
+        raise ValueError(f"{name}: `stride` ({stride}) must be a power of two dividing `compress_factor` ({compress_factor}).")
 
 
 # The reference `zeta.models.PalmE` constructor arguments, with its defaults.
@@ -256,12 +364,18 @@ class PalmEConfig(PreTrainedConfig):
     Args:
         vision_config (`dict` or [`PalmEVisionConfig`], *optional*): the image encoder.
         text_config (`dict` or [`PalmETextConfig`], *optional*): the text decoder.
+        block_type (`str`, *optional*): shortcut for `text_config.block_type` (`"standard"`, `"parallel"`,
+            `"hierarchical"`); with a block other than the standard one, ALiBi is off unless asked for.
         vision_integration (`str`, defaults to `"cross_attention"`): how the image reaches the text.
             `"cross_attention"`: every decoder layer cross-attends to the image features (the reference).
             `"prefix"`: as in the PaLM-E paper, the image features are projected to the decoder width and replace the
             `image_token_id` placeholder tokens of `input_ids` (one placeholder per image feature).
         image_token_id (`int`, *optional*): the placeholder token of `"prefix"` integration, the last token of the
             vocabulary by default.
+        num_latents (`int`, *optional*): when set, a Perceiver resampler (learned latents cross-attending to the
+            patch features, `resampler_depth` [`PerceiverLayer`]s) turns each image into `num_latents` features
+            before they reach the text, with either integration.
+        resampler_depth (`int`, defaults to 2): layers of the Perceiver resampler.
     """
 
     model_type = "palme"
@@ -273,6 +387,9 @@ class PalmEConfig(PreTrainedConfig):
         text_config: dict | PalmETextConfig | None = None,
         vision_integration: str = "cross_attention",
         image_token_id: int | None = None,
+        num_latents: int | None = None,
+        resampler_depth: int = 2,
+        block_type: str | None = None,
         **kwargs,
     ):
         flat = {key: kwargs.pop(key) for key in list(kwargs) if key in ZETA_PALME_DEFAULTS}
@@ -289,6 +406,12 @@ class PalmEConfig(PreTrainedConfig):
             vision_kwargs, text_kwargs, attn_implementation = _map_zeta_arguments(reference, vision_kwargs, text_kwargs)
             if attn_implementation is not None and kwargs.get("attn_implementation") is None:
                 kwargs["attn_implementation"] = attn_implementation
+        if block_type is not None:
+            text_kwargs["block_type"] = block_type
+            if block_type != "standard" and "alibi_num_heads" not in flat and "alibi_pos_bias" not in flat:
+                text_kwargs["alibi_num_heads"] = 0
+            if block_type == "hierarchical" and "qk_norm" not in flat:
+                text_kwargs["qk_norm"] = False
         if "cross_attend" in flat:
             flat_integration = "cross_attention" if flat["cross_attend"] else "prefix"
             if vision_integration != "cross_attention" and vision_integration != flat_integration:
@@ -300,6 +423,10 @@ class PalmEConfig(PreTrainedConfig):
             raise ValueError(
                 f"`vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
             )
+        if num_latents is not None:
+            _check_positive(type(self).__name__, num_latents=num_latents, resampler_depth=resampler_depth)
+        self.num_latents = num_latents
+        self.resampler_depth = resampler_depth
         self.vision_config = PalmEVisionConfig(**vision_kwargs)
         text_kwargs["add_cross_attention"] = vision_integration == "cross_attention"
         text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
@@ -317,8 +444,8 @@ class PalmEConfig(PreTrainedConfig):
 
     @property
     def num_image_tokens(self) -> int:
-        """How many image features the text receives: one per patch."""
-        return self.vision_config.num_patches
+        """How many image features the text receives: one per latent with a resampler, else one per patch."""
+        return self.num_latents if self.num_latents is not None else self.vision_config.num_patches
 
 
 def _map_zeta_arguments(reference: dict, vision_kwargs: dict, text_kwargs: dict) -> tuple[dict, dict, str | None]:

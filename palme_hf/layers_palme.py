@@ -242,10 +242,18 @@ class PalmEAttention(nn.Module):
         self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
         self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
 
-    def _project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*states.shape[:-1], self.num_key_value_heads, self.head_dim)
-        key = self.k_proj(states).view(shape).transpose(1, 2)
-        value = self.v_proj(states).view(shape).transpose(1, 2)
+    def _project_key_value(
+        self,
+        states: torch.Tensor,
+        value_states: torch.Tensor | None = None,
+        adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        value_states = states if value_states is None else value_states
+        key, value = self.k_proj(states), self.v_proj(value_states)
+        if adapters is not None:
+            key, value = key + adapters[1](states), value + adapters[2](value_states)
+        key = key.view(*states.shape[:-1], self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        value = value.view(*value_states.shape[:-1], self.num_key_value_heads, self.head_dim).transpose(1, 2)
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value
@@ -257,6 +265,8 @@ class PalmEAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        value_states: torch.Tensor | None = None,
+        adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
@@ -269,12 +279,19 @@ class PalmEAttention(nn.Module):
                 to `(batch_size, num_heads, seq_len, kv_len)`.
             past_key_values (`Cache`, *optional*): the cache; an `EncoderDecoderCache` holds self- and cross-attention
                 keys/values apart.
+            value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the values'
+                input of cross-attention when it differs from the keys' input (`key_value_states` by default).
+            adapters (`tuple` of four modules, *optional*): `(q, k, v, o)` modules (e.g. LoRA) whose outputs are added
+                to those of `q_proj`, `k_proj`, `v_proj` (on the same inputs) and `o_proj` (on the merged heads).
 
         Returns:
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
         batch_size, seq_len = hidden_states.shape[:2]
-        query = self.q_proj(hidden_states).view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states)
+        if adapters is not None:
+            query = query + adapters[0](hidden_states)
+        query = query.view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             query = self.q_norm(query)
 
@@ -291,13 +308,13 @@ class PalmEAttention(nn.Module):
                         "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
                         "pass `pixel_values` on the first forward pass."
                     )
-                key, value = self._project_key_value(key_value_states)
+                key, value = self._project_key_value(key_value_states, value_states, adapters)
                 if cache is not None:
                     key, value = cache.update(key, value, self.layer_idx)
                     if isinstance(past_key_values, EncoderDecoderCache):
                         past_key_values.is_updated[self.layer_idx] = True
         else:
-            key, value = self._project_key_value(hidden_states)
+            key, value = self._project_key_value(hidden_states, adapters=adapters)
             if position_embeddings is not None:
                 cos, sin, xpos_scale = position_embeddings
                 key_scale = None if xpos_scale is None else xpos_scale.reciprocal()
@@ -325,4 +342,7 @@ class PalmEAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        output = self.o_proj(attn_output)
+        if adapters is not None:
+            output = output + adapters[3](attn_output)
+        return output, attn_weights

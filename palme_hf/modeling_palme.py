@@ -8,9 +8,9 @@ from einops import rearrange
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutput,
@@ -23,6 +23,8 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .blocks_palme import PerceiverLayer, TransformerBlock
+from .hierarchical_palme import HierarchicalBlock
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .layers_palme import (
     PalmEAlibiBias,
@@ -189,6 +191,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
@@ -210,12 +213,127 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
+class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
+    """
+    A decoder layer built on one of the documented blocks (`config.block_type`): the block (PaLM's parallel
+    [`TransformerBlock`], whose branches are added to the residual here, or [`HierarchicalBlock`], which adds its
+    own), then, when `add_cross_attention`, pre-norm cross-attention to the image features with a residual.
+    """
+
+    def __init__(self, config: PalmETextConfig, layer_idx: int):
+        super().__init__()
+        if config.block_type == "parallel":
+            self.block = TransformerBlock(
+                config.hidden_size,
+                dim_head=config.head_dim,
+                heads=config.num_attention_heads,
+                qk_rmsnorm=config.qk_norm,
+                qk_scale=config.qk_norm_scale,
+                ff_mult=config.intermediate_size // config.hidden_size,
+                attn_dropout=config.attention_dropout,
+                use_xpos=config.use_xpos,
+                xpos_scale_base=config.xpos_scale_base,
+                config=config,
+                layer_idx=layer_idx,
+                xpos_offset=config.xpos_offset,
+            )
+        else:
+            self.block = HierarchicalBlock(
+                config.hidden_size,
+                dim_head=config.head_dim,
+                heads=config.num_attention_heads,
+                window_size=config.window_size,
+                compress_factor=config.compress_factor,
+                stride=config.stride,
+                ff_mult=config.intermediate_size / config.hidden_size,
+                config=config,
+                layer_idx=layer_idx,
+                xpos_offset=config.xpos_offset,
+            )
+        self.block_adds_residual = config.block_type == "hierarchical"
+        self.cross_attn_layer_norm = None
+        self.cross_attn = None
+        if config.add_cross_attention:
+            self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            self.cross_attn = PalmEAttention(
+                config,
+                hidden_size=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                head_dim=config.head_dim,
+                key_value_size=config.cross_attention_hidden_size,
+                is_cross_attention=True,
+                qk_norm=config.qk_norm,
+                qk_norm_scale=config.qk_norm_scale,
+                attention_dropout=config.attention_dropout,
+                layer_idx=layer_idx,
+            )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        self_attention_cache = (
+            past_key_values.self_attention_cache
+            if isinstance(past_key_values, EncoderDecoderCache)
+            else past_key_values
+        )
+        block_output = self.block(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self_attention_cache,
+            **kwargs,
+        )
+        hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
+        if self.cross_attn is not None:
+            attn_output, _ = self.cross_attn(
+                self.cross_attn_layer_norm(hidden_states),
+                key_value_states=encoder_hidden_states,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_output
+        return hidden_states
+
+
+class PalmEPerceiverResampler(nn.Module):
+    """
+    Resamples an image's patch features into `num_latents` features: learned latents go through `resampler_depth`
+    [`PerceiverLayer`]s, cross-attending to the patch features.
+    """
+
+    def __init__(self, config: PalmEConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.latents = nn.Parameter(torch.zeros(config.num_latents, vision_config.hidden_size))
+        self.perceiver = PerceiverLayer(
+            vision_config.hidden_size,
+            vision_config.num_attention_heads,
+            config.resampler_depth,
+            dim_head=vision_config.head_dim,
+            dropout=vision_config.attention_dropout,
+            ff_dropout=0.0,
+            config=vision_config,
+        )
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, num_patches, hidden_size)` -> `(batch_size, num_latents, hidden_size)`."""
+        latents = self.latents.unsqueeze(0).expand(image_features.shape[0], -1, -1)
+        return self.perceiver(latents, image_features, image_features)
+
+
 class PalmEPreTrainedModel(PreTrainedModel):
     config: PalmEConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["PalmEVisionEncoderLayer", "PalmETextDecoderLayer"]
+    _no_split_modules = ["PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # ALiBi is an additive mask
@@ -229,6 +347,8 @@ class PalmEPreTrainedModel(PreTrainedModel):
         std = getattr(self.config, "initializer_range", None) or self.config.get_text_config().initializer_range
         if isinstance(module, PalmEVisionEmbeddings):
             init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, PalmEPerceiverResampler):
+            init.normal_(module.latents, std=std)
         elif isinstance(module, PalmEQKNorm):
             init.ones_(module.weight)
         elif isinstance(module, PalmERotaryEmbedding):
@@ -282,7 +402,7 @@ class PalmETextModel(PalmEPreTrainedModel):
     config: PalmETextConfig
     input_modalities = ("text",)
     _can_record_outputs = {
-        "hidden_states": PalmETextDecoderLayer,
+        "hidden_states": [PalmETextDecoderLayer, PalmEBlockDecoderLayer],
         "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
         "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn"),
     }
@@ -295,6 +415,8 @@ class PalmETextModel(PalmEPreTrainedModel):
             if config.use_absolute_position_embeddings
             else None
         )
+        # The standard layers share one rotary embedding and ALiBi bias; the blocks bring their own.
+        is_standard = config.block_type == "standard"
         self.rotary_emb = (
             PalmERotaryEmbedding(
                 config.rotary_dim,
@@ -302,15 +424,14 @@ class PalmETextModel(PalmEPreTrainedModel):
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
             )
-            if config.use_rotary
+            if config.use_rotary and is_standard
             else None
         )
         self.alibi = (
             PalmEAlibiBias(config.alibi_num_heads, config.num_attention_heads) if config.alibi_num_heads > 0 else None
         )
-        self.layers = nn.ModuleList(
-            [PalmETextDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
+        layer_class = PalmETextDecoderLayer if is_standard else PalmEBlockDecoderLayer
+        self.layers = nn.ModuleList([layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -365,7 +486,9 @@ class PalmETextModel(PalmEPreTrainedModel):
                     "A decoder with cross-attention needs an `EncoderDecoderCache` (self-attention cache, "
                     f"cross-attention cache); got a filled {type(past_key_values).__name__}."
                 )
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache(config=self.config))
+            # cross-attention keys/values span the image features: plain growing layers, whatever the self-attention
+            # layers are (sliding, hybrid)
+            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
         self_attention_cache = (
             past_key_values.self_attention_cache
             if isinstance(past_key_values, EncoderDecoderCache)
@@ -387,14 +510,17 @@ class PalmETextModel(PalmEPreTrainedModel):
                 )
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids) * self.config.hidden_size**-0.5
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=self_attention_cache,
-            position_ids=position_ids,
-            allow_is_causal_skip=self.alibi is None,
-        )
+        if self.config.block_type == "hierarchical":
+            causal_mask = attention_mask  # the block builds its causal, group and window mask around the padding
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                past_key_values=self_attention_cache,
+                position_ids=position_ids,
+                allow_is_causal_skip=self.alibi is None,
+            )
         if self.alibi is not None:
             query_positions = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             alibi = self.alibi(query_positions, causal_mask.shape[-1])
@@ -410,6 +536,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                position_ids=position_ids,
                 encoder_hidden_states=encoder_hidden_states,
                 past_key_values=past_key_values,
                 **kwargs,
@@ -427,6 +554,7 @@ class PalmEModel(PalmEPreTrainedModel):
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
         self.vision_model = PalmEVisionModel(config.vision_config)
+        self.resampler = PalmEPerceiverResampler(config) if config.num_latents is not None else None
         self.multi_modal_projector = (
             nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
             if config.vision_integration == "prefix"
@@ -444,9 +572,12 @@ class PalmEModel(PalmEPreTrainedModel):
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
         """
         The image features the text receives, `(batch_size, num_image_tokens, width)`: the encoder's patch features,
-        projected to the decoder width with `"prefix"` integration.
+        resampled into `num_latents` features when configured, projected to the decoder width with `"prefix"`
+        integration.
         """
         image_features = self.vision_model(pixel_values, **kwargs).last_hidden_state
+        if self.resampler is not None:
+            image_features = self.resampler(image_features)
         if self.multi_modal_projector is not None:
             image_features = self.multi_modal_projector(image_features)
         return image_features
@@ -540,6 +671,9 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         self.model = PalmEModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
+        if config.vision_integration == "prefix" and self.generation_config is not None:
+            # The image placeholder stands for image features; it is never a token to generate.
+            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -612,15 +746,12 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(
-            *args, pixel_values=pixel_values, is_first_iteration=is_first_iteration, **kwargs
-        )
-        # Once the cache holds the image (its cross-attention keys/values, or the prefix it replaced), decoding steps
-        # run without it; without a cache every step recomputes from the full inputs.
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            model_inputs["pixel_values"] = None
-        return model_inputs
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        # With a compileable cache, generate() prepares 4-D masks ahead of the forward pass; the hierarchical blocks
+        # build their causal, group and window masks themselves, from the padding mask.
+        if self.config.text_config.block_type == "hierarchical":
+            return attention_mask
+        return create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -631,12 +762,12 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             and not isinstance(cache, EncoderDecoderCache)
             and not getattr(cache, "_is_user_defined", False)
         ):
-            text_config = self.config.get_text_config(decoder=True)
             if isinstance(cache, StaticCache):
                 # Cross-attention keys/values span the image features, whatever the text length.
-                cross_cache = StaticCache(config=text_config, max_cache_len=self.config.num_image_tokens)
+                num_layers = self.config.text_config.num_hidden_layers
+                cross_cache = Cache(layers=[StaticLayer(self.config.num_image_tokens) for _ in range(num_layers)])
             else:
-                cross_cache = DynamicCache(config=text_config)
+                cross_cache = DynamicCache()
             model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
 
 

@@ -1,6 +1,7 @@
 """PalmE models through the public API: forward, loss, attention implementations, caching and generate(),
 padding, training features, the reference document's examples and bad input."""
 
+import peft
 import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
@@ -123,9 +124,21 @@ def test_generate_passes_the_image_only_while_the_cache_is_empty():
     assert seen == [2]
 
 
-@pytest.mark.parametrize("variant", ["reference", "zeta_quirks", "prefix"])
-def test_left_padded_batch_generation_equals_one_by_one(variant):
-    model = tiny_model(variant)
+@pytest.mark.parametrize(
+    "variant, block_overrides",
+    [
+        ("reference", {}),
+        ("zeta_quirks", {}),
+        ("prefix", {}),
+        ("reference", {"block_type": "parallel", "alibi_num_heads": 0}),
+        # groups of the compressed hierarchical layout follow the padded index, so only compress_factor=1 here
+        ("reference", {"block_type": "hierarchical", "alibi_num_heads": 0, "qk_norm": False,
+                       "text_config": {"window_size": 3}}),
+    ],
+    ids=["reference", "zeta_quirks", "prefix", "parallel", "hierarchical"],
+)
+def test_left_padded_batch_generation_equals_one_by_one(variant, block_overrides):
+    model = tiny_model(variant, **block_overrides)
     pixel_values, input_ids = tiny_inputs(model, batch_size=2, length=8)
     short = input_ids[1, 3:]  # the second prompt is 3 tokens shorter (keeps the prefix placeholders)
     if model.config.vision_integration == "prefix":
@@ -184,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_weight_init_and_no_split_modules():
     model = tiny_model()
     text = model.model.language_model
-    assert set(model._no_split_modules) == {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer"}
+    assert set(model._no_split_modules) == {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"}
     assert torch.equal(text.layers[0].self_attn_layer_norm.weight, torch.ones(48))
     assert torch.equal(text.layers[0].self_attn.q_norm.weight, torch.ones(64))
     assert torch.equal(model.lm_head.bias, torch.zeros(97))
@@ -298,3 +311,109 @@ def test_cross_attention_needs_the_image_first():
         cache = DynamicCache()
         model(pixel_values=torch.rand(2, 3, 32, 32), input_ids=input_ids, past_key_values=cache, use_cache=True)
         model(input_ids=input_ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+# PalmE from any block, with either integration, with and without the Perceiver resampler
+
+BLOCK_TYPES = ["standard", "parallel", "hierarchical"]
+COMBINATIONS = [
+    (block_type, integration, num_latents)
+    for block_type in BLOCK_TYPES
+    for integration in ("reference", "prefix")
+    for num_latents in (None, 4)
+]
+
+
+def combination_model(block_type, integration, num_latents):
+    overrides = {"block_type": block_type, "num_latents": num_latents}
+    if block_type != "standard":
+        overrides["alibi_num_heads"] = 0
+    if block_type == "hierarchical":
+        overrides.update(qk_norm=False, text_config={"window_size": 3, "compress_factor": 2})
+    return tiny_model(integration, **overrides)
+
+
+@pytest.mark.parametrize("block_type, integration, num_latents", COMBINATIONS)
+def test_every_combination_generates_trains_and_reloads(tmp_path, block_type, integration, num_latents):
+    model = combination_model(block_type, integration, num_latents)
+    assert model.config.num_image_tokens == (num_latents or 16)
+    pixel_values, input_ids = tiny_inputs(model)
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(model.generate(**kwargs), uncached)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), uncached)
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss = model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+    model.eval().save_pretrained(tmp_path)
+    loaded = PalmEForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.text_config.block_type == block_type and loaded.config.num_latents == num_latents
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, input_ids=input_ids).logits,
+            model(pixel_values=pixel_values, input_ids=input_ids).logits,
+        )
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_peft_lora_trains_and_merges(block_type):
+    model = combination_model(block_type, "reference", None).train()
+    pixel_values, input_ids = tiny_inputs(model)
+    lora_model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    trainable = [name for name, parameter in lora_model.named_parameters() if parameter.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = lora_model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    lora_model.eval()
+    with torch.no_grad():
+        adapted = lora_model(pixel_values=pixel_values, input_ids=input_ids).logits
+        merged = lora_model.merge_and_unload()
+        assert isinstance(merged, PalmEForConditionalGeneration)
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(pixel_values=pixel_values, input_ids=input_ids).logits, adapted,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_block_options_that_would_be_ignored_raise():
+    with pytest.raises(ValueError, match="alibi_num_heads=0"):
+        PalmEConfig(block_type="parallel", alibi_num_heads=2)
+    with pytest.raises(ValueError, match="rotates the whole head"):
+        PalmEConfig(block_type="parallel", text_config={"rotary_dim": 32, "head_dim": 64})
+    with pytest.raises(ValueError, match="hierarchical"):
+        PalmEConfig(block_type="parallel", text_config={"window_size": 4})
+    with pytest.raises(ValueError, match="block_type"):
+        PalmEConfig(block_type="diagonal")
+    config = PalmEConfig(block_type="parallel")  # the flat defaults' ALiBi is dropped for the block
+    assert config.text_config.alibi_num_heads == 0 and config.text_config.rotary_dim == 64
+
+
+def test_prefix_generation_never_emits_the_image_placeholder(tmp_path):
+    model = tiny_model("prefix")
+    pixel_values, input_ids = tiny_inputs(model)
+    with torch.no_grad():
+        model.lm_head.bias[model.config.image_token_id] = 100.0  # the placeholder would win every step
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)
+    generated = model.generate(**kwargs)
+    assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
+    assert torch.equal(generated, model.generate(**kwargs, use_cache=False))
+    model.save_pretrained(tmp_path)
+    reloaded = PalmEForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.generation_config.suppress_tokens == [model.config.image_token_id]

@@ -1,0 +1,607 @@
+"""The documented transformer blocks as cache-aware Transformers layers: PaLM's parallel block with multi-query
+attention (`ParallelTransformerBlock`, `TransformerBlock`) and a Perceiver layer (`PerceiverLayer`). Every attention
+goes through [`PalmEAttention`] and every rotary/xpos embedding through [`PalmERotaryEmbedding`]."""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .layers_palme import PalmEAttention, PalmERotaryEmbedding
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_probability(name: str, value) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a dropout probability in [0, 1), got {value!r}.")
+
+
+def check_hidden_states(name: str, states: torch.Tensor, dim: int) -> None:
+    if states.ndim != 3 or states.shape[-1] != dim:
+        raise ValueError(f"`{name}` must have shape (batch_size, seq_len, {dim}), got {tuple(states.shape)}.")
+
+
+def attention_config(
+    attn_implementation: str | None, config: PreTrainedConfig | None, default: str = "eager"
+) -> PreTrainedConfig:
+    """
+    The config whose `_attn_implementation` a block's attention reads at every call: `config` itself (a model's
+    config, when the block is one of its layers), or a config of the block's own using `attn_implementation`.
+    """
+    if config is not None:
+        if attn_implementation is not None:
+            raise ValueError(
+                f"Pass either `config` or `attn_implementation` ({attn_implementation!r}), not both: with `config`, "
+                "the block uses `config._attn_implementation`."
+            )
+        return config
+    attn_implementation = default if attn_implementation is None else attn_implementation
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`attn_implementation` must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_implementation!r}."
+        )
+    config = PreTrainedConfig()
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    if len(finetune_modules) != 4:
+        raise ValueError(
+            f"`finetune_modules` must be four modules (lora_q, lora_k, lora_v, lora_o), got {len(finetune_modules)}."
+        )
+    return tuple(finetune_modules)
+
+
+class PalmESwiGLU(nn.Module):
+    """
+    PaLM's feed-forward: `down_proj(dropout(silu(gate_proj(x)) * up_proj(x)))`, bias-free.
+
+    Args:
+        hidden_size (`int`): width of the input and output.
+        intermediate_size (`int`): width of the gated inner layer.
+        dropout (`float`): dropout on the gated inner activations while training.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`."""
+        gated = nn.functional.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        return self.down_proj(self.dropout(gated))
+
+
+class TransformerBlock(GradientCheckpointingLayer):
+    """
+    PaLM's parallel transformer block (the original of zeta's `TransformerBlock`: `palm_rlhf_pytorch`'s
+    `ParallelTransformerBlock`). A bias-free LayerNorm feeds, in parallel, multi-query attention (`heads` query heads,
+    one shared key/value head, rotary embeddings over the whole head with optional xpos scaling) and a SwiGLU
+    feed-forward; the block returns the sum of the two branches. The residual is added by the caller.
+
+    Args:
+        dim (`int`): width of the input and output.
+        dim_head (`int`): width of each attention head.
+        causal (`bool`): causal attention; xpos is only used when causal, as in the reference.
+        heads (`int`): query heads.
+        qk_rmsnorm (`bool`): l2-normalise queries and keys (with learned gains); the attention scale is then
+            `qk_scale` instead of `dim_head ** -0.5`.
+        qk_scale (`float`): attention scale with `qk_rmsnorm` (a block converted from the reference uses
+            `dim_head ** -0.5` instead, as the reference does whatever its `qk_scale`).
+        ff_mult (`int`): the feed-forward's inner width is `dim * ff_mult`.
+        attn_dropout (`float`): dropout on attention probabilities while training.
+        ff_dropout (`float`): dropout inside the feed-forward while training.
+        use_xpos (`bool`): xpos length-extrapolation scaling of the rotated queries and keys.
+        xpos_scale_base (`int`): xpos scale base.
+        flash_attn (`bool`): use PyTorch's scaled-dot-product attention (`attn_implementation="sdpa"`); same results.
+        finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)`, registered as
+            submodules; their outputs are added to the query, key and value projections of the normalised input and
+            to the output projection of the merged heads. `forward(..., finetune_modules=...)` overrides them for a
+            call.
+        attn_implementation (`str`, *optional*, keyword-only): `"eager"` or `"sdpa"`; `"sdpa"` if `flash_attn`, else
+            `"eager"`.
+        config (`PreTrainedConfig`, *optional*, keyword-only): a model config whose `_attn_implementation` is read at
+            every call, for a block used as a layer of that model (then give neither `attn_implementation` nor
+            `flash_attn`).
+        layer_idx (`int`, keyword-only): index of this block's keys/values in a `Cache`.
+        xpos_offset (`int`, keyword-only): the position at which the xpos scale is 1. It cancels in attention scores
+            (outputs do not depend on it); it bounds the range of finite xpos scales, which in half precision is a
+            few thousand positions either side of it.
+
+    Example:
+        >>> block = TransformerBlock(dim=512, dim_head=64, heads=8)
+        >>> block(torch.randn(1, 10, 512)).shape
+        torch.Size([1, 10, 512])
+    """
+
+    # How the reference (palm-rlhf-pytorch 0.8.0) stores the weights: its LayerNorm's gain is `1 + gamma`.
+    reference_feed_forward_key = "ff_out.2.weight"
+    reference_norm_gain_offset = 1.0
+    reference_buffers = ("norm.beta", "rotary_emb.inv_freq", "rotary_emb.scale")
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        causal: bool = True,
+        heads: int = 8,
+        qk_rmsnorm: bool = False,
+        qk_scale: float = 8,
+        ff_mult: int = 4,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        use_xpos: bool = True,
+        xpos_scale_base: int = 512,
+        flash_attn: bool = False,
+        finetune_modules: Sequence[nn.Module] | None = None,
+        *,
+        attn_implementation: str | None = None,
+        config: PreTrainedConfig | None = None,
+        layer_idx: int = 0,
+        xpos_offset: int = 0,
+    ):
+        super().__init__()
+        for name, value in (("dim", dim), ("dim_head", dim_head), ("heads", heads), ("ff_mult", ff_mult)):
+            check_positive_int(name, value)
+        if dim_head % 2 != 0:
+            raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
+        check_probability("attn_dropout", attn_dropout)
+        check_probability("ff_dropout", ff_dropout)
+        if use_xpos and causal and xpos_scale_base <= 0:
+            raise ValueError(f"`xpos_scale_base` must be positive, got {xpos_scale_base!r}.")
+        if flash_attn and config is not None:
+            raise ValueError(
+                "Pass either `config` or `flash_attn=True`, not both: with `config`, the block uses "
+                "`config._attn_implementation`."
+            )
+        if flash_attn and attn_implementation not in (None, "sdpa"):
+            raise ValueError(f"`flash_attn=True` means `attn_implementation='sdpa'`, got {attn_implementation!r}.")
+
+        self.config = attention_config(attn_implementation, config, default="sdpa" if flash_attn else "eager")
+        self.hidden_size = dim
+        self.layer_idx = layer_idx
+        self.xpos_offset = xpos_offset
+        self.input_layernorm = nn.LayerNorm(dim, bias=False)
+        self.rotary_emb = PalmERotaryEmbedding(dim_head, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base)
+        self.self_attn = PalmEAttention(
+            self.config,
+            hidden_size=dim,
+            num_heads=heads,
+            head_dim=dim_head,
+            num_key_value_heads=1,
+            is_causal=causal,
+            qk_norm=qk_rmsnorm,
+            qk_norm_scale=qk_scale,
+            attention_dropout=attn_dropout,
+            layer_idx=layer_idx,
+        )
+        self.mlp = PalmESwiGLU(dim, dim * ff_mult, dropout=ff_dropout)
+        self.finetune_modules = (
+            None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        finetune_modules: Sequence[nn.Module] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, dim)`): the input `x`.
+            attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
+                0/False for padding (the reference's `mask`), or a prepared 4-D mask (a model's causal mask).
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): rotary positions,
+                `past_len + arange(seq_len)` by default.
+            past_key_values (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
+                at `layer_idx`; causal blocks only.
+            finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)` for this call,
+                in place of those given to the constructor.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
+        """
+        check_hidden_states("hidden_states", hidden_states, self.hidden_size)
+        if past_key_values is not None and not self.self_attn.is_causal:
+            raise ValueError("`past_key_values` needs a causal block (`causal=True`).")
+        adapters = self.finetune_modules if finetune_modules is None else check_finetune_modules(finetune_modules)
+        batch_size, seq_len = hidden_states.shape[:2]
+        past_seen_tokens = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        expected_mask_shape = (batch_size, past_seen_tokens + seq_len)
+        if (
+            attention_mask is not None
+            and attention_mask.ndim == 2
+            and tuple(attention_mask.shape) != expected_mask_shape
+        ):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, past_len + seq_len) = {expected_mask_shape}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        if self.self_attn.is_causal:
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                position_ids=position_ids,
+                layer_idx=self.layer_idx,
+            )
+        else:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+
+        normed = self.input_layernorm(hidden_states)
+        attn_output, _ = self.self_attn(
+            normed,
+            position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            adapters=adapters,
+            **kwargs,
+        )
+        return attn_output + self.mlp(normed)
+
+    @staticmethod
+    def reference_constructor_kwargs(kwargs: dict) -> dict:
+        """
+        The reference's attention always scales by `dim_head ** -0.5`: its `qk_scale` has no effect, so a converted
+        block with `qk_rmsnorm` uses that scale whatever `qk_scale` says.
+        """
+        if not kwargs.get("qk_rmsnorm", False):
+            return kwargs
+        return {**kwargs, "qk_scale": kwargs.get("dim_head", 64) ** -0.5}
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "TransformerBlock":
+        """
+        Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
+        (`torch.save(block.state_dict())`). The reference's fused projection `fused_attn_ff_proj` (queries, the key
+        head, the value head, the feed-forward's value half, the feed-forward's gate half) is split into
+        `self_attn.q_proj`, `k_proj`, `v_proj`, `mlp.up_proj` and `mlp.gate_proj`.
+
+        Raises:
+            `ValueError`: missing, unexpected or wrongly shaped keys, or a fixed buffer (the LayerNorm's zero bias,
+            the rotary frequencies) that differs from what this block computes.
+        """
+        block = cls(**cls.reference_constructor_kwargs(kwargs))
+        attention = block.self_attn
+        inner_dim = block.mlp.up_proj.out_features
+        split_sizes = (
+            attention.num_heads * attention.head_dim,
+            attention.head_dim,
+            attention.head_dim,
+            inner_dim,
+            inner_dim,
+        )
+        all_buffers = {
+            "norm.beta": torch.zeros(block.hidden_size),
+            "rotary_emb.inv_freq": block.rotary_emb.inv_freq,
+            "rotary_emb.scale": block.rotary_emb.xpos_scale,
+        }
+        fixed_buffers = {key: all_buffers[key] for key in cls.reference_buffers}
+        expected_shapes = {
+            "norm.gamma": (block.hidden_size,),
+            "fused_attn_ff_proj.weight": (sum(split_sizes), block.hidden_size),
+            "attn_out.weight": tuple(attention.o_proj.weight.shape),
+            cls.reference_feed_forward_key: tuple(block.mlp.down_proj.weight.shape),
+            **{key: tuple(value.shape) for key, value in fixed_buffers.items()},
+        }
+        if attention.q_norm is not None:
+            expected_shapes["q_scale"] = tuple(attention.q_norm.weight.shape)
+            expected_shapes["k_scale"] = tuple(attention.k_norm.weight.shape)
+
+        missing = sorted(set(expected_shapes) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected_shapes))
+        misshapen = sorted(
+            f"{key} {tuple(state_dict[key].shape)} (expected {shape})"
+            for key, shape in expected_shapes.items()
+            if key in state_dict and tuple(state_dict[key].shape) != shape
+        )
+        if missing or unexpected or misshapen:
+            raise ValueError(
+                f"The state dict does not fit a reference {cls.__name__} built with {kwargs}: missing keys {missing}, "
+                f"unexpected keys {unexpected}, wrongly shaped {misshapen}."
+            )
+        for key, value in fixed_buffers.items():
+            if not torch.allclose(state_dict[key].float().cpu(), value.float().cpu()):
+                raise ValueError(f"The reference buffer `{key}` differs from the fixed value this block computes.")
+
+        q_weight, k_weight, v_weight, up_weight, gate_weight = state_dict["fused_attn_ff_proj.weight"].split(
+            split_sizes
+        )
+        weights = {
+            "input_layernorm.weight": state_dict["norm.gamma"] + cls.reference_norm_gain_offset,
+            "self_attn.q_proj.weight": q_weight,
+            "self_attn.k_proj.weight": k_weight,
+            "self_attn.v_proj.weight": v_weight,
+            "self_attn.o_proj.weight": state_dict["attn_out.weight"],
+            "mlp.up_proj.weight": up_weight,
+            "mlp.gate_proj.weight": gate_weight,
+            "mlp.down_proj.weight": state_dict[cls.reference_feed_forward_key],
+        }
+        if attention.q_norm is not None:
+            weights["self_attn.q_norm.weight"] = state_dict["q_scale"]
+            weights["self_attn.k_norm.weight"] = state_dict["k_scale"]
+        if block.finetune_modules is not None:
+            # The reference keeps LoRA modules outside the block: those given to the constructor stay as they are.
+            weights.update(
+                {f"finetune_modules.{key}": value for key, value in block.finetune_modules.state_dict().items()}
+            )
+        block.load_state_dict(weights)
+        return block
+
+
+class ParallelTransformerBlock(TransformerBlock):
+    """
+    PaLM's parallel transformer block as documented by zeta (`zeta.structs.simple_transformer`): [`TransformerBlock`]
+    with causal multi-query attention, rotary embeddings without xpos, no query/key normalisation and no dropout. A
+    bias-free LayerNorm feeds the attention and the SwiGLU feed-forward in parallel; the block returns the sum of the
+    two branches (the residual is added by the caller).
+
+    Args:
+        dim (`int`): width of the input and output.
+        dim_head (`int`): width of each attention head.
+        heads (`int`): query heads (one shared key/value head).
+        ff_mult (`int`): the feed-forward's inner width is `dim * ff_mult`.
+        attn_implementation, config, layer_idx: as in [`TransformerBlock`] (keyword-only).
+
+    Example:
+        >>> block = ParallelTransformerBlock(dim=512, dim_head=64, heads=8, ff_mult=4)
+        >>> block(torch.randn(1, 10, 512)).shape
+        torch.Size([1, 10, 512])
+    """
+
+    # How the reference (zetascale 2.8.8) stores the weights: its LayerNorm's gain is `gamma`, it has no xpos.
+    reference_feed_forward_key = "ff_out.1.weight"
+    reference_norm_gain_offset = 0.0
+    reference_buffers = ("norm.beta", "rotary_emb.inv_freq")
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        *,
+        attn_implementation: str | None = None,
+        config: PreTrainedConfig | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__(
+            dim,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            use_xpos=False,
+            attn_implementation=attn_implementation,
+            config=config,
+            layer_idx=layer_idx,
+        )
+
+    @staticmethod
+    def reference_constructor_kwargs(kwargs: dict) -> dict:
+        return kwargs
+
+
+class PalmEFeedForward(nn.Module):
+    """`Linear -> GELU -> Dropout -> Linear -> Dropout`, with biases (the Perceiver layer's feed-forward)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.activation_fn = nn.GELU()
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`."""
+        hidden_states = self.dropout(self.activation_fn(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class PalmEPerceiverSublayer(nn.Module):
+    """
+    One of the `depth` layers of [`PerceiverLayer`], pre-norm with residuals: multi-query self-attention over the
+    query, cross-attention from the query to the keys and values, feed-forward.
+    """
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        dropout: float,
+        ff_dropout: float,
+        ff_mult: int,
+        layer_idx: int,
+    ):
+        super().__init__()
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.self_attn = PalmEAttention(
+            config,
+            hidden_size=dim,
+            num_heads=heads,
+            head_dim=dim_head,
+            num_key_value_heads=1,
+            is_causal=False,
+            attention_dropout=dropout,
+        )
+        self.cross_attn_layer_norm = nn.LayerNorm(dim)
+        self.cross_attn = PalmEAttention(
+            config,
+            hidden_size=dim,
+            num_heads=heads,
+            head_dim=dim_head,
+            is_cross_attention=True,
+            attention_dropout=dropout,
+            layer_idx=layer_idx,
+        )
+        self.mlp_layer_norm = nn.LayerNorm(dim)
+        self.mlp = PalmEFeedForward(dim, dim * ff_mult, dropout=ff_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_states: torch.Tensor | None,
+        value_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: EncoderDecoderCache | None,
+    ) -> torch.Tensor:
+        attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states))
+        hidden_states = hidden_states + attn_output
+        attn_output, _ = self.cross_attn(
+            self.cross_attn_layer_norm(hidden_states),
+            key_value_states=key_states,
+            value_states=value_states,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+        )
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
+
+
+class PerceiverLayer(nn.Module):
+    """
+    `depth` Perceiver layers: the query goes through self-attention, then cross-attends to the keys and values (keys
+    from `k`, values from `v`), then through the feed-forward, each pre-norm with a residual. The output has the
+    query's shape (as zeta documents; zetascale 2.8.8's own version returns the wrong shape).
+
+    Args:
+        dim (`int`): width of the query, keys and values.
+        heads (`int`): attention heads (self-attention is multi-query: one shared key/value head).
+        depth (`int`): number of layers.
+        dim_head (`int`): width of each head.
+        dropout (`float`): dropout on attention probabilities while training.
+        ff_dropout (`float`): dropout inside the feed-forward while training.
+        ff_mult (`int`): the feed-forward's inner width is `dim * ff_mult`.
+        attn_implementation (`str`, *optional*, keyword-only): `"eager"` (default) or `"sdpa"`.
+        config (`PreTrainedConfig`, *optional*, keyword-only): a model config whose `_attn_implementation` is read at
+            every call, for a layer of that model.
+        layer_idx (`int`, keyword-only): layer `i` keeps its cross-attention keys/values at cache index
+            `layer_idx + i`.
+
+    Example:
+        >>> q, k, v = torch.randn(1, 32, 512), torch.randn(1, 32, 512), torch.randn(1, 32, 512)
+        >>> layer = PerceiverLayer(512, 8, 6, 64)
+        >>> layer(q, k, v).shape
+        torch.Size([1, 32, 512])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        depth: int,
+        dim_head: int = 64,
+        dropout: float = 0.1,
+        ff_dropout: float = 0.1,
+        ff_mult: int = 4,
+        *,
+        attn_implementation: str | None = None,
+        config: PreTrainedConfig | None = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("dim", dim),
+            ("heads", heads),
+            ("depth", depth),
+            ("dim_head", dim_head),
+            ("ff_mult", ff_mult),
+        ):
+            check_positive_int(name, value)
+        check_probability("dropout", dropout)
+        check_probability("ff_dropout", ff_dropout)
+        self.config = attention_config(attn_implementation, config)
+        self.hidden_size = dim
+        self.layers = nn.ModuleList(
+            [
+                PalmEPerceiverSublayer(self.config, dim, heads, dim_head, dropout, ff_dropout, ff_mult, layer_idx + i)
+                for i in range(depth)
+            ]
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            q (`torch.FloatTensor` of shape `(batch_size, query_len, dim)`): the query (e.g. learned latents).
+            k (`torch.FloatTensor` of shape `(batch_size, kv_len, dim)`): the keys' input (the context).
+            v (`torch.FloatTensor` of shape `(batch_size, kv_len, dim)`): the values' input.
+            mask (`torch.BoolTensor` of shape `(batch_size, kv_len)`, *optional*): True for key/value positions to
+                attend to, False for those to ignore.
+            past_key_values (`Cache`, *optional*): holds each layer's cross-attention keys/values for a fixed context
+                (the cross-attention part of an `EncoderDecoderCache`, or the cache itself): filled on the first call,
+                reused on later ones, which may then omit `k` and `v`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, query_len, dim)`.
+        """
+        check_hidden_states("q", q, self.hidden_size)
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            # A fresh wrapper marks the layers whose keys/values the given cache already holds.
+            past_key_values = EncoderDecoderCache(DynamicCache(), past_key_values)
+        is_cached = past_key_values is not None and all(
+            past_key_values.is_updated.get(layer.cross_attn.layer_idx, False) for layer in self.layers
+        )
+        if (k is None) != (v is None):
+            raise ValueError("Pass both `k` and `v`, or neither (when the cache holds their keys/values).")
+        if k is None and not is_cached:
+            raise ValueError("`k` and `v` are needed unless `past_key_values` already holds their keys/values.")
+        if k is not None:
+            check_hidden_states("k", k, self.hidden_size)
+            if v.shape != k.shape or k.shape[0] != q.shape[0]:
+                raise ValueError(
+                    f"`k` and `v` must both have shape (batch_size={q.shape[0]}, kv_len, {self.hidden_size}), got "
+                    f"{tuple(k.shape)} and {tuple(v.shape)}."
+                )
+
+        attention_mask = None
+        if mask is not None:
+            kv_len = (
+                k.shape[1]
+                if k is not None
+                else past_key_values.cross_attention_cache.get_seq_length(self.layers[0].cross_attn.layer_idx)
+            )
+            if tuple(mask.shape) != (q.shape[0], kv_len):
+                raise ValueError(
+                    f"`mask` must have shape (batch_size, kv_len) = ({q.shape[0]}, {kv_len}), got {tuple(mask.shape)}."
+                )
+            min_value = torch.finfo(q.dtype).min
+            attention_mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
+            attention_mask = attention_mask.masked_fill(~mask.to(device=q.device, dtype=torch.bool), min_value)
+            attention_mask = attention_mask[:, None, None, :]
+
+        hidden_states = q
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, k, v, attention_mask, past_key_values)
+        return hidden_states

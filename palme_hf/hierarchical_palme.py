@@ -1,0 +1,399 @@
+"""`HierarchicalBlock` (zeta's documented block; original: `simple_hierarchical_transformer.HierarchicalBlock`) as a
+cache-aware Transformers layer. Attention goes through [`PalmEAttention`], rotary embeddings through
+[`PalmERotaryEmbedding`]."""
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttentionCacheLayerMixin
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .blocks_palme import attention_config, check_hidden_states, check_positive_int
+from .configuration_palme import hierarchical_cache_layout
+from .layers_palme import PalmEAttention, PalmERotaryEmbedding, add_bias_to_mask
+
+
+class HierarchicalRMSNorm(nn.Module):
+    """RMS normalisation as the reference computes it: `x / max(||x||, 1e-12) * sqrt(dim) * weight`."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.scale = hidden_size**0.5
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(hidden_states, dim=-1) * self.scale * self.weight
+
+
+class HierarchicalMLP(nn.Module):
+    """Feed-forward: bias-free `Linear -> GELU -> Linear`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.activation_fn = ACT2FN["gelu"]
+        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
+
+
+def token_shift(
+    hidden_states: torch.Tensor,
+    distance: int,
+    token_mask: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    layer_idx: int = 0,
+    state_idx: int = 0,
+) -> torch.Tensor:
+    """
+    Token shift (RWKV): the second half of each token's features is replaced by that of the token `distance` positions
+    earlier (zeros before the first token, and from padding tokens); the first half is kept.
+
+    With a cache, the shifted halves of the last `distance` tokens are kept in the conv state `state_idx` of the
+    cache's layer `layer_idx`, in the conv-state layout `(batch_size, features, distance)`.
+
+    Args:
+        hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the tokens after those in
+            the cache.
+        token_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*): 1/True for tokens, 0/False for
+            padding, whose features are not passed on.
+
+    Returns:
+        `torch.FloatTensor` of the same shape.
+    """
+    seq_len = hidden_states.shape[1]
+    # `chunk(2)` split point, as in the reference (the first half is the larger one for an odd width)
+    split = (hidden_states.shape[-1] + 1) // 2
+    kept, to_shift = hidden_states[..., :split], hidden_states[..., split:]
+    if token_mask is not None:
+        to_shift = to_shift * token_mask[..., None].to(to_shift.dtype)
+    to_shift = to_shift.transpose(1, 2)
+    history = nn.functional.pad(to_shift, (distance, 0))
+    if past_key_values is not None:
+        has_previous_state = past_key_values.has_previous_state(layer_idx, state_idx)
+        updated = past_key_values.update_conv_state(to_shift, layer_idx, state_idx, conv_kernel_size=distance)
+        if has_previous_state:
+            history = updated  # the last `distance` tokens' halves, then the new ones
+    shifted = history[..., :seq_len].transpose(1, 2)
+    return torch.cat((kept, shifted), dim=-1)
+
+
+def hierarchical_attention_mask(
+    query_indices: torch.Tensor,
+    key_indices: torch.Tensor,
+    group_size: int,
+    window_size: int | None,
+    attention_mask: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """
+    The additive mask of the block's attention: token `i` attends to token `j` when `j` is in the same group
+    (`i - j` a multiple of `group_size`), not later (`j <= i`) and, with a window, at most `window_size` group steps
+    back (`i - j <= window_size * group_size`); padding keys (from `attention_mask`) are masked too.
+
+    Args:
+        query_indices (`torch.LongTensor` of shape `(seq_len,)`): sequence indices of the queries.
+        key_indices (`torch.LongTensor` of shape `(kv_len,)`): sequence indices of the keys the cache returns.
+        attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
+            0/False for padding, or a 4-D mask `(batch_size, 1, seq_len, kv_len)`, boolean (True = attend) or additive
+            (0 = attend).
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size or 1, 1, seq_len, kv_len)` in `dtype`: 0 where attending, the
+        dtype's minimum elsewhere.
+    """
+    distance = query_indices[:, None] - key_indices[None, :]
+    allowed = (distance >= 0) & (distance % group_size == 0)
+    if window_size is not None:
+        allowed = allowed & (distance <= window_size * group_size)
+    allowed = allowed[None, None]
+
+    if attention_mask is not None:
+        if attention_mask.ndim == 2:
+            expected_length = int(query_indices[-1]) + 1
+            if attention_mask.shape[-1] != expected_length:
+                raise ValueError(
+                    f"A 2-D `attention_mask` must cover the cached and the new tokens: length {expected_length}, "
+                    f"got shape {tuple(attention_mask.shape)}."
+                )
+            # Keys beyond the mask (empty slots of a static cache) are later than every query: causality masks them.
+            missing = max(int(key_indices[-1]) + 1 - expected_length, 0)
+            key_is_token = nn.functional.pad(attention_mask.bool(), (0, missing), value=True)[:, key_indices]
+            allowed = allowed & key_is_token[:, None, None, :]
+        elif attention_mask.ndim == 4:
+            if tuple(attention_mask.shape[-2:]) != tuple(allowed.shape[-2:]):
+                raise ValueError(
+                    f"A 4-D `attention_mask` must have shape (batch_size, 1, {allowed.shape[-2]}, "
+                    f"{allowed.shape[-1]}) (queries, keys the cache returns), got {tuple(attention_mask.shape)}."
+                )
+            allowed = allowed & (attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0)
+        else:
+            raise ValueError(
+                "`attention_mask` must be 2-D (batch_size, past_len + seq_len) or 4-D (batch_size, 1, seq_len, "
+                f"kv_len), got shape {tuple(attention_mask.shape)}."
+            )
+    # Additive, because eager attention adds the mask to the scores (sdpa takes it as well).
+    return add_bias_to_mask(allowed, torch.zeros((), device=allowed.device), dtype)
+
+
+class HierarchicalBlock(GradientCheckpointingLayer):
+    """
+    The block of the simple hierarchical transformer (zeta's `HierarchicalBlock`, whose original is
+    `simple_hierarchical_transformer.HierarchicalBlock`): causal attention (full, or over a local window of the last
+    `window_size` steps), then a feed-forward, each pre-normalised, fed through a token shift and added back to its
+    input. The output is as long as the input.
+
+    With `compress_factor > 1` the sequence is split axially into `group_size = compress_factor // stride` interleaved
+    groups (token `i` in group `i % group_size`, at step `i // group_size` of it): attention, rotary positions and the
+    token shift all stay inside a group. Rather than regrouping the tensors, the block keeps tokens in sequence order
+    and expresses the groups in the attention mask, so one cache in sequence order serves full forward passes and
+    token-by-token decoding alike.
+
+    Attention: full attention is RMS-normalised with rotary/xpos embeddings (scale base 512) over the whole head;
+    window attention is LayerNorm-normalised with plain rotary embeddings, each query seeing itself and the
+    `window_size` previous steps of its group. `window_size=0` means no attention (feed-forward only).
+
+    Caching: the cache layer at `layer_idx` must hold keys/values and token-shift state ("conv states"): build it
+    with `DynamicCache(config=block.config)` (or `StaticCache(config=block.config, max_cache_len=...)`). Its layer
+    type is `block.cache_layer_type`: `"hybrid"` (growing keys/values), `"hybrid_sliding"` (keys/values of the last
+    `block.sliding_window` tokens, all that a window needs) or `"conv"` (no attention). A model using the block as a
+    layer declares those in its config (`layer_types`, `sliding_window`, `number_of_conv_states`).
+
+    Args:
+        dim (`int`): width of the input and output.
+        dim_head (`int`): width of each attention head.
+        heads (`int`): attention heads.
+        window_size (`int`, *optional*): local attention window in steps of a group; `None` for full attention, 0 for
+            none.
+        compress_factor (`int`): a power of two; with `stride`, sets the number of groups.
+        stride (`int`): a power of two dividing `compress_factor`; `group_size = compress_factor // stride`.
+        ff_mult (`int` or `float`): the feed-forward's inner width is `int(dim * ff_mult)`.
+        attn_implementation (`str`, *optional*, keyword-only): `"sdpa"` (default) or `"eager"`; the results are the
+            same. Changeable later through `block.config._attn_implementation`.
+        config (`PreTrainedConfig`, *optional*, keyword-only): a model config whose `_attn_implementation` is read at
+            every call, for a block used as a layer of that model (then do not give `attn_implementation`).
+        layer_idx (`int`, keyword-only): index of this block's layer in a `Cache`.
+        xpos_offset (`int`, keyword-only): full attention only: the group step at which the xpos scale is 1. It
+            cancels in attention scores (outputs do not depend on it); it bounds the range of finite xpos scales,
+            which in half precision is a few thousand steps either side of it.
+
+    Example:
+        >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
+        >>> block(torch.randn(1, 10, 512)).shape
+        torch.Size([1, 10, 512])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        window_size: int | None = None,
+        compress_factor: int = 1,
+        stride: int = 1,
+        ff_mult: float = 4,
+        *,
+        attn_implementation: str | None = None,
+        config: PreTrainedConfig | None = None,
+        layer_idx: int = 0,
+        xpos_offset: int = 0,
+    ):
+        super().__init__()
+        for name, value in (
+            ("dim", dim),
+            ("dim_head", dim_head),
+            ("heads", heads),
+            ("compress_factor", compress_factor),
+            ("stride", stride),
+        ):
+            check_positive_int(name, value)
+        if compress_factor & (compress_factor - 1) != 0:
+            raise ValueError(f"`compress_factor` must be a power of two (1, 2, 4, ...), got {compress_factor}.")
+        if stride > compress_factor or compress_factor % stride != 0:
+            raise ValueError(
+                f"`stride` must be a power of two no larger than `compress_factor` ({compress_factor}), got {stride}."
+            )
+        if window_size is not None and (
+            isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0
+        ):
+            raise ValueError(f"`window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
+        if dim_head % 2 != 0:
+            raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
+        if int(dim * ff_mult) <= 0:
+            raise ValueError(f"The feed-forward width `int(dim * ff_mult)` must be positive, got ff_mult={ff_mult!r}.")
+
+        self.hidden_size = dim
+        self.window_size = window_size
+        self.group_size = compress_factor // stride
+        self.layer_idx = layer_idx
+        self.xpos_offset = xpos_offset
+        self.has_attention = window_size != 0
+        self.cache_layer_type, self.sliding_window, self.num_token_shift_states = hierarchical_cache_layout(
+            window_size, compress_factor, stride
+        )
+
+        self.config = attention_config(attn_implementation, config, default="sdpa")
+        if config is None:
+            # The cache layout of a model of `layer_idx + 1` such blocks, for `DynamicCache(config=block.config)`.
+            self.config.num_hidden_layers = layer_idx + 1
+            self.config.layer_types = [self.cache_layer_type] * (layer_idx + 1)
+            self.config.sliding_window = self.sliding_window
+            self.config.number_of_conv_states = self.num_token_shift_states
+
+        self.self_attn_norm = None
+        self.rotary_emb = None
+        self.self_attn = None
+        if self.has_attention:
+            is_full_attention = window_size is None
+            self.self_attn_norm = HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim)
+            self.rotary_emb = PalmERotaryEmbedding(dim_head, use_xpos=is_full_attention, xpos_scale_base=512)
+            # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer), which a
+            # checkpoint carries: keep them in the state dict.
+            self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
+            self.self_attn = PalmEAttention(
+                self.config, hidden_size=dim, num_heads=heads, head_dim=dim_head, is_causal=True, layer_idx=layer_idx
+            )
+        self.mlp_norm = HierarchicalRMSNorm(dim)
+        self.mlp = HierarchicalMLP(dim, int(dim * ff_mult))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, dim)`): the input `x`, the tokens after
+                those in the cache.
+            attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
+                0/False for padding (masked as keys and in the token shift), or a 4-D mask `(batch_size, 1, seq_len,
+                kv_len)` (boolean, or additive with 0 = attend) over the keys the cache returns. Either is combined
+                with the block's own causal/group/window mask.
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): sequence positions,
+                `past_len + arange(seq_len)` by default; rotary embeddings use the step within the group,
+                `position_ids // group_size`. Groups and the token shift follow the order of the sequence.
+            past_key_values (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at
+                `layer_idx` (see the class docstring for the layer type it needs).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
+        """
+        check_hidden_states("hidden_states", hidden_states, self.hidden_size)
+        cache = past_key_values
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        cache_layer = None
+        if cache is not None and self.layer_idx < len(cache.layers):
+            cache_layer = cache.layers[self.layer_idx]
+        if cache is not None and not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
+            layer = "no layer" if cache_layer is None else type(cache_layer).__name__
+            raise ValueError(
+                f"HierarchicalBlock keeps token-shift state in the cache: its layer {self.layer_idx} must be of type "
+                f"{self.cache_layer_type!r} (build the cache with `DynamicCache(config=block.config)`), got {layer}."
+            )
+
+        batch_size, seq_len = hidden_states.shape[:2]
+        token_mask = None
+        if attention_mask is not None and attention_mask.ndim == 2:
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < seq_len:
+                raise ValueError(
+                    f"A 2-D `attention_mask` must have shape ({batch_size}, past_len + {seq_len}), got "
+                    f"{tuple(attention_mask.shape)}."
+                )
+            # Padding tokens pass nothing on through the token shift, so outputs at tokens never depend on them.
+            token_mask = attention_mask[:, -seq_len:]
+
+        if self.self_attn is not None:
+            past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+            kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
+            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
+            if position_ids is None:
+                position_ids = query_indices.unsqueeze(0).expand(batch_size, -1)
+            mask = hierarchical_attention_mask(
+                query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
+            )
+            shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
+            attn_output, _ = self.self_attn(
+                self.self_attn_norm(shifted),
+                position_embeddings=self.rotary_emb(position_ids // self.group_size, xpos_offset=self.xpos_offset),
+                attention_mask=mask,
+                past_key_values=cache,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_output
+
+        shifted = token_shift(
+            hidden_states, self.group_size, token_mask, cache, self.layer_idx, self.num_token_shift_states - 1
+        )
+        return hidden_states + self.mlp(self.mlp_norm(shifted))
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "HierarchicalBlock":
+        """
+        Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
+        (`torch.save(block.state_dict())`). The reference's fused `attn.to_qkv` is split into `self_attn.q_proj`,
+        `k_proj` and `v_proj`. Full attention in the reference rotates interleaved feature pairs `(2i, 2i + 1)`, this
+        block rotates halves `(i, i + dim_head // 2)`: the rows of each query and key head are reordered to match
+        (attention scores are unchanged by reordering the features of queries and keys alike).
+
+        Raises:
+            `ValueError`: missing, unexpected or wrongly shaped keys.
+        """
+        block = cls(**kwargs)
+        attention = block.self_attn
+        # reference key -> this block's key, for the tensors that are only renamed
+        renamed = {
+            "ff.net.0.gamma": "mlp_norm.weight",
+            "ff.net.1.weight": "mlp.fc1.weight",
+            "ff.net.3.weight": "mlp.fc2.weight",
+        }
+        if attention is not None:
+            renamed["attn.to_out.weight"] = "self_attn.o_proj.weight"
+            if block.window_size is None:
+                renamed["attn.norm.gamma"] = "self_attn_norm.weight"
+                renamed["attn.rotary_emb.freqs"] = "rotary_emb.inv_freq"
+            else:
+                renamed["attn.norm.weight"] = "self_attn_norm.weight"
+                renamed["attn.norm.bias"] = "self_attn_norm.bias"
+                renamed["attn.attn_fn.rel_pos.inv_freq"] = "rotary_emb.inv_freq"
+
+        own_shapes = {key: tuple(value.shape) for key, value in block.state_dict().items()}
+        expected_shapes = {key: own_shapes[own_key] for key, own_key in renamed.items()}
+        if attention is not None:
+            expected_shapes["attn.to_qkv.weight"] = (3 * attention.num_heads * attention.head_dim, block.hidden_size)
+
+        missing = sorted(set(expected_shapes) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected_shapes))
+        misshapen = sorted(
+            f"{key} {tuple(state_dict[key].shape)} (expected {shape})"
+            for key, shape in expected_shapes.items()
+            if key in state_dict and tuple(state_dict[key].shape) != shape
+        )
+        if missing or unexpected or misshapen:
+            raise ValueError(
+                f"The state dict does not fit a reference HierarchicalBlock built with {kwargs}: missing keys "
+                f"{missing}, unexpected keys {unexpected}, wrongly shaped {misshapen}."
+            )
+
+        weights = {own_key: state_dict[key] for key, own_key in renamed.items()}
+        if attention is not None:
+            q_weight, k_weight, v_weight = state_dict["attn.to_qkv.weight"].chunk(3)
+            if block.window_size is None:
+                head_dim = attention.head_dim
+                # new feature i <- old 2i, new feature head_dim // 2 + i <- old 2i + 1, in every head
+                order = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+                order = (torch.arange(attention.num_heads)[:, None] * head_dim + order).flatten()
+                q_weight, k_weight = q_weight[order], k_weight[order]
+            weights["self_attn.q_proj.weight"] = q_weight
+            weights["self_attn.k_proj.weight"] = k_weight
+            weights["self_attn.v_proj.weight"] = v_weight
+        block.load_state_dict(weights)
+        return block
