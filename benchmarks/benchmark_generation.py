@@ -34,7 +34,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
@@ -53,7 +53,7 @@ def main():
         static_ids, static = tokens_per_second(
             model, inputs, args.new_tokens, args.repeats, cache_implementation="static"
         )
-        uncached_ids, uncached = tokens_per_second(model, inputs, args.new_tokens, 1, use_cache=False)
+        uncached_ids, uncached = tokens_per_second(model, inputs, args.new_tokens, args.repeats, use_cache=False)
     print(f"device={args.device} dtype={args.dtype} batch={args.batch_size} prompt={args.prompt_length} "
           f"new_tokens={args.new_tokens} threads={torch.get_num_threads()}")
     print(f"cached (DynamicCache): {cached:8.1f} tokens/s")

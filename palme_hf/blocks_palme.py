@@ -11,14 +11,10 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .configuration_palme import check_positive_ints
 from .layers_palme import PalmEAttention, PalmERotaryEmbedding
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def check_probability(name: str, value) -> None:
@@ -155,8 +151,7 @@ class TransformerBlock(GradientCheckpointingLayer):
         xpos_offset: int = 0,
     ):
         super().__init__()
-        for name, value in (("dim", dim), ("dim_head", dim_head), ("heads", heads), ("ff_mult", ff_mult)):
-            check_positive_int(name, value)
+        check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
         if dim_head % 2 != 0:
             raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
         check_probability("attn_dropout", attn_dropout)
@@ -525,14 +520,7 @@ class PerceiverLayer(nn.Module):
         layer_idx: int = 0,
     ):
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("heads", heads),
-            ("depth", depth),
-            ("dim_head", dim_head),
-            ("ff_mult", ff_mult),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(dim=dim, heads=heads, depth=depth, dim_head=dim_head, ff_mult=ff_mult)
         check_probability("dropout", dropout)
         check_probability("ff_dropout", ff_dropout)
         self.config = attention_config(attn_implementation, config)

@@ -3,10 +3,12 @@
 from transformers import PreTrainedConfig
 
 
-def _check_positive(config_name: str, **values):
+def check_positive_ints(owner: str | None = None, **values):
+    """Raises a `ValueError` for any value that is not a positive integer, naming it (and its owner, if given)."""
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{config_name}: `{name}` must be a positive integer, got {value!r}.")
+            where = f"{owner}: " if owner else ""
+            raise ValueError(f"{where}`{name}` must be a positive integer, got {value!r}.")
 
 
 class PalmEVisionConfig(PreTrainedConfig):
@@ -50,7 +52,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         **kwargs,
     ):
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        _check_positive(
+        check_positive_ints(
             type(self).__name__,
             image_size=image_size,
             patch_size=patch_size,
@@ -180,7 +182,7 @@ class PalmETextConfig(PreTrainedConfig):
             rotary_dim = min(head_dim, max(head_dim // 2, 32)) if block_type == "standard" else head_dim
         xpos_offset = max_position_embeddings // 2 if xpos_offset is None else xpos_offset
         name = type(self).__name__
-        _check_positive(
+        check_positive_ints(
             name,
             vocab_size=vocab_size,
             hidden_size=hidden_size,
@@ -318,7 +320,7 @@ def _check_block_options(
         return
     if window_size is not None and (not isinstance(window_size, int) or window_size < 0):
         raise ValueError(f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
-    _check_positive(name, compress_factor=compress_factor, stride=stride)
+    check_positive_ints(name, compress_factor=compress_factor, stride=stride)
     if compress_factor & (compress_factor - 1):
         raise ValueError(f"{name}: `compress_factor` must be a power of two, got {compress_factor}.")
     if stride > compress_factor or compress_factor % stride:
@@ -424,7 +426,7 @@ class PalmEConfig(PreTrainedConfig):
                 f"`vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
             )
         if num_latents is not None:
-            _check_positive(type(self).__name__, num_latents=num_latents, resampler_depth=resampler_depth)
+            check_positive_ints(type(self).__name__, num_latents=num_latents, resampler_depth=resampler_depth)
         self.num_latents = num_latents
         self.resampler_depth = resampler_depth
         self.vision_config = PalmEVisionConfig(**vision_kwargs)

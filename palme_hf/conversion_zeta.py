@@ -56,21 +56,25 @@ def _zeta_key_map(config: PalmEConfig) -> dict[str, str]:
     feed_forward = {"ff.0.0": "fc1", "ff.2": "fc2"}
 
     # x-transformers numbers the sub-layers of each layer consecutively: (attention, feed-forward) in the encoder,
-    # (self-attention, cross-attention, feed-forward) in the decoder. Each is `[norms, block, residual]`.
-    def add_layer(zeta_prefix: str, hf_prefix: str, kinds: tuple[str, ...], layer: int):
-        for offset, kind in enumerate(kinds):
-            zeta = f"{zeta_prefix}.{layer * len(kinds) + offset}"
+    # (self-attention, cross-attention, feed-forward) in the decoder. Each is `[norms, block, residual]`; here each
+    # is (its norm, its module, the names inside it).
+    self_attention = ("self_attn_layer_norm", "self_attn", attention)
+    cross_attention = ("cross_attn.layer_norm", "cross_attn.attention", attention)
+    mlp = ("mlp_layer_norm", "mlp", feed_forward)
+
+    def add_layer(zeta_prefix: str, hf_prefix: str, sublayers: tuple, layer: int):
+        for offset, (norm, module, names) in enumerate(sublayers):
+            zeta = f"{zeta_prefix}.{layer * len(sublayers) + offset}"
             hf = f"{hf_prefix}.{layer}"
-            mapping[f"{zeta}.0.0"] = f"{hf}.{kind}_layer_norm"
-            modules = feed_forward if kind == "mlp" else attention
-            for zeta_name, hf_name in modules.items():
-                mapping[f"{zeta}.1.{zeta_name}"] = f"{hf}.{kind}.{hf_name}"
+            mapping[f"{zeta}.0.0"] = f"{hf}.{norm}"
+            for zeta_name, hf_name in names.items():
+                mapping[f"{zeta}.1.{zeta_name}"] = f"{hf}.{module}.{hf_name}"
 
     for layer in range(config.vision_config.num_hidden_layers):
-        add_layer("encoder.attn_layers.layers", "model.vision_model.layers", ("self_attn", "mlp"), layer)
+        add_layer("encoder.attn_layers.layers", "model.vision_model.layers", (self_attention, mlp), layer)
     for layer in range(config.text_config.num_hidden_layers):
         add_layer(
-            "decoder.net.attn_layers.layers", "model.language_model.layers", ("self_attn", "cross_attn", "mlp"), layer
+            "decoder.net.attn_layers.layers", "model.language_model.layers", (self_attention, cross_attention, mlp), layer
         )
     return mapping
 

@@ -11,8 +11,8 @@ from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttention
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .blocks_palme import attention_config, check_hidden_states, check_positive_int
-from .configuration_palme import hierarchical_cache_layout
+from .blocks_palme import attention_config, check_hidden_states
+from .configuration_palme import check_positive_ints, hierarchical_cache_layout
 from .layers_palme import PalmEAttention, PalmERotaryEmbedding, add_bias_to_mask
 
 
@@ -203,14 +203,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         xpos_offset: int = 0,
     ):
         super().__init__()
-        for name, value in (
-            ("dim", dim),
-            ("dim_head", dim_head),
-            ("heads", heads),
-            ("compress_factor", compress_factor),
-            ("stride", stride),
-        ):
-            check_positive_int(name, value)
+        check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, compress_factor=compress_factor, stride=stride)
         if compress_factor & (compress_factor - 1) != 0:
             raise ValueError(f"`compress_factor` must be a power of two (1, 2, 4, ...), got {compress_factor}.")
         if stride > compress_factor or compress_factor % stride != 0:

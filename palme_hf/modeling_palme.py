@@ -144,6 +144,45 @@ class PalmEVisionEncoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
+class PalmETextCrossAttention(nn.Module):
+    """Pre-norm cross-attention from the text to the image features, with its residual."""
+
+    def __init__(self, config: PalmETextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = PalmEAttention(
+            config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            key_value_size=config.cross_attention_hidden_size,
+            is_cross_attention=True,
+            qk_norm=config.qk_norm,
+            qk_norm_scale=config.qk_norm_scale,
+            attention_dropout=config.attention_dropout,
+            layer_idx=layer_idx,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        past_key_values: Cache | None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """
+        `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
+        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `past_key_values`.
+        """
+        attn_output, _ = self.attention(
+            self.layer_norm(hidden_states),
+            key_value_states=encoder_hidden_states,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        return hidden_states + attn_output
+
+
 class PalmETextDecoderLayer(GradientCheckpointingLayer):
     """
     Pre-norm decoder layer: causal self-attention (rotary/xpos, ALiBi through the mask), then cross-attention to the
@@ -165,22 +204,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
             attention_dropout=config.attention_dropout,
             layer_idx=layer_idx,
         )
-        self.cross_attn_layer_norm = None
-        self.cross_attn = None
-        if config.add_cross_attention:
-            self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.cross_attn = PalmEAttention(
-                config,
-                hidden_size=config.hidden_size,
-                num_heads=config.num_attention_heads,
-                head_dim=config.head_dim,
-                key_value_size=config.cross_attention_hidden_size,
-                is_cross_attention=True,
-                qk_norm=config.qk_norm,
-                qk_norm_scale=config.qk_norm_scale,
-                attention_dropout=config.attention_dropout,
-                layer_idx=layer_idx,
-            )
+        self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = PalmEMLP(config)
 
@@ -203,13 +227,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attn_output
         if self.cross_attn is not None:
-            attn_output, _ = self.cross_attn(
-                self.cross_attn_layer_norm(hidden_states),
-                key_value_states=encoder_hidden_states,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-            hidden_states = hidden_states + attn_output
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, past_key_values, **kwargs)
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
@@ -251,22 +269,7 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 xpos_offset=config.xpos_offset,
             )
         self.block_adds_residual = config.block_type == "hierarchical"
-        self.cross_attn_layer_norm = None
-        self.cross_attn = None
-        if config.add_cross_attention:
-            self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-            self.cross_attn = PalmEAttention(
-                config,
-                hidden_size=config.hidden_size,
-                num_heads=config.num_attention_heads,
-                head_dim=config.head_dim,
-                key_value_size=config.cross_attention_hidden_size,
-                is_cross_attention=True,
-                qk_norm=config.qk_norm,
-                qk_norm_scale=config.qk_norm_scale,
-                attention_dropout=config.attention_dropout,
-                layer_idx=layer_idx,
-            )
+        self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
 
     def forward(
         self,
@@ -292,13 +295,7 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
         if self.cross_attn is not None:
-            attn_output, _ = self.cross_attn(
-                self.cross_attn_layer_norm(hidden_states),
-                key_value_states=encoder_hidden_states,
-                past_key_values=past_key_values,
-                **kwargs,
-            )
-            hidden_states = hidden_states + attn_output
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, past_key_values, **kwargs)
         return hidden_states
 
 
@@ -404,7 +401,7 @@ class PalmETextModel(PalmEPreTrainedModel):
     _can_record_outputs = {
         "hidden_states": [PalmETextDecoderLayer, PalmEBlockDecoderLayer],
         "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
-        "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn"),
+        "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn.attention"),
     }
 
     def __init__(self, config: PalmETextConfig):
