@@ -17,6 +17,25 @@ from .layers_palme import PalmEAttention, PalmERotaryEmbedding
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
+def check_state_dict_shapes(state_dict: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple], what: str):
+    """
+    Raises a `ValueError` naming every missing, unexpected and wrongly shaped tensor of a reference `state_dict`,
+    given the shape expected for each of its keys; `what` says what the state dict should fit.
+    """
+    missing = sorted(set(expected_shapes) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected_shapes))
+    misshapen = sorted(
+        f"{key} {tuple(state_dict[key].shape)} (expected {tuple(shape)})"
+        for key, shape in expected_shapes.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(shape)
+    )
+    if missing or unexpected or misshapen:
+        raise ValueError(
+            f"The state dict does not fit {what}: missing keys {missing}, unexpected keys {unexpected}, wrongly "
+            f"shaped tensors {misshapen}."
+        )
+
+
 def check_probability(name: str, value) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a dropout probability in [0, 1), got {value!r}.")
@@ -307,18 +326,7 @@ class TransformerBlock(GradientCheckpointingLayer):
             expected_shapes["q_scale"] = tuple(attention.q_norm.weight.shape)
             expected_shapes["k_scale"] = tuple(attention.k_norm.weight.shape)
 
-        missing = sorted(set(expected_shapes) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected_shapes))
-        misshapen = sorted(
-            f"{key} {tuple(state_dict[key].shape)} (expected {shape})"
-            for key, shape in expected_shapes.items()
-            if key in state_dict and tuple(state_dict[key].shape) != shape
-        )
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"The state dict does not fit a reference {cls.__name__} built with {kwargs}: missing keys {missing}, "
-                f"unexpected keys {unexpected}, wrongly shaped {misshapen}."
-            )
+        check_state_dict_shapes(state_dict, expected_shapes, f"a reference {cls.__name__} built with {kwargs}")
         for key, value in fixed_buffers.items():
             if not torch.allclose(state_dict[key].float().cpu(), value.float().cpu()):
                 raise ValueError(f"The reference buffer `{key}` differs from the fixed value this block computes.")

@@ -6,9 +6,14 @@ import os
 
 import torch
 
+from .blocks_palme import check_state_dict_shapes
 from .configuration_palme import ZETA_PALME_DEFAULTS, PalmEConfig
 from .layers_palme import PalmERotaryEmbedding
 from .modeling_palme import PalmEForConditionalGeneration
+
+
+# zeta saves its decoder's rotary buffers; they are checked against the configuration, not loaded.
+ZETA_ROTARY_PREFIX = "decoder.net.attn_layers.rotary_pos_emb."
 
 
 def zeta_palme_config(zeta_kwargs: dict) -> PalmEConfig:
@@ -99,27 +104,13 @@ def convert_zeta_palme_state_dict(state_dict: dict[str, torch.Tensor], config: P
             hf_to_zeta[hf_key] = f"{module_map[module]}.{leaf}"
     zeta_to_hf = {zeta: hf for hf, zeta in hf_to_zeta.items()}
 
-    converted, unexpected, wrong_shape = {}, [], []
-    for key, tensor in state_dict.items():
-        if key.startswith("decoder.net.attn_layers.rotary_pos_emb."):
-            _check_rotary_buffer(key, tensor, config)
-        elif key not in zeta_to_hf:
-            unexpected.append(key)
-        elif tuple(expected[zeta_to_hf[key]].shape) != tuple(tensor.shape):
-            wrong_shape.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(expected[zeta_to_hf[key]].shape)}")
-        else:
-            converted[zeta_to_hf[key]] = tensor
-    missing = sorted(zeta for zeta in zeta_to_hf if zeta not in state_dict)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys: {sorted(unexpected)}")
-    if wrong_shape:
-        problems.append(f"wrongly shaped tensors: {wrong_shape}")
-    if problems:
-        raise ValueError("The checkpoint does not match zeta's PalmE with these kwargs: " + "; ".join(problems) + ".")
-    return converted
+    rotary_buffers = {key: tensor for key, tensor in state_dict.items() if key.startswith(ZETA_ROTARY_PREFIX)}
+    for key, tensor in rotary_buffers.items():
+        _check_rotary_buffer(key, tensor, config)
+    weights = {key: tensor for key, tensor in state_dict.items() if key not in rotary_buffers}
+    expected_shapes = {zeta: tuple(expected[hf].shape) for zeta, hf in zeta_to_hf.items()}
+    check_state_dict_shapes(weights, expected_shapes, "zeta's PalmE with these kwargs")
+    return {zeta_to_hf[key]: tensor for key, tensor in weights.items()}
 
 
 def _check_rotary_buffer(key: str, tensor: torch.Tensor, config: PalmEConfig):

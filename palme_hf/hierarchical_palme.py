@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttention
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .blocks_palme import attention_config, check_hidden_states
+from .blocks_palme import attention_config, check_hidden_states, check_state_dict_shapes
 from .configuration_palme import check_positive_ints, hierarchical_cache_layout
 from .layers_palme import PalmEAttention, PalmERotaryEmbedding, add_bias_to_mask
 
@@ -363,18 +363,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         if attention is not None:
             expected_shapes["attn.to_qkv.weight"] = (3 * attention.num_heads * attention.head_dim, block.hidden_size)
 
-        missing = sorted(set(expected_shapes) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected_shapes))
-        misshapen = sorted(
-            f"{key} {tuple(state_dict[key].shape)} (expected {shape})"
-            for key, shape in expected_shapes.items()
-            if key in state_dict and tuple(state_dict[key].shape) != shape
-        )
-        if missing or unexpected or misshapen:
-            raise ValueError(
-                f"The state dict does not fit a reference HierarchicalBlock built with {kwargs}: missing keys "
-                f"{missing}, unexpected keys {unexpected}, wrongly shaped {misshapen}."
-            )
+        check_state_dict_shapes(state_dict, expected_shapes, f"a reference HierarchicalBlock built with {kwargs}")
 
         weights = {own_key: state_dict[key] for key, own_key in renamed.items()}
         if attention is not None:

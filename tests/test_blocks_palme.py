@@ -101,7 +101,7 @@ def test_reference_state_dict_problems_are_named():
         TransformerBlock.from_reference_state_dict(missing, **kwargs)
     with pytest.raises(ValueError, match="unexpected keys \\['extra.weight'\\]"):
         TransformerBlock.from_reference_state_dict({**state_dict, "extra.weight": torch.zeros(1)}, **kwargs)
-    with pytest.raises(ValueError, match="wrongly shaped \\['ff_out.2.weight"):
+    with pytest.raises(ValueError, match="wrongly shaped tensors \\['ff_out.2.weight"):
         TransformerBlock.from_reference_state_dict({**state_dict, "ff_out.2.weight": torch.zeros(3, 3)}, **kwargs)
     with pytest.raises(ValueError, match=r"fused_attn_ff_proj.weight \(608, 64\) \(expected \(576, 64\)\)"):
         TransformerBlock.from_reference_state_dict(state_dict, **{**kwargs, "heads": 2})
