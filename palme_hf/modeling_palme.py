@@ -330,7 +330,14 @@ class PalmEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"]
+    # The embeddings and the resampler own parameters next to their submodules: keep each on one device.
+    _no_split_modules = [
+        "PalmEVisionEmbeddings",
+        "PalmEVisionEncoderLayer",
+        "PalmETextDecoderLayer",
+        "PalmEBlockDecoderLayer",
+        "PalmEPerceiverResampler",
+    ]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # ALiBi is an additive mask

@@ -197,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_weight_init_and_no_split_modules():
     model = tiny_model()
     text = model.model.language_model
-    assert set(model._no_split_modules) == {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"}
+    assert {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"} <= set(model._no_split_modules)
     assert torch.equal(text.layers[0].self_attn_layer_norm.weight, torch.ones(48))
     assert torch.equal(text.layers[0].self_attn.q_norm.weight, torch.ones(64))
     assert torch.equal(model.lm_head.bias, torch.zeros(97))
