@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
@@ -38,17 +39,30 @@ LOADER = textwrap.dedent(
 )
 
 
-def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"alibi_num_heads": 1},
+        {"block_type": "hierarchical", "num_latents": 3, "cross_attend": False, "text_config": {"window_size": 2}},
+    ],
+    ids=["standard", "hierarchical-resampler-prefix"],
+)
+def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     config = PalmEConfig(
         image_size=32, patch_size=16, encoder_dim=32, encoder_depth=1, encoder_heads=2, num_tokens=50,
-        max_seq_len=32, decoder_dim=32, decoder_depth=2, decoder_heads=2, alibi_num_heads=1,
+        max_seq_len=32, decoder_dim=32, decoder_depth=2, decoder_heads=2, **options,
     )
     model = PalmEForConditionalGeneration(config).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     saved = set(os.listdir(folder))
-    assert {"configuration_palme.py", "modeling_palme.py", "layers_palme.py", "model.safetensors"} <= saved
-    inputs = {"pixel_values": torch.rand(2, 3, 32, 32), "input_ids": torch.randint(0, 50, (2, 5))}
+    code = {"configuration_palme.py", "modeling_palme.py", "layers_palme.py", "blocks_palme.py", "hierarchical_palme.py"}
+    assert code | {"model.safetensors"} <= saved
+    input_ids = torch.randint(0, 49, (2, 5))
+    if config.vision_integration == "prefix":
+        placeholders = torch.full((2, config.num_image_tokens), config.image_token_id)
+        input_ids = torch.cat([input_ids[:, :1], placeholders, input_ids[:, 1:]], dim=1)
+    inputs = {"pixel_values": torch.rand(2, 3, 32, 32), "input_ids": input_ids}
     torch.save(inputs, folder / "inputs.pt")
 
     # Run outside the checkout, with palme_hf blocked, and an empty Hugging Face home (nothing cached, no network).
