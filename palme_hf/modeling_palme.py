@@ -633,6 +633,11 @@ class PalmEModel(PalmEPreTrainedModel):
 
         encoder_hidden_states = None
         if self.config.vision_integration == "prefix":
+            if inputs_embeds is not None and image_features is not None:
+                raise ValueError(
+                    "With `inputs_embeds`, place the image features (`get_image_features(pixel_values)`) in them "
+                    "yourself: `pixel_values` are merged only into the placeholders of `input_ids`."
+                )
             if inputs_embeds is None:
                 check_token_ids(input_ids, self.config.text_config.vocab_size)
                 inputs_embeds = self.get_input_embeddings()(input_ids)

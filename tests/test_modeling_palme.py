@@ -300,6 +300,8 @@ def test_prefix_placeholder_count_must_match():
         model(pixel_values=pixel_values, input_ids=input_ids)
     with pytest.raises(ValueError, match="no `pixel_values`"):
         model(input_ids=input_ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(pixel_values=pixel_values, inputs_embeds=model.get_input_embeddings()(input_ids))
 
 
 def test_cross_attention_needs_the_image_first():
