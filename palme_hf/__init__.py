@@ -1,8 +1,9 @@
 """palme_hf: PaLM-E style vision-language models as Transformers models."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .blocks_palme import ParallelTransformerBlock, PerceiverLayer, TransformerBlock
+from .captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .hierarchical_palme import HierarchicalBlock
 from .modeling_palme import (
@@ -12,6 +13,8 @@ from .modeling_palme import (
     PalmETextModel,
     PalmEVisionModel,
 )
+from .processing_palme import PalmEImageProcessor, PalmEProcessor
+from .synthetic_shapes import SyntheticShapesDataset, build_caption_tokenizer
 
 __version__ = "0.1.0"
 
@@ -22,22 +25,34 @@ AutoModel.register(PalmEConfig, PalmEModel, exist_ok=True)
 AutoModel.register(PalmEVisionConfig, PalmEVisionModel, exist_ok=True)
 AutoModel.register(PalmETextConfig, PalmETextModel, exist_ok=True)
 AutoModelForImageTextToText.register(PalmEConfig, PalmEForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(PalmEConfig, image_processor_classes={"pil": PalmEImageProcessor}, exist_ok=True)
+AutoProcessor.register(PalmEConfig, PalmEProcessor, exist_ok=True)
 
 # `save_pretrained` writes an `auto_map` and copies these modules, so that a saved model loads with
 # `trust_remote_code=True` where palme_hf is not installed.
 PalmEConfig.register_for_auto_class()
 PalmEModel.register_for_auto_class("AutoModel")
 PalmEForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+PalmEImageProcessor.register_for_auto_class("AutoImageProcessor")
+PalmEProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "CaptioningCollator",
+    "SyntheticShapesDataset",
+    "build_caption_tokenizer",
+    "corpus_bleu",
+    "exact_match",
+    "generate_captions",
     "HierarchicalBlock",
     "ParallelTransformerBlock",
     "PerceiverLayer",
     "TransformerBlock",
     "PalmEConfig",
     "PalmEForConditionalGeneration",
+    "PalmEImageProcessor",
     "PalmEModel",
     "PalmEPreTrainedModel",
+    "PalmEProcessor",
     "PalmETextConfig",
     "PalmETextModel",
     "PalmEVisionConfig",

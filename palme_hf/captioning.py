@@ -1,0 +1,134 @@
+"""Pieces for training and scoring a PalmE captioner: a data collator, greedy captioning, exact match and BLEU."""
+
+import collections
+import math
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from transformers import PreTrainedModel
+
+from .processing_palme import PalmEProcessor
+
+
+class CaptioningCollator:
+    """
+    Batches `{"image": PIL.Image, "caption": str}` items for captioning with the language-model loss: `pixel_values`
+    from the processor's image processor, `input_ids` = its tokenizer's encoding of the caption (which starts with
+    `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` = `input_ids` with
+    -100 on the padding and on the `<bos>` prompt.
+
+    With `word_dropout`, each caption token of `input_ids` (not of `labels`) is replaced by `unk_token_id` with that
+    probability. A decoder that cannot count on the words before a word has to read it off the image: without it, a
+    captioner learns that "small yellow" is never followed by "triangle" when training never shows one, and names a
+    small yellow triangle a circle.
+
+    Args:
+        processor ([`PalmEProcessor`]): its tokenizer encodes captions, prepending its `bos_token`, and has
+            `eos_token_id`, `pad_token_id` and `unk_token_id`.
+        word_dropout (`float`, defaults to 0.0): probability of hiding each caption token from the decoder's input.
+    """
+
+    def __init__(self, processor: PalmEProcessor, word_dropout: float = 0.0):
+        if not 0.0 <= word_dropout < 1.0:
+            raise ValueError(f"`word_dropout` must be in [0, 1), got {word_dropout}.")
+        self.processor = processor
+        self.word_dropout = word_dropout
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        images = [item["image"] for item in items]
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        encodings = tokenizer([item["caption"] for item in items])["input_ids"]
+        sequences = [ids + [tokenizer.eos_token_id] for ids in encodings]
+        length = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(items), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, 0] = -100  # the <bos> prompt is given, never predicted
+        if self.word_dropout:
+            hidden = (torch.rand(input_ids.shape) < self.word_dropout) & (labels != -100)
+            input_ids = input_ids.masked_fill(hidden, tokenizer.unk_token_id)
+        return {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+        }
+
+
+@torch.no_grad()
+def generate_captions(
+    model: PreTrainedModel,
+    processor: PalmEProcessor,
+    images: Sequence[Image.Image],
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+) -> list[str]:
+    """Greedy captions of `images` by a PalmE captioner whose prompt is the empty text (its tokenizer's `<bos>`)."""
+    model.eval()
+    captions = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        inputs = processor(images=batch, text=[""] * len(batch), return_tensors="pt").to(model.device)
+        generated = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        prompt_length = inputs["input_ids"].shape[1]
+        captions.extend(processor.post_process_image_text_to_text(generated[:, prompt_length:]))
+    return captions
+
+
+def exact_match(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Fraction of hypotheses equal to their reference, word for word (whitespace is not significant)."""
+    _check_pairs(references, hypotheses)
+    return sum(ref.split() == hyp.split() for ref, hyp in zip(references, hypotheses)) / len(references)
+
+
+def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_order: int = 4) -> float:
+    """
+    Corpus BLEU (Papineni et al., 2002) of whitespace-tokenised hypotheses against one reference each: the geometric
+    mean of the clipped n-gram precisions for n = 1..`max_order`, pooled over the corpus, times the brevity penalty
+    `exp(1 - reference_length / hypothesis_length)` when the hypotheses are shorter. No smoothing: 0.0 when some
+    order has no match. Between 0 and 1.
+    """
+    _check_pairs(references, hypotheses)
+    matches = [0] * max_order
+    totals = [0] * max_order
+    reference_length = hypothesis_length = 0
+    for reference, hypothesis in zip(references, hypotheses):
+        reference_words, hypothesis_words = reference.split(), hypothesis.split()
+        reference_length += len(reference_words)
+        hypothesis_length += len(hypothesis_words)
+        for order in range(1, max_order + 1):
+            reference_counts = _ngram_counts(reference_words, order)
+            hypothesis_counts = _ngram_counts(hypothesis_words, order)
+            matches[order - 1] += sum((hypothesis_counts & reference_counts).values())
+            totals[order - 1] += sum(hypothesis_counts.values())
+    if hypothesis_length == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(match / total) for match, total in zip(matches, totals)) / max_order
+    brevity_penalty = min(0.0, 1.0 - reference_length / hypothesis_length)
+    return math.exp(log_precision + brevity_penalty)
+
+
+def _ngram_counts(words: list[str], order: int) -> collections.Counter:
+    return collections.Counter(tuple(words[start : start + order]) for start in range(len(words) - order + 1))
+
+
+def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]):
+    if len(references) != len(hypotheses) or not references:
+        raise ValueError(
+            f"Expected one hypothesis per reference and at least one pair; got {len(references)} references and "
+            f"{len(hypotheses)} hypotheses."
+        )
+
+
+__all__ = ["CaptioningCollator", "corpus_bleu", "exact_match", "generate_captions"]

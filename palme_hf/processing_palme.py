@@ -1,0 +1,291 @@
+"""Image processor and processor (tokenizer + images) for PalmE."""
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_base import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+    PILImageResampling,
+    SizeDict,
+    is_scaled_image,
+    is_valid_image,
+    load_image,
+    make_flat_list_of_images,
+)
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_palme import PalmEConfig
+
+
+def _add_channel_axis(image):
+    """`(height, width)` arrays and tensors as `(1, height, width)`; anything else unchanged."""
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 2:
+        return image[None]
+    return image
+
+
+class PalmEImageProcessor(PilBackend):
+    r"""
+    Turns images into the `pixel_values` of a PalmE model, `(batch_size, 3, height, width)` floats: each image is
+    converted to RGB (grayscale is repeated, transparency is composited onto white), resized to `size` and rescaled
+    to [0, 1]. Mean/std normalisation is off by default: the reference PalmE is fed un-normalised [0, 1] images.
+
+    Accepts one image or a list of images, each a PIL image, a numpy array or a torch tensor of shape
+    `(height, width)`, `(channels, height, width)` or `(height, width, channels)` with 1, 3 or 4 channels, or a path,
+    http(s) URL or base64 string of an image file; a numpy array or tensor with a leading batch dimension is a batch.
+    Integer images (PIL, uint8) are rescaled from [0, 255]; floating-point images whose values already lie in [0, 1]
+    are taken as they are (they are what the model consumes), other floating-point images are rescaled like integer
+    ones. Floating-point images are resized in floating point, without a round trip through 8 bits.
+
+    Args:
+        size (`dict[str, int]`, defaults to `{"height": 256, "width": 256}`): the model's image size
+            (`config.vision_config.image_size`).
+        resample (`PILImageResampling`, defaults to `BILINEAR`): resampling filter of the resize.
+        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to `1 / 255`): rescaling to [0, 1].
+        do_normalize (`bool`, defaults to `False`), image_mean, image_std (defaults to 0.5 per channel): optional
+            normalisation, `(pixel - mean) / std`, after rescaling.
+        do_convert_rgb (`bool`, defaults to `True`): convert grayscale and RGBA images to RGB. Without it, an image
+            that does not have 3 channels is an error.
+        return_tensors (`str`, defaults to `"pt"`): `pixel_values` as one PyTorch tensor (`None`: a list of arrays).
+    """
+
+    resample = PILImageResampling.BILINEAR
+    size = {"height": 256, "width": 256}
+    do_resize = True
+    do_rescale = True
+    do_normalize = False
+    image_mean = IMAGENET_STANDARD_MEAN
+    image_std = IMAGENET_STANDARD_STD
+    do_convert_rgb = True
+    return_tensors = "pt"
+
+    def fetch_images(self, image_url_or_urls):
+        """Loads the images given as paths, URLs or base64 strings; anything that is not an image is a `ValueError`."""
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(image) for image in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            try:
+                return load_image(image_url_or_urls)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"{type(self).__name__}: could not read an image from {image_url_or_urls[:200]!r}; expected the "
+                    f"path of an image file, an http(s) URL or a base64-encoded image ({type(error).__name__}: "
+                    f"{str(error)[:200]})."
+                ) from error
+        if is_valid_image(image_url_or_urls):
+            return image_url_or_urls
+        raise ValueError(
+            f"{type(self).__name__}: expected an image (a PIL image, a numpy array, a torch tensor, or the path or "
+            f"URL of an image file) or a list of images, got {type(image_url_or_urls).__name__}: "
+            f"{repr(image_url_or_urls)[:200]}."
+        )
+
+    def _prepare_images_structure(self, images, expected_ndims: int = 3):
+        images = self.fetch_images(images)
+        # a (height, width) array is one grayscale image
+        if isinstance(images, (list, tuple)):
+            images = [_add_channel_axis(image) for image in images]
+        else:
+            images = _add_channel_axis(images)
+        try:
+            return make_flat_list_of_images(images, expected_ndims=expected_ndims)
+        except ValueError as error:
+            items = images if isinstance(images, (list, tuple)) else [images]
+            found = [tuple(item.shape) if hasattr(item, "shape") else type(item).__name__ for item in items]
+            raise ValueError(
+                f"{type(self).__name__}: expected one image or a batch of images (a list, or an array with a leading "
+                f"batch dimension) of shape (height, width), (channels, height, width) or (height, width, channels); "
+                f"got {found}."
+            ) from error
+
+    def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
+        """Converts one image into a channels-first RGB array `(3, height, width)`."""
+        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3 and input_data_format is None:
+            if image.shape[0] not in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+                raise ValueError(
+                    f"{type(self).__name__}: expected an image with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, "
+                    f"first or last; got an array of shape {tuple(image.shape)}."
+                )
+        image = super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
+        if image.shape[0] != 3:
+            raise ValueError(
+                f"{type(self).__name__}: expected an RGB image (3 channels), got {image.shape[0]} channels "
+                f"(channels-first shape {tuple(image.shape)}); `do_convert_rgb=True` converts grayscale and RGBA."
+            )
+        return image
+
+    def resize(self, image: np.ndarray, size: SizeDict, resample=None, **kwargs) -> np.ndarray:
+        """Resizes a channels-first image to `(size.height, size.width)`; floating-point images stay floating point."""
+        if not np.issubdtype(image.dtype, np.floating):
+            return super().resize(image, size, resample=resample, **kwargs)
+        resample = PILImageResampling.BILINEAR if resample is None else resample
+        channels = [
+            np.asarray(PIL.Image.fromarray(channel).resize((size.width, size.height), resample=resample))
+            for channel in image.astype(np.float32)
+        ]
+        return np.stack(channels)
+
+    def _preprocess(
+        self,
+        images: list[np.ndarray],
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | None,
+        do_center_crop: bool,
+        crop_size: SizeDict,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | list[float] | None,
+        image_std: float | list[float] | None,
+        do_pad: bool | None,
+        pad_size: SizeDict | None,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        processed_images = []
+        for image in images:
+            # a floating-point image in [0, 1] already has the model's pixel range; rescaling it again would blacken it
+            rescale = do_rescale and not (np.issubdtype(image.dtype, np.floating) and is_scaled_image(image))
+            if do_resize and image.shape[-2:] != (size.height, size.width):
+                image = self.resize(image, size, resample=resample)
+            if do_center_crop:
+                image = self.center_crop(image, crop_size)
+            if rescale:
+                image = self.rescale(image, rescale_factor)
+            if do_normalize:
+                image = self.normalize(image, image_mean, image_std)
+            if np.issubdtype(image.dtype, np.floating):
+                image = image.astype(np.float32)
+            processed_images.append(image)
+        if do_pad:
+            processed_images = self.pad(processed_images, pad_size=pad_size)
+        return BatchFeature(data={"pixel_values": processed_images}, tensor_type=return_tensors)
+
+
+class PalmEProcessor(ProcessorMixin):
+    r"""
+    A PalmE processor: a [`PalmEImageProcessor`] and any Transformers tokenizer. `processor(images=..., text=...)`
+    returns what the model's `forward` and `generate` take (`pixel_values`, `input_ids`, `attention_mask`; PyTorch
+    tensors by default).
+
+    With `"prefix"` integration (`num_image_tokens` set), each text holds the marker `image_token` once, where its
+    image goes; the marker is expanded into `num_image_tokens` copies of the image placeholder token (the token
+    `image_token` itself, whose id must be the model's `config.image_token_id`), one per image feature. With
+    cross-attention (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they are.
+    Either way, each text goes with one image. [`PalmEProcessor.from_model_config`] builds one that matches a model.
+
+    Args:
+        image_processor ([`PalmEImageProcessor`]): the image processor.
+        tokenizer ([`PreTrainedTokenizerBase`]): the tokenizer.
+        image_token (`str`, defaults to `"<image>"`): the image marker and placeholder token of `"prefix"`
+            integration; it must be a single token of the tokenizer (an added token, so that copies of it written
+            together still split into tokens). Unused with cross-attention.
+        num_image_tokens (`int`, *optional*): placeholders per image, the model's `config.num_image_tokens`, for
+            `"prefix"` integration; `None` for cross-attention.
+        chat_template (`str`, *optional*): a Jinja chat template.
+    """
+
+    # `processor(...)` output feeds the model directly
+    text_kwargs = {"return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_token: str | None = "<image>",
+        num_image_tokens: int | None = None,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.image_token = None
+        self.image_token_id = None
+        if num_image_tokens is not None:
+            if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens <= 0:
+                raise ValueError(f"`num_image_tokens` must be a positive integer or None, got {num_image_tokens!r}.")
+            if not image_token:
+                raise ValueError("`image_token` must be a token of the tokenizer when `num_image_tokens` is set.")
+            encoded = tokenizer.encode(image_token * 2, add_special_tokens=False)
+            if len(encoded) != 2 or encoded[0] != encoded[1] or encoded[0] == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"`image_token` {image_token!r} must be a single token of the tokenizer, also when written twice "
+                    f"in a row (add it as a special token); {image_token * 2!r} encodes to {encoded}."
+                )
+            self.image_token = image_token
+            self.image_token_id = encoded[0]
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_model_config(
+        cls, config: PalmEConfig, tokenizer, image_token: str = "<image>", **image_processor_kwargs
+    ) -> "PalmEProcessor":
+        """
+        The processor of a model with this `config` and `tokenizer`: images resized to the model's image size and,
+        with `"prefix"` integration, `config.num_image_tokens` placeholders, checked to be `config.image_token_id`.
+        """
+        image_size = config.vision_config.image_size
+        image_processor = PalmEImageProcessor(
+            size={"height": image_size, "width": image_size}, **image_processor_kwargs
+        )
+        if config.vision_integration != "prefix":
+            return cls(image_processor, tokenizer, image_token=None)
+        processor = cls(image_processor, tokenizer, image_token=image_token, num_image_tokens=config.num_image_tokens)
+        if processor.image_token_id != config.image_token_id:
+            raise ValueError(
+                f"`image_token` {image_token!r} is token {processor.image_token_id} of the tokenizer, but the model's "
+                f"image placeholder is `config.image_token_id` = {config.image_token_id}."
+            )
+        return processor
+
+    @property
+    def unused_input_names(self) -> list[str]:
+        return ["token_type_ids"]
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        images, text, videos, audio = super().prepare_inputs_layout(
+            images=images, text=text, videos=videos, audio=audio, **kwargs
+        )
+        if images is not None:
+            # one flat list, in which images are counted as the image processor reads them ((height, width) arrays too)
+            images = self.image_processor._prepare_images_structure(images)
+        return images, text, videos, audio
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Besides the base checks: one image per text and, with `"prefix"` integration, one marker per text."""
+        if images is not None and text is not None:
+            texts = [text] if isinstance(text, str) else text
+            num_images = len(images)
+            if num_images != len(texts):
+                raise ValueError(f"Got {num_images} images for {len(texts)} texts: give one image per text.")
+            if self.image_token is not None:
+                counts = [sample.count(self.image_token) for sample in texts]
+                if any(count != 1 for count in counts):
+                    raise ValueError(
+                        f"With `\"prefix\"` integration each text must hold the image marker {self.image_token!r} "
+                        f"exactly once, where its image goes; got {counts} markers in the texts."
+                    )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        """
+        Decodes `generate()` output, `(batch_size, seq_len)` or `(seq_len,)` ids, into text (a list of strings or one
+        string). With `skip_special_tokens`, the image placeholders, which stand for the image, are dropped too.
+        """
+        sequences = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else list(generated_outputs)
+        if skip_special_tokens and self.image_token_id is not None:
+            if sequences and isinstance(sequences[0], list):
+                sequences = [[token for token in ids if token != self.image_token_id] for ids in sequences]
+            else:
+                sequences = [token for token in sequences if token != self.image_token_id]
+        return self.tokenizer.decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+
+__all__ = ["PalmEImageProcessor", "PalmEProcessor"]

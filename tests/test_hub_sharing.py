@@ -1,0 +1,216 @@
+"""Sharing a PalmE captioner: `push_to_hub` (captured offline) writes a complete Hub repo that loads, model and
+processor, with `trust_remote_code=True` where palme_hf is not installed; the image-text-to-text pipeline captions."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import huggingface_hub
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import pipeline
+
+from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
+from tiny_captioner import build_tokenizer, tiny_config
+
+PROMPT = "<image> a"
+
+
+@pytest.fixture
+def captioner():
+    """A tiny prefix-integration captioner (model and processor)."""
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer), cross_attend=False)
+    return PalmEForConditionalGeneration(config).eval(), PalmEProcessor.from_model_config(config, tokenizer)
+
+
+def sample_images() -> list[PIL.Image.Image]:
+    rng = np.random.default_rng(0)
+    return [PIL.Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(2)]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """Stands in for the Hugging Face Hub: records the commits `push_to_hub` sends (file contents included), and
+    fails any attempt to open a network connection."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the test tried to open a network connection")
+
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        files = {}
+        for operation in operations:
+            with operation.as_file() as file:
+                files[operation.path_in_repo] = file.read()
+        commits.append({"repo_id": repo_id, "message": commit_message, "files": files})
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    def readme_not_found(repo_id, filename, **kwargs):
+        raise EntryNotFoundError(f"{filename} is not in {repo_id} (a new repository)")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", readme_not_found)
+    return commits
+
+
+def test_push_to_hub_sends_a_complete_repo(captioner, hub, tmp_path):
+    model, processor = captioner
+    model.push_to_hub("someone/palme-tiny-captioner", tags=["image-captioning"])
+    processor.push_to_hub("someone/palme-tiny-captioner")
+
+    assert [commit["repo_id"] for commit in hub] == ["someone/palme-tiny-captioner"] * 2
+    model_files, processor_files = hub[0]["files"], hub[1]["files"]
+    expected_model_files = {
+        "model.safetensors", "config.json", "generation_config.json", "README.md", "configuration_palme.py",
+        "modeling_palme.py", "layers_palme.py", "blocks_palme.py", "hierarchical_palme.py",
+    }
+    assert expected_model_files <= set(model_files)
+    assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "processing_palme.py"} <= set(
+        processor_files
+    )
+    assert not [name for name in {**model_files, **processor_files} if name.endswith((".bin", ".pt", ".pth"))]
+    assert json.loads(model_files["config.json"])["auto_map"] == {
+        "AutoConfig": "configuration_palme.PalmEConfig",
+        "AutoModelForImageTextToText": "modeling_palme.PalmEForConditionalGeneration",
+    }
+    processor_config = json.loads(processor_files["processor_config.json"])
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_palme.PalmEProcessor"}
+    image_processor_auto_map = processor_config["image_processor"]["auto_map"]
+    assert image_processor_auto_map["AutoImageProcessor"] == "processing_palme.PalmEImageProcessor"
+
+    # the model card carries the Hub metadata
+    card = model_files["README.md"].decode()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "transformers"
+    assert "image-captioning" in metadata["tags"]
+
+    # the repo as the Hub would hold it: later commits overwrite earlier files
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for commit in hub:
+        for name, content in commit["files"].items():
+            (repo / name).write_bytes(content)
+    check_loads_without_palme_hf(repo, model, processor, tmp_path)
+
+
+LOADER = textwrap.dedent(
+    """
+    import sys
+    sys.modules["palme_hf"] = None  # palme_hf is not installed in this Python
+    try:
+        import palme_hf
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("palme_hf is importable")
+    import PIL.Image
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+    repo, inputs_folder = sys.argv[1], sys.argv[2]
+    images = [PIL.Image.open(f"{inputs_folder}/image_{index}.png") for index in range(2)]
+    texts = open(f"{inputs_folder}/texts.txt").read().split("\\n")
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
+    for loaded in (processor, processor.image_processor, model):
+        assert type(loaded).__module__.startswith("transformers_modules"), type(loaded).__module__
+    inputs = processor(images=images, text=texts, padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    captioner = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
+    captions = captioner(images=images, text=texts, max_new_tokens=5, return_full_text=False)
+    torch.save(
+        {"inputs": dict(inputs), "logits": logits, "generated": generated,
+         "captions": [caption["generated_text"].strip() for caption in captions]},
+        f"{inputs_folder}/outputs.pt",
+    )
+    """
+)
+
+
+def check_loads_without_palme_hf(repo, model, processor, tmp_path):
+    """Loads `repo` in a Python where palme_hf cannot be imported, offline, with an empty Hugging Face home, and
+    compares its processor outputs, logits, generated ids and pipeline captions with `model` and `processor`."""
+    inputs_folder = tmp_path / "inputs"
+    inputs_folder.mkdir()
+    images = sample_images()
+    for index, image in enumerate(images):
+        image.save(inputs_folder / f"image_{index}.png")
+    texts = [PROMPT, "<image> a small red"]
+    (inputs_folder / "texts.txt").write_text("\n".join(texts))
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(repo), str(inputs_folder)],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    outputs = torch.load(inputs_folder / "outputs.pt", weights_only=True)
+    inputs = processor(images=images, text=texts, padding=True)
+    assert outputs["inputs"].keys() == inputs.keys()
+    for key in inputs:
+        assert torch.equal(outputs["inputs"][key], inputs[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["logits"], model(**inputs).logits)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(outputs["generated"], generated)
+    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    assert outputs["captions"] == processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def expected_captions(model, processor, images, texts):
+    inputs = processor(images=images, text=texts, padding=True)
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("cross_attend", [True, False])
+def test_pipeline_captions_with_model_and_processor(cross_attend):
+    tokenizer = build_tokenizer()
+    config = tiny_config(len(tokenizer), cross_attend=cross_attend)
+    model = PalmEForConditionalGeneration(config).eval()
+    processor = PalmEProcessor.from_model_config(config, tokenizer)
+    captioner = pipeline("image-text-to-text", model=model, processor=processor)
+    images = sample_images()
+    prompt = "" if cross_attend else PROMPT  # with cross-attention the image is not part of the text
+
+    [caption] = captioner(images=images[0], text=prompt, max_new_tokens=5)
+    [expected] = expected_captions(model, processor, images[:1], [prompt])
+    assert caption["input_text"] == prompt
+    # the prompt and its continuation, as Transformers pipelines return it
+    assert caption["generated_text"].startswith(prompt) and caption["generated_text"][len(prompt):].strip() == expected
+
+    captions = captioner(images=images, text=[prompt, prompt], max_new_tokens=5, return_full_text=False)
+    assert [output["generated_text"].strip() for output in captions] == expected_captions(
+        model, processor, images, [prompt, prompt]
+    )
+
+
+def test_pipeline_from_a_saved_folder(captioner, tmp_path):
+    model, processor = captioner
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    captions = pipeline("image-text-to-text", model=str(tmp_path))(
+        images=sample_images(), text=[PROMPT, PROMPT], max_new_tokens=5, return_full_text=False
+    )
+    assert [output["generated_text"].strip() for output in captions] == expected_captions(
+        model, processor, sample_images(), [PROMPT, PROMPT]
+    )
