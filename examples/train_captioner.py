@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         "train_minutes": train_minutes,
         "train_steps": train_output.global_step,
         "final_train_loss": logged_losses[-1] if logged_losses else train_output.training_loss,
+        "train_losses": logged_losses,  # every `--logging-steps` steps, averaged over the processes
         "num_processes": training_args.world_size,
         "cpu_count": os.cpu_count(),
     }
