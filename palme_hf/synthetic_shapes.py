@@ -157,12 +157,13 @@ class SyntheticShapesDataset(Dataset):
         return {"image": draw_scene(scene, self.image_size), "caption": caption_scene(scene)}
 
 
-def build_caption_tokenizer() -> PreTrainedTokenizerFast:
+def build_caption_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
     """
     A word-level tokenizer for the captions of this dataset (`tokenizers` WordLevel model, whitespace
     pre-tokenizer), as a Transformers fast tokenizer. Ids 0 to 3 are `<pad>`, `<bos>`, `<eos>`, `<unk>`, then
     `CAPTION_WORDS` follow. Encoding prepends `<bos>`, so the prompt for captioning is the empty string; the
-    end-of-caption `<eos>` is the training target that stops generation.
+    end-of-caption `<eos>` is the training target that stops generation. `padding_side="left"` suits batched
+    generation from prompts of different lengths.
     """
     special_tokens = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
     vocab = {token: index for index, token in enumerate([*special_tokens, *CAPTION_WORDS])}
@@ -177,6 +178,7 @@ def build_caption_tokenizer() -> PreTrainedTokenizerFast:
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
+        padding_side=padding_side,
         model_input_names=["input_ids", "attention_mask"],
     )
 

@@ -174,7 +174,7 @@ def test_image_token_must_be_the_models_placeholder(tokenizer):
     config = tiny_config(len(tokenizer), cross_attend=False)
     with pytest.raises(ValueError, match="must be a single token of the tokenizer"):
         PalmEProcessor.from_model_config(config, build_tokenizer(image_token=None))
-    with pytest.raises(ValueError, match=r"`image_token` '<bos>' is token 2 .* `config.image_token_id` = 16"):
+    with pytest.raises(ValueError, match=r"`image_token` '<bos>' is token 1 .* `config.image_token_id` = 16"):
         PalmEProcessor.from_model_config(config, tokenizer, image_token="<bos>")
     with pytest.raises(ValueError, match="`num_image_tokens` must be a positive integer"):
         PalmEProcessor(PalmEImageProcessor(), tokenizer, num_image_tokens=0)

@@ -1,33 +1,15 @@
-"""A tiny PalmE captioner for the processing, pipeline and Hub tests: a word-level tokenizer built with the
-`tokenizers` library (no downloads) and small model configurations."""
+"""A tiny PalmE captioner for the processing, pipeline and Hub tests: the project's word-level tokenizer (built with
+the `tokenizers` library, no downloads) and small model configurations."""
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from palme_hf import PalmEConfig
-
-WORDS = ["a", "small", "large", "red", "green", "blue", "circle", "square", "triangle", "left", "right", "of"]
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+from palme_hf import PalmEConfig, build_caption_tokenizer
 
 
 def build_tokenizer(image_token: str | None = "<image>") -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: `<bos>` starts every text; `image_token` (when given) is an added special token, the last
-    of the vocabulary."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="left",
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    """The captioner's word-level tokenizer, padding on the left (for batched generation), with `image_token` (when
+    given) as an added special token, the last of the vocabulary."""
+    tokenizer = build_caption_tokenizer(padding_side="left")
     if image_token is not None:
         tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
     return tokenizer
