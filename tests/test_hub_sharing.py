@@ -20,6 +20,7 @@ from transformers import pipeline
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from tiny_captioner import build_tokenizer, tiny_config
+from conftest import WITHOUT_PALME_HF
 
 PROMPT = "<image> a"
 
@@ -109,16 +110,8 @@ def test_push_to_hub_sends_a_complete_repo(captioner, hub, tmp_path):
     check_loads_without_palme_hf(repo, model, processor, tmp_path)
 
 
-LOADER = textwrap.dedent(
+LOADER = WITHOUT_PALME_HF + textwrap.dedent(
     """
-    import sys
-    sys.modules["palme_hf"] = None  # palme_hf is not installed in this Python
-    try:
-        import palme_hf
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("palme_hf is importable")
     import PIL.Image
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline

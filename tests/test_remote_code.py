@@ -9,17 +9,10 @@ import pytest
 import torch
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+from conftest import WITHOUT_PALME_HF
 
-LOADER = textwrap.dedent(
+LOADER = WITHOUT_PALME_HF + textwrap.dedent(
     """
-    import sys
-    sys.modules["palme_hf"] = None  # palme_hf is not installed in this Python
-    try:
-        import palme_hf
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("palme_hf is importable")
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
