@@ -99,7 +99,7 @@ def caption_scene(scene: list[ShapeSpec]) -> str:
 
 
 def draw_scene(scene: list[ShapeSpec], image_size: int) -> Image.Image:
-    """Draws a scene as an RGB image on a light background."""
+    """Draws a scene as an RGB image on a black background (every colour then contrasts with it alike)."""
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for spec in scene:
