@@ -326,6 +326,19 @@ COMBINATIONS = [
 ]
 
 
+def train_on_fixed_batch(model, pixel_values, input_ids, steps, learning_rate=1e-2):
+    """AdamW steps on the trainable parameters with the captioning loss of one batch; returns the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    losses = []
+    for _ in range(steps):
+        loss = model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def combination_model(block_type, integration, num_latents):
     overrides = {"block_type": block_type, "num_latents": num_latents}
     if block_type != "standard":
@@ -345,15 +358,7 @@ def test_every_combination_generates_trains_and_reloads(tmp_path, block_type, in
     assert torch.equal(model.generate(**kwargs), uncached)
     assert torch.equal(model.generate(**kwargs, cache_implementation="static"), uncached)
 
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(12):
-        loss = model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_fixed_batch(model.train(), pixel_values, input_ids, steps=12)
     assert losses[-1] < 0.6 * losses[0], losses
 
     model.eval().save_pretrained(tmp_path)
@@ -375,14 +380,7 @@ def test_peft_lora_trains_and_merges(block_type):
     )
     trainable = [name for name, parameter in lora_model.named_parameters() if parameter.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
-    optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = lora_model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_on_fixed_batch(lora_model, pixel_values, input_ids, steps=10)
     assert losses[-1] < losses[0]
     lora_model.eval()
     with torch.no_grad():
