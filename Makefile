@@ -1,14 +1,21 @@
 # `make caption` and `make test` set up a virtual environment in the checkout (CPU torch first, from the local wheel
 # where there is one, so that no multi-GB CUDA build is pulled); `make caption` then captions the sample images (or
-# `IMAGES="a.png b.jpg"`) with the committed captioner, `make test` runs the test suite.
+# `IMAGES="a.png b.jpg"`) with the committed captioner, `make test` runs the test suite on the newest Transformers that
+# pyproject.toml allows. `make test-floor` runs a smoke subset on the oldest one, in a second environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
+# The oldest Transformers release pyproject.toml allows, and the tests run against it.
+TRANSFORMERS_FLOOR ?= 5.23.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_TESTS ?= tests/test_modeling_palme.py tests/test_conversion_zeta.py tests/test_remote_code.py \
+	tests/test_processing_palme.py
+
 IMAGES ?= $(sort $(wildcard examples/images/*.png))
 
-.PHONY: install caption test bench clean
+.PHONY: install caption test test-floor bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +26,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
+$(FLOOR_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==$(TRANSFORMERS_FLOOR)"
+	touch $@
+
 install: $(VENV)/.installed
 
 caption: install
@@ -27,8 +41,12 @@ caption: install
 test: install
 	$(BIN)/python -m pytest -q tests
 
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)'"
+	$(FLOOR_VENV)/bin/python -m pytest -q $(FLOOR_TESTS)
+
 bench: install
 	$(BIN)/python benchmarks/benchmark_generation.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

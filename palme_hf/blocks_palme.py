@@ -11,6 +11,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints
 from .layers_palme import PalmEAttention, PalmERotaryEmbedding
 
@@ -208,12 +209,13 @@ class TransformerBlock(GradientCheckpointingLayer):
             None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
         )
 
+    @accept_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         finetune_modules: Sequence[nn.Module] | None = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -224,7 +226,7 @@ class TransformerBlock(GradientCheckpointingLayer):
                 0/False for padding (the reference's `mask`), or a prepared 4-D mask (a model's causal mask).
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): rotary positions,
                 `past_len + arange(seq_len)` by default.
-            past_key_values (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
+            cache (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
                 at `layer_idx`; causal blocks only.
             finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)` for this call,
                 in place of those given to the constructor.
@@ -233,11 +235,11 @@ class TransformerBlock(GradientCheckpointingLayer):
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
         """
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        if past_key_values is not None and not self.self_attn.is_causal:
-            raise ValueError("`past_key_values` needs a causal block (`causal=True`).")
+        if cache is not None and not self.self_attn.is_causal:
+            raise ValueError("`cache` needs a causal block (`causal=True`).")
         adapters = self.finetune_modules if finetune_modules is None else check_finetune_modules(finetune_modules)
         batch_size, seq_len = hidden_states.shape[:2]
-        past_seen_tokens = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         expected_mask_shape = (batch_size, past_seen_tokens + seq_len)
         if (
             attention_mask is not None
@@ -254,10 +256,10 @@ class TransformerBlock(GradientCheckpointingLayer):
             position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
         if self.self_attn.is_causal:
             attention_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=hidden_states,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                self.config,
+                hidden_states,
+                attention_mask,
+                cache,
                 position_ids=position_ids,
                 layer_idx=self.layer_idx,
             )
@@ -271,7 +273,7 @@ class TransformerBlock(GradientCheckpointingLayer):
             normed,
             position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             adapters=adapters,
             **kwargs,
         )
@@ -471,7 +473,7 @@ class PalmEPerceiverSublayer(nn.Module):
         key_states: torch.Tensor | None,
         value_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: EncoderDecoderCache | None,
+        cache: EncoderDecoderCache | None,
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states))
         hidden_states = hidden_states + attn_output
@@ -480,7 +482,7 @@ class PalmEPerceiverSublayer(nn.Module):
             key_value_states=key_states,
             value_states=value_states,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
         )
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
@@ -540,13 +542,14 @@ class PerceiverLayer(nn.Module):
             ]
         )
 
+    @accept_past_key_values
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -555,7 +558,7 @@ class PerceiverLayer(nn.Module):
             v (`torch.FloatTensor` of shape `(batch_size, kv_len, dim)`): the values' input.
             mask (`torch.BoolTensor` of shape `(batch_size, kv_len)`, *optional*): True for key/value positions to
                 attend to, False for those to ignore.
-            past_key_values (`Cache`, *optional*): holds each layer's cross-attention keys/values for a fixed context
+            cache (`Cache`, *optional*): holds each layer's cross-attention keys/values for a fixed context
                 (the cross-attention part of an `EncoderDecoderCache`, or the cache itself): filled on the first call,
                 reused on later ones, which may then omit `k` and `v`.
 
@@ -563,16 +566,16 @@ class PerceiverLayer(nn.Module):
             `torch.FloatTensor` of shape `(batch_size, query_len, dim)`.
         """
         check_hidden_states("q", q, self.hidden_size)
-        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
             # A fresh wrapper marks the layers whose keys/values the given cache already holds.
-            past_key_values = EncoderDecoderCache(DynamicCache(), past_key_values)
-        is_cached = past_key_values is not None and all(
-            past_key_values.is_updated.get(layer.cross_attn.layer_idx, False) for layer in self.layers
+            cache = EncoderDecoderCache(DynamicCache(), cache)
+        is_cached = cache is not None and all(
+            cache.is_updated.get(layer.cross_attn.layer_idx, False) for layer in self.layers
         )
         if (k is None) != (v is None):
             raise ValueError("Pass both `k` and `v`, or neither (when the cache holds their keys/values).")
         if k is None and not is_cached:
-            raise ValueError("`k` and `v` are needed unless `past_key_values` already holds their keys/values.")
+            raise ValueError("`k` and `v` are needed unless `cache` already holds their keys/values.")
         if k is not None:
             check_hidden_states("k", k, self.hidden_size)
             if v.shape != k.shape or k.shape[0] != q.shape[0]:
@@ -586,7 +589,7 @@ class PerceiverLayer(nn.Module):
             kv_len = (
                 k.shape[1]
                 if k is not None
-                else past_key_values.cross_attention_cache.get_seq_length(self.layers[0].cross_attn.layer_idx)
+                else cache.cross_attention_cache.get_seq_length(self.layers[0].cross_attn.layer_idx)
             )
             if tuple(mask.shape) != (q.shape[0], kv_len):
                 raise ValueError(
@@ -599,5 +602,5 @@ class PerceiverLayer(nn.Module):
 
         hidden_states = q
         for layer in self.layers:
-            hidden_states = layer(hidden_states, k, v, attention_mask, past_key_values)
+            hidden_states = layer(hidden_states, k, v, attention_mask, cache)
         return hidden_states

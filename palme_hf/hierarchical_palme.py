@@ -12,6 +12,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .blocks_palme import attention_config, check_hidden_states, check_state_dict_shapes
+from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints, hierarchical_cache_layout
 from .layers_palme import PalmEAttention, PalmERotaryEmbedding, add_bias_to_mask
 
@@ -45,7 +46,7 @@ def token_shift(
     hidden_states: torch.Tensor,
     distance: int,
     token_mask: torch.Tensor | None = None,
-    past_key_values: Cache | None = None,
+    cache: Cache | None = None,
     layer_idx: int = 0,
     state_idx: int = 0,
 ) -> torch.Tensor:
@@ -73,9 +74,9 @@ def token_shift(
         to_shift = to_shift * token_mask[..., None].to(to_shift.dtype)
     to_shift = to_shift.transpose(1, 2)
     history = nn.functional.pad(to_shift, (distance, 0))
-    if past_key_values is not None:
-        has_previous_state = past_key_values.has_previous_state(layer_idx, state_idx)
-        updated = past_key_values.update_conv_state(to_shift, layer_idx, state_idx, conv_kernel_size=distance)
+    if cache is not None:
+        has_previous_state = cache.has_previous_state(layer_idx, state_idx)
+        updated = cache.update_conv_state(to_shift, layer_idx, state_idx, conv_kernel_size=distance)
         if has_previous_state:
             history = updated  # the last `distance` tokens' halves, then the new ones
     shifted = history[..., :seq_len].transpose(1, 2)
@@ -253,12 +254,13 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         self.mlp_norm = HierarchicalRMSNorm(dim)
         self.mlp = HierarchicalMLP(dim, int(dim * ff_mult))
 
+    @accept_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """
@@ -272,14 +274,13 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): sequence positions,
                 `past_len + arange(seq_len)` by default; rotary embeddings use the step within the group,
                 `position_ids // group_size`. Groups and the token shift follow the order of the sequence.
-            past_key_values (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at
+            cache (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at
                 `layer_idx` (see the class docstring for the layer type it needs).
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
         """
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        cache = past_key_values
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         cache_layer = None
@@ -318,7 +319,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 self.self_attn_norm(shifted),
                 position_embeddings=self.rotary_emb(position_ids // self.group_size, xpos_offset=self.xpos_offset),
                 attention_mask=mask,
-                past_key_values=cache,
+                cache=cache,
                 **kwargs,
             )
             hidden_states = hidden_states + attn_output

@@ -264,7 +264,7 @@ class PalmEAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         value_states: torch.Tensor | None = None,
         adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
         **kwargs,
@@ -277,7 +277,7 @@ class PalmEAttention(nn.Module):
             position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], for self-attention.
             attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
                 to `(batch_size, num_heads, seq_len, kv_len)`.
-            past_key_values (`Cache`, *optional*): the cache; an `EncoderDecoderCache` holds self- and cross-attention
+            cache (`Cache`, *optional*): the cache; an `EncoderDecoderCache` holds self- and cross-attention
                 keys/values apart.
             value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the values'
                 input of cross-attention when it differs from the keys' input (`key_value_states` by default).
@@ -296,12 +296,12 @@ class PalmEAttention(nn.Module):
             query = self.q_norm(query)
 
         if self.is_cross_attention:
-            cache, is_cached = past_key_values, False
-            if isinstance(past_key_values, EncoderDecoderCache):
-                cache = past_key_values.cross_attention_cache
-                is_cached = past_key_values.is_updated.get(self.layer_idx, False)
+            layer_cache, is_cached = cache, False
+            if isinstance(cache, EncoderDecoderCache):
+                layer_cache = cache.cross_attention_cache
+                is_cached = cache.is_updated.get(self.layer_idx, False)
             if is_cached:
-                key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+                key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
             else:
                 if key_value_states is None:
                     raise ValueError(
@@ -309,10 +309,10 @@ class PalmEAttention(nn.Module):
                         "pass `pixel_values` on the first forward pass."
                     )
                 key, value = self._project_key_value(key_value_states, value_states, adapters)
-                if cache is not None:
-                    key, value = cache.update(key, value, self.layer_idx)
-                    if isinstance(past_key_values, EncoderDecoderCache):
-                        past_key_values.is_updated[self.layer_idx] = True
+                if layer_cache is not None:
+                    key, value = layer_cache.update(key, value, self.layer_idx)
+                    if isinstance(cache, EncoderDecoderCache):
+                        cache.is_updated[self.layer_idx] = True
         else:
             key, value = self._project_key_value(hidden_states, adapters=adapters)
             if position_embeddings is not None:
@@ -322,10 +322,9 @@ class PalmEAttention(nn.Module):
                 key = apply_rotary_pos_emb(key, cos, sin, key_scale)
                 if self.rotate_values:
                     value = apply_rotary_pos_emb(value, cos, sin, key_scale)
-            if past_key_values is not None:
-                cache = past_key_values
-                if isinstance(past_key_values, EncoderDecoderCache):
-                    cache = past_key_values.self_attention_cache
+            if cache is not None:
+                if isinstance(cache, EncoderDecoderCache):
+                    cache = cache.self_attention_cache
                 key, value = cache.update(key, value, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(

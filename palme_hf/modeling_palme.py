@@ -16,7 +16,8 @@ from transformers.modeling_outputs import (
     BaseModelOutput,
     BaseModelOutputWithPast,
     BaseModelOutputWithPastAndCrossAttentions,
-    ModelOutput,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple
@@ -24,6 +25,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .blocks_palme import PerceiverLayer, TransformerBlock
+from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
 from .hierarchical_palme import HierarchicalBlock
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .layers_palme import (
@@ -41,31 +43,37 @@ class PalmEModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
         Cross-attention probabilities of each decoder layer, `(batch_size, num_heads, seq_len, num_image_tokens)`.
-    image_hidden_states (`torch.FloatTensor`, *optional*):
-        The image features the text received, `(batch_size, num_image_tokens, width)`.
+    image_outputs ([`BaseModelOutputWithPooling`], *optional*):
+        The output of [`~PalmEModel.get_image_features`] for the images of this call: the vision encoder's
+        `last_hidden_state` (and `hidden_states`/`attentions` when asked for), and as `pooler_output` the image
+        features the text received, `(batch_size, num_image_tokens, width)`. `None` when no image was given.
     """
 
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """The image features the text received (`image_outputs.pooler_output`)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 @dataclass
-class PalmECausalLMOutputWithPast(ModelOutput):
+class PalmECausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*): next-token cross-entropy, when `labels` are given.
-    logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab_size)`): next-token scores.
-    past_key_values (`Cache`, *optional*): the cache, to continue decoding.
-    hidden_states, attentions, cross_attentions: per-layer outputs, when asked for.
-    image_hidden_states (`torch.FloatTensor`, *optional*): the image features the text received.
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+        Cross-attention probabilities of each decoder layer, `(batch_size, num_heads, seq_len, num_image_tokens)`.
+    image_outputs ([`BaseModelOutputWithPooling`], *optional*):
+        As in [`PalmEModelOutputWithPast`].
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
-    image_hidden_states: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+
+    @property
+    def image_hidden_states(self) -> torch.FloatTensor | None:
+        """The image features the text received (`image_outputs.pooler_output`)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
 
 
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
@@ -167,17 +175,17 @@ class PalmETextCrossAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         **kwargs,
     ) -> torch.Tensor:
         """
         `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
-        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `past_key_values`.
+        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `cache`.
         """
         attn_output, _ = self.attention(
             self.layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         return hidden_states + attn_output
@@ -214,7 +222,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
@@ -222,12 +230,12 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
             self.self_attn_layer_norm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = hidden_states + attn_output
         if self.cross_attn is not None:
-            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, past_key_values, **kwargs)
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cache, **kwargs)
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
@@ -277,25 +285,25 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         position_embeddings: None = None,
         **kwargs,
     ) -> torch.Tensor:
         self_attention_cache = (
-            past_key_values.self_attention_cache
-            if isinstance(past_key_values, EncoderDecoderCache)
-            else past_key_values
+            cache.self_attention_cache
+            if isinstance(cache, EncoderDecoderCache)
+            else cache
         )
         block_output = self.block(
             hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self_attention_cache,
+            cache=self_attention_cache,
             **kwargs,
         )
         hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
         if self.cross_attn is not None:
-            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, past_key_values, **kwargs)
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cache, **kwargs)
         return hidden_states
 
 
@@ -338,12 +346,18 @@ class PalmEPreTrainedModel(PreTrainedModel):
         "PalmEBlockDecoderLayer",
         "PalmEPerceiverResampler",
     ]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # ALiBi is an additive mask
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the cross-attention cache is filled on the first pass, a data-dependent branch
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # Every attention layer (in layers_palme.py) looks its kernel up in ALL_ATTENTION_FUNCTIONS at each call, under
+        # the config's `_attn_implementation`; Transformers' source heuristic does not see across modules.
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -400,7 +414,7 @@ class PalmETextModel(PalmEPreTrainedModel):
     """
     The text decoder without its head: token embeddings (plus absolute positions if configured), decoder layers, final
     LayerNorm. Self-attention keys/values (and, in cross-attention layers, the image keys/values) live in
-    `past_key_values`.
+    `cache`.
     """
 
     config: PalmETextConfig
@@ -446,6 +460,7 @@ class PalmETextModel(PalmEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.embed_tokens = value
 
+    @accept_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -453,7 +468,7 @@ class PalmETextModel(PalmEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_hidden_states: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -465,7 +480,7 @@ class PalmETextModel(PalmEPreTrainedModel):
             padding.
         position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): positions of the tokens,
             `past_len + arange(seq_len)` by default.
-        past_key_values (`Cache`, *optional*): keys/values of earlier steps (an `EncoderDecoderCache` when the layers
+        cache (`Cache`, *optional*): keys/values of earlier steps (an `EncoderDecoderCache` when the layers
             cross-attend).
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*): embeddings in
             place of `input_ids`.
@@ -478,25 +493,25 @@ class PalmETextModel(PalmEPreTrainedModel):
             check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if (
             self.config.add_cross_attention
-            and past_key_values is not None
-            and not isinstance(past_key_values, EncoderDecoderCache)
+            and cache is not None
+            and not isinstance(cache, EncoderDecoderCache)
         ):
-            if past_key_values.get_seq_length() != 0:
+            if cache.get_seq_length() != 0:
                 raise ValueError(
                     "A decoder with cross-attention needs an `EncoderDecoderCache` (self-attention cache, "
-                    f"cross-attention cache); got a filled {type(past_key_values).__name__}."
+                    f"cross-attention cache); got a filled {type(cache).__name__}."
                 )
             # cross-attention keys/values span the image features: plain growing layers, whatever the self-attention
             # layers are (sliding, hybrid)
-            past_key_values = EncoderDecoderCache(past_key_values, DynamicCache())
+            cache = EncoderDecoderCache(cache, DynamicCache())
         self_attention_cache = (
-            past_key_values.self_attention_cache
-            if isinstance(past_key_values, EncoderDecoderCache)
-            else past_key_values
+            cache.self_attention_cache
+            if isinstance(cache, EncoderDecoderCache)
+            else cache
         )
 
         past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
@@ -518,10 +533,10 @@ class PalmETextModel(PalmEPreTrainedModel):
             causal_mask = attention_mask  # the block builds its causal, group and window mask around the padding
         else:
             causal_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                past_key_values=self_attention_cache,
+                self.config,
+                inputs_embeds,
+                attention_mask,
+                self_attention_cache,
                 position_ids=position_ids,
                 allow_is_causal_skip=self.alibi is None,
             )
@@ -542,13 +557,12 @@ class PalmETextModel(PalmEPreTrainedModel):
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 encoder_hidden_states=encoder_hidden_states,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
 
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
+            last_hidden_state=self.norm(hidden_states), **cache_field(cache if use_cache else None)
         )
 
 
@@ -573,18 +587,25 @@ class PalmEModel(PalmEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         """
-        The image features the text receives, `(batch_size, num_image_tokens, width)`: the encoder's patch features,
-        resampled into `num_latents` features when configured, projected to the decoder width with `"prefix"`
-        integration.
+        Encodes images. `pooler_output` holds the image features the text receives, `(batch_size, num_image_tokens,
+        width)`: the encoder's patch features, resampled into `num_latents` features when configured, projected to the
+        decoder width with `"prefix"` integration. `last_hidden_state`, `hidden_states` and `attentions` are the
+        vision encoder's.
         """
-        image_features = self.vision_model(pixel_values, **kwargs).last_hidden_state
+        vision_outputs = self.vision_model(pixel_values, **kwargs)
+        image_features = vision_outputs.last_hidden_state
         if self.resampler is not None:
             image_features = self.resampler(image_features)
         if self.multi_modal_projector is not None:
             image_features = self.multi_modal_projector(image_features)
-        return image_features
+        return BaseModelOutputWithPooling(
+            last_hidden_state=vision_outputs.last_hidden_state,
+            pooler_output=image_features,
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
 
     def _merge_image_features(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -601,6 +622,7 @@ class PalmEModel(PalmEPreTrainedModel):
         mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
+    @accept_past_key_values
     @can_return_tuple
     def forward(
         self,
@@ -608,7 +630,7 @@ class PalmEModel(PalmEPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
@@ -623,13 +645,14 @@ class PalmEModel(PalmEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
-        image_features = None
+        image_outputs = image_features = None
         if pixel_values is not None:
             if pixel_values.shape[0] != batch_size:
                 raise ValueError(
                     f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: give one image per sequence."
                 )
-            image_features = self.get_image_features(pixel_values)
+            image_outputs = self.get_image_features(pixel_values)
+            image_features = image_outputs.pooler_output
 
         encoder_hidden_states = None
         if self.config.vision_integration == "prefix":
@@ -656,20 +679,13 @@ class PalmEModel(PalmEPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             encoder_hidden_states=encoder_hidden_states,
             use_cache=use_cache,
             **kwargs,
         )
-        return PalmEModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=outputs.cross_attentions,
-            image_hidden_states=image_features,
-        )
+        return PalmEModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
@@ -693,9 +709,10 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> torch.FloatTensor:
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @accept_past_key_values
     @can_return_tuple
     def forward(
         self,
@@ -703,7 +720,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -732,7 +749,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -748,23 +765,24 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         return PalmECausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             cross_attentions=outputs.cross_attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            image_outputs=outputs.image_outputs,
+            **cache_field(getattr(outputs, CACHE_NAME)),
         )
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    @accept_past_key_values
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
         # With a compileable cache, generate() prepares 4-D masks ahead of the forward pass; the hierarchical blocks
         # build their causal, group and window masks themselves, from the padding mask.
         if self.config.text_config.block_type == "hierarchical":
             return attention_mask
-        return create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, **kwargs)
+        return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_NAME)
         if (
             self.config.vision_integration == "cross_attention"
             and cache is not None
@@ -777,7 +795,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
                 cross_cache = Cache(layers=[StaticLayer(self.config.num_image_tokens) for _ in range(num_layers)])
             else:
                 cross_cache = DynamicCache()
-            model_kwargs["past_key_values"] = EncoderDecoderCache(cache, cross_cache)
+            model_kwargs[CACHE_NAME] = EncoderDecoderCache(cache, cross_cache)
 
 
 __all__ = [

@@ -178,7 +178,7 @@ def test_token_by_token_cache_matches_full_forward(variant, attn_implementation)
     with torch.no_grad():
         full = block(x, **forward_kwargs)
         cache = DynamicCache()
-        steps = torch.cat([block(x[:, i : i + 1], past_key_values=cache, **forward_kwargs) for i in range(10)], dim=1)
+        steps = torch.cat([block(x[:, i : i + 1], cache=cache, **forward_kwargs) for i in range(10)], dim=1)
     torch.testing.assert_close(steps, full, atol=CACHE_ATOL, rtol=0)
     # multi-query: the cache holds the single key/value head, at the block's layer index
     assert cache.layers[1].keys.shape == (2, 1, 10, 8)
@@ -192,8 +192,8 @@ def test_chunked_prefill_then_decode_matches_full_forward(attn_implementation):
     with torch.no_grad():
         full = block(x)
         cache = DynamicCache()
-        parts = [block(x[:, :5], past_key_values=cache), block(x[:, 5:9], past_key_values=cache)]
-        parts += [block(x[:, i : i + 1], past_key_values=cache) for i in range(9, 12)]
+        parts = [block(x[:, :5], cache=cache), block(x[:, 5:9], cache=cache)]
+        parts += [block(x[:, i : i + 1], cache=cache) for i in range(9, 12)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=CACHE_ATOL, rtol=0)
 
 
@@ -207,7 +207,7 @@ def test_padding_mask_with_cache_matches_full_forward(attn_implementation):
         full = block(x, attention_mask)
         cache = DynamicCache()
         steps = torch.cat(
-            [block(x[:, i : i + 1], attention_mask[:, : i + 1], past_key_values=cache) for i in range(8)], dim=1
+            [block(x[:, i : i + 1], attention_mask[:, : i + 1], cache=cache) for i in range(8)], dim=1
         )
         other_padding = x.clone()
         other_padding[1, :3] = torch.randn(3, 32)
@@ -224,8 +224,8 @@ def test_explicit_position_ids_match_default_positions():
     with torch.no_grad():
         full = block(x)
         cache = DynamicCache()
-        block(x[:, :4], past_key_values=cache, position_ids=torch.arange(4)[None])
-        tail = block(x[:, 4:], past_key_values=cache, position_ids=torch.arange(4, 6)[None])
+        block(x[:, :4], cache=cache, position_ids=torch.arange(4)[None])
+        tail = block(x[:, 4:], cache=cache, position_ids=torch.arange(4, 6)[None])
     torch.testing.assert_close(tail, full[:, 4:], atol=CACHE_ATOL, rtol=0)
 
 
@@ -239,7 +239,7 @@ def test_causal_and_non_causal_attention():
         torch.testing.assert_close(causal(x)[:, :-1], causal(later_changed)[:, :-1], atol=1e-6, rtol=0)
         assert (bidirectional(x)[:, 0] - bidirectional(later_changed)[:, 0]).abs().max() > 1e-4
         with pytest.raises(ValueError, match="causal"):
-            bidirectional(x, past_key_values=DynamicCache())
+            bidirectional(x, cache=DynamicCache())
 
 
 # --- PerceiverLayer ---------------------------------------------------------------------------------------------------
@@ -286,10 +286,10 @@ def test_perceiver_caches_cross_attention_keys_and_values(wrap):
     cross_cache = cache.cross_attention_cache if wrap else cache
     with torch.no_grad():
         expected = layer(q, k, v, mask)
-        first = layer(q, k, v, mask, past_key_values=cache)
-        again = layer(q, mask=mask, past_key_values=cache)
+        first = layer(q, k, v, mask, cache=cache)
+        again = layer(q, mask=mask, cache=cache)
         other_query = torch.randn(2, 5, 32)
-        reused = layer(other_query, mask=mask, past_key_values=cache)
+        reused = layer(other_query, mask=mask, cache=cache)
     torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(again, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(reused, layer(other_query, k, v, mask), atol=1e-6, rtol=0)
@@ -309,7 +309,7 @@ def test_perceiver_bad_inputs():
         layer(q, k, torch.randn(2, 6, 32))
     with pytest.raises(ValueError, match="both `k` and `v`"):
         layer(q, k)
-    with pytest.raises(ValueError, match="unless `past_key_values`"):
+    with pytest.raises(ValueError, match="unless `cache`"):
         layer(q)
     with pytest.raises(ValueError, match="`mask` must have shape"):
         layer(q, k, v, torch.ones(2, 5, dtype=torch.bool))

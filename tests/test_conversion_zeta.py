@@ -43,7 +43,7 @@ def test_logits_match_reference_with_fixed_offset(converted, attn_implementation
     model, io, _ = converted
     model.set_attn_implementation(attn_implementation)
     with torch.no_grad():
-        image_features = model.get_image_features(io["pixel_values"])
+        image_features = model.get_image_features(io["pixel_values"]).last_hidden_state
         logits = model(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
     assert (image_features - io["encoder_hidden_states"]).abs().max().item() <= 1e-5
     assert relative_error(logits, io["logits_fixed_offset"]) <= 1e-4

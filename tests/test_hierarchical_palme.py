@@ -51,7 +51,7 @@ def run_in_chunks(block: HierarchicalBlock, x: torch.Tensor, chunk_sizes, cache,
     outputs, start = [], 0
     for size in chunk_sizes:
         mask = None if attention_mask is None else attention_mask[:, : start + size]
-        outputs.append(block(x[:, start : start + size], attention_mask=mask, past_key_values=cache))
+        outputs.append(block(x[:, start : start + size], attention_mask=mask, cache=cache))
         start += size
     assert start == x.shape[1]
     return torch.cat(outputs, dim=1)
@@ -220,7 +220,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="4-D"):
         block(torch.randn(2, 5, 32), attention_mask=torch.ones(2, 1, 5, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="DynamicCache\\(config=block.config\\)"):
-        block(torch.randn(2, 5, 32), past_key_values=DynamicCache())
+        block(torch.randn(2, 5, 32), cache=DynamicCache())
 
 
 def test_bad_reference_state_dicts():

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEModel
+from palme_hf.compat_palme import CACHE_NAME
 from palme_hf.layers_palme import PalmERotaryEmbedding, apply_rotary_pos_emb
 
 TINY = dict(
@@ -90,16 +91,30 @@ def test_step_by_step_cache_equals_full_forward(variant):
         split = input_ids.shape[1] - 6
         outputs = model(pixel_values=pixel_values, input_ids=input_ids[:, :split], use_cache=True)
         steps = [outputs.logits]
-        cache = outputs.past_key_values
+        cache = getattr(outputs, CACHE_NAME)
         for position in range(split, input_ids.shape[1]):
-            outputs = model(input_ids=input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
-            cache = outputs.past_key_values
+            outputs = model(input_ids=input_ids[:, position : position + 1], cache=cache, use_cache=True)
+            cache = getattr(outputs, CACHE_NAME)
             steps.append(outputs.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
     if model.config.vision_integration == "cross_attention":
         assert isinstance(cache, EncoderDecoderCache)
         # the image's keys/values were computed once and are as many as the image features
         assert cache.cross_attention_cache.get_seq_length() == model.config.num_image_tokens
+
+
+def test_past_key_values_is_still_accepted_for_cache():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model, length=6)
+    with torch.no_grad():
+        logits = []
+        for name in ("cache", "past_key_values"):
+            prompt = model(pixel_values=pixel_values, input_ids=input_ids[:, :-1], use_cache=True)
+            step = model(input_ids=input_ids[:, -1:], use_cache=True, **{name: getattr(prompt, CACHE_NAME)})
+            logits.append(step.logits)
+        full = model(pixel_values=pixel_values, input_ids=input_ids).logits[:, -1:]
+    torch.testing.assert_close(logits[0], full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1], full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -311,8 +326,8 @@ def test_cross_attention_needs_the_image_first():
         model(input_ids=input_ids)
     with pytest.raises(ValueError, match="EncoderDecoderCache"):
         cache = DynamicCache()
-        model(pixel_values=torch.rand(2, 3, 32, 32), input_ids=input_ids, past_key_values=cache, use_cache=True)
-        model(input_ids=input_ids[:, :1], past_key_values=cache, use_cache=True)
+        model(pixel_values=torch.rand(2, 3, 32, 32), input_ids=input_ids, cache=cache, use_cache=True)
+        model(input_ids=input_ids[:, :1], cache=cache, use_cache=True)
 
 
 # PalmE from any block, with either integration, with and without the Perceiver resampler
