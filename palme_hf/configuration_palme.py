@@ -136,6 +136,12 @@ class PalmETextConfig(PreTrainedConfig):
         window_size (`int`, *optional*): local attention window of the hierarchical block (`None`: full attention).
         compress_factor (`int`, defaults to 1): compression of the hierarchical block, a power of two.
         stride (`int`, defaults to 1): stride of the hierarchical block.
+        num_key_value_heads (`int`, *optional*): key/value heads of self-attention, set by the block type: 1 for the
+            parallel block's multi-query attention, `num_attention_heads` otherwise. Read by caches and
+            tensor-parallel plans; a given value must agree.
+        pad_token_id (`int`, *optional*): the padding token, carried into the generation config.
+        bos_token_id (`int`, *optional*): the beginning-of-sequence token, carried into the generation config.
+        eos_token_id (`int` or `list[int]`, *optional*): the end-of-sequence token(s): `generate()` stops there.
     """
 
     model_type = "palme_text"
@@ -173,6 +179,10 @@ class PalmETextConfig(PreTrainedConfig):
         window_size: int | None = None,
         compress_factor: int = 1,
         stride: int = 1,
+        num_key_value_heads: int | None = None,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
         **kwargs,
     ):
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
@@ -212,6 +222,24 @@ class PalmETextConfig(PreTrainedConfig):
             name, block_type, hidden_size, intermediate_size, head_dim, alibi_num_heads, use_rotary, rotary_dim,
             rotate_values, window_size, compress_factor, stride,
         )
+        block_key_value_heads = 1 if block_type == "parallel" else num_attention_heads
+        if num_key_value_heads is not None and num_key_value_heads != block_key_value_heads:
+            raise ValueError(
+                f"{name}: `block_type={block_type!r}` has {block_key_value_heads} key/value heads, got "
+                f"`num_key_value_heads={num_key_value_heads}`."
+            )
+        for token_name, token_ids in (
+            ("pad_token_id", pad_token_id),
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+        ):
+            for token_id in token_ids if isinstance(token_ids, list) else [token_ids]:
+                if token_id is not None and (
+                    not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size
+                ):
+                    raise ValueError(
+                        f"{name}: `{token_name}` must be None or a token id in [0, {vocab_size}), got {token_ids!r}."
+                    )
         if block_type == "hierarchical" and (qk_norm or attention_dropout):
             raise ValueError(
                 f"{name}: the hierarchical block has no query/key normalisation or attention dropout; got "
@@ -246,6 +274,10 @@ class PalmETextConfig(PreTrainedConfig):
         self.window_size = window_size
         self.compress_factor = compress_factor
         self.stride = stride
+        self.num_key_value_heads = block_key_value_heads
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
         # The cache layout the hierarchical block needs, read by `DynamicCache(config=...)`/`StaticCache`; derived,
         # so a saved value must agree with the block options.
         layout = {}
@@ -406,7 +438,9 @@ class PalmEConfig(PreTrainedConfig):
             # Build from the reference's arguments: its defaults for everything not given.
             reference = {**ZETA_PALME_DEFAULTS, **flat} if is_new else flat
             vision_kwargs, text_kwargs, attn_implementation = _map_zeta_arguments(reference, vision_kwargs, text_kwargs)
-            if attn_implementation is not None and kwargs.get("attn_implementation") is None:
+            # Only an explicit `attn_flash` requests a kernel; otherwise Transformers picks one (sdpa where available)
+            # and `set_attn_implementation` / `from_pretrained(attn_implementation=...)` change it.
+            if "attn_flash" in flat and kwargs.get("attn_implementation") is None:
                 kwargs["attn_implementation"] = attn_implementation
         if block_type is not None:
             text_kwargs["block_type"] = block_type

@@ -10,6 +10,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttentionCacheLayerMixin
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 from .blocks_palme import attention_config, check_hidden_states, check_state_dict_shapes
 from .compat_palme import accept_past_key_values
@@ -261,7 +263,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
         Args:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 
 
 class PalmERotaryEmbedding(nn.Module):
@@ -155,6 +157,11 @@ class PalmEQKNorm(nn.Module):
         return nn.functional.normalize(states, dim=-1) * self.weight
 
 
+def image_is_cached(cache: Cache | None, layer_idx: int) -> bool:
+    """Whether `cache` holds the image keys/values of cross-attention layer `layer_idx`."""
+    return isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(layer_idx, False)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -267,7 +274,7 @@ class PalmEAttention(nn.Module):
         cache: Cache | None = None,
         value_states: torch.Tensor | None = None,
         adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -296,11 +303,8 @@ class PalmEAttention(nn.Module):
             query = self.q_norm(query)
 
         if self.is_cross_attention:
-            layer_cache, is_cached = cache, False
-            if isinstance(cache, EncoderDecoderCache):
-                layer_cache = cache.cross_attention_cache
-                is_cached = cache.is_updated.get(self.layer_idx, False)
-            if is_cached:
+            layer_cache = cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+            if image_is_cached(cache, self.layer_idx):
                 key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
             else:
                 if key_value_states is None:

@@ -20,7 +20,8 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -35,6 +36,7 @@ from .layers_palme import (
     PalmERotaryEmbedding,
     add_bias_to_mask,
     alibi_slopes,
+    image_is_cached,
 )
 
 
@@ -146,7 +148,7 @@ class PalmEVisionEncoderLayer(GradientCheckpointingLayer):
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = PalmEMLP(config)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
@@ -176,12 +178,15 @@ class PalmETextCrossAttention(nn.Module):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         cache: Cache | None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
         `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
-        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `cache`.
+        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `cache`. With neither (a text-only
+        forward pass) the layer is skipped, as Mllama skips its cross-attention layers.
         """
+        if encoder_hidden_states is None and not image_is_cached(cache, self.attention.layer_idx):
+            return hidden_states
         attn_output, _ = self.attention(
             self.layer_norm(hidden_states),
             key_value_states=encoder_hidden_states,
@@ -216,15 +221,16 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = PalmEMLP(config)
 
+    @accept_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         position_ids: torch.LongTensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states),
@@ -279,15 +285,16 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         self.block_adds_residual = config.block_type == "hierarchical"
         self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
 
+    @accept_past_key_values
     def forward(
         self,
         hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
         cache: Cache | None = None,
         position_embeddings: None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         self_attention_cache = (
             cache.self_attention_cache
@@ -399,7 +406,7 @@ class PalmEVisionModel(PalmEPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
             Images, values in [0, 1] (the reference feeds them un-normalised).
@@ -472,7 +479,7 @@ class PalmETextModel(PalmEPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         encoder_hidden_states: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): token ids.
@@ -551,12 +558,13 @@ class PalmETextModel(PalmEPreTrainedModel):
 
         hidden_states = inputs_embeds
         for decoder_layer in self.layers:
+            # The image features go in positionally, so that reentrant gradient checkpointing passes their gradient on.
             hidden_states = decoder_layer(
                 hidden_states,
+                encoder_hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                encoder_hidden_states=encoder_hidden_states,
                 cache=cache,
                 **kwargs,
             )
@@ -587,7 +595,9 @@ class PalmEModel(PalmEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         """
         Encodes images. `pooler_output` holds the image features the text receives, `(batch_size, num_image_tokens,
         width)`: the encoder's patch features, resampled into `num_latents` features when configured, projected to the
@@ -607,11 +617,21 @@ class PalmEModel(PalmEPreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
+    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """
+        Where the image placeholders are, `(batch_size, seq_len)`: the `image_token_id` tokens of `input_ids`, or, with
+        `inputs_embeds` only, the positions holding that token's embedding.
+        """
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(dim=-1)
+
     def _merge_image_features(
-        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Replaces the `image_token_id` placeholders of each sequence by its image's features, in order."""
-        image_token_mask = input_ids == self.config.image_token_id
+        """Replaces the image placeholders of each sequence by its image's features, in order."""
+        image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
         counts = image_token_mask.sum(dim=1)
         expected = image_features.shape[1]
         if not torch.compiler.is_compiling() and bool((counts != expected).any()):
@@ -633,7 +653,7 @@ class PalmEModel(PalmEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PalmEModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): token ids; with `"prefix"` integration,
@@ -656,21 +676,20 @@ class PalmEModel(PalmEPreTrainedModel):
 
         encoder_hidden_states = None
         if self.config.vision_integration == "prefix":
-            if inputs_embeds is not None and image_features is not None:
-                raise ValueError(
-                    "With `inputs_embeds`, place the image features (`get_image_features(pixel_values)`) in them "
-                    "yourself: `pixel_values` are merged only into the placeholders of `input_ids`."
-                )
             if inputs_embeds is None:
                 check_token_ids(input_ids, self.config.text_config.vocab_size)
                 inputs_embeds = self.get_input_embeddings()(input_ids)
-                if image_features is not None:
-                    inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
-                elif not torch.compiler.is_compiling() and bool((input_ids == self.config.image_token_id).any()):
-                    raise ValueError(
-                        f"`input_ids` hold image placeholder tokens (id {self.config.image_token_id}) but no "
-                        "`pixel_values` were given."
-                    )
+            if image_features is not None:
+                inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
+            elif (
+                input_ids is not None
+                and not torch.compiler.is_compiling()
+                and bool((input_ids == self.config.image_token_id).any())
+            ):
+                raise ValueError(
+                    f"`input_ids` hold image placeholder tokens (id {self.config.image_token_id}) but no "
+                    "`pixel_values` were given."
+                )
             input_ids = None
         else:
             encoder_hidden_states = image_features
@@ -709,7 +728,9 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @accept_past_key_values
@@ -725,7 +746,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> PalmECausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): targets for the next-token loss,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEModel
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
 from palme_hf.compat_palme import CACHE_NAME
-from palme_hf.layers_palme import PalmERotaryEmbedding, apply_rotary_pos_emb
+from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding, apply_rotary_pos_emb
 
 TINY = dict(
     image_size=32,
@@ -195,17 +195,21 @@ def test_output_attentions_and_hidden_states():
     assert outputs.image_hidden_states.shape == (2, 16, 32)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = tiny_model().train()
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_gradient_checkpointing_gives_the_same_gradients(variant, use_reentrant):
+    model = tiny_model(variant).train()
     pixel_values, input_ids = tiny_inputs(model)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         model.zero_grad()
         model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert model.model.language_model.gradient_checkpointing and model.model.vision_model.gradient_checkpointing
+    # the image features reach the loss through the checkpointed decoder layers: the vision encoder learns
+    assert model.model.vision_model.embeddings.patch_projection.weight.grad.abs().max() > 0
     torch.testing.assert_close(grads[0], grads[1])
 
 
@@ -315,15 +319,27 @@ def test_prefix_placeholder_count_must_match():
         model(pixel_values=pixel_values, input_ids=input_ids)
     with pytest.raises(ValueError, match="no `pixel_values`"):
         model(input_ids=input_ids)
-    with pytest.raises(ValueError, match="inputs_embeds"):
+    with pytest.raises(ValueError, match="exactly 16 image placeholder tokens.*\\[16, 15\\]"):
         model(pixel_values=pixel_values, inputs_embeds=model.get_input_embeddings()(input_ids))
 
 
-def test_cross_attention_needs_the_image_first():
+def test_text_only_forward_skips_cross_attention():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model)
+    with torch.no_grad():
+        text_only = model(input_ids=input_ids).logits
+        with_image = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        for layer in model.model.language_model.layers:
+            layer.cross_attn.attention.o_proj.weight.zero_()
+        image_silenced = model(pixel_values=pixel_values, input_ids=input_ids).logits
+    assert (text_only - with_image).abs().max() > 1e-3  # the image matters when it is there
+    # without an image, every cross-attention layer is skipped: as if it added nothing
+    torch.testing.assert_close(text_only, image_silenced, atol=1e-5, rtol=1e-5)
+
+
+def test_a_filled_self_attention_cache_needs_its_cross_attention_part():
     model = tiny_model()
     _, input_ids = tiny_inputs(model)
-    with pytest.raises(ValueError, match="pass `pixel_values`"):
-        model(input_ids=input_ids)
     with pytest.raises(ValueError, match="EncoderDecoderCache"):
         cache = DynamicCache()
         model(pixel_values=torch.rand(2, 3, 32, 32), input_ids=input_ids, cache=cache, use_cache=True)
@@ -432,3 +448,92 @@ def test_prefix_generation_never_emits_the_image_placeholder(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PalmEForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.generation_config.suppress_tokens == [model.config.image_token_id]
+
+
+# Transformers' conventions for its own models
+
+def test_token_ids_live_in_the_text_config_and_reach_generate():
+    model = tiny_model(text_config={"pad_token_id": 0, "bos_token_id": 1})
+    assert (model.generation_config.pad_token_id, model.generation_config.bos_token_id) == (0, 1)
+    pixel_values, input_ids = tiny_inputs(model, batch_size=1)
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=6)
+    first_token = int(model.generate(**kwargs)[0, input_ids.shape[1]])
+    stopping = tiny_model(text_config={"pad_token_id": 0, "eos_token_id": first_token})
+    stopping.load_state_dict(model.state_dict())
+    assert stopping.generation_config.eos_token_id == first_token
+    assert stopping.generate(**kwargs).shape[1] == input_ids.shape[1] + 1  # stopped at the end-of-sequence token
+    with pytest.raises(ValueError, match="eos_token_id.*97"):
+        tiny_model(text_config={"eos_token_id": 97})
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_get_image_features_returns_base_model_output_with_pooling(variant):
+    model = tiny_model(variant, num_latents=4)
+    pixel_values, input_ids = tiny_inputs(model)
+    image_outputs = model.get_image_features(pixel_values)
+    assert image_outputs.last_hidden_state.shape == (2, 16, 32)  # the vision encoder's patch features
+    width = 48 if variant == "prefix" else 32  # projected to the decoder's width for the token sequence
+    assert image_outputs.pooler_output.shape == (2, 4, width)
+    outputs = model(pixel_values=pixel_values, input_ids=input_ids)
+    torch.testing.assert_close(outputs.image_outputs.pooler_output, image_outputs.pooler_output)
+    assert model(input_ids=input_ids[:, -2:]).image_outputs is None
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_attention_implementation_switches_every_layer(tmp_path, block_type):
+    model = combination_model(block_type, "reference", 4)
+    attention_layers = [module for module in model.modules() if isinstance(module, PalmEAttention)]
+    pixel_values, input_ids = tiny_inputs(model)
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        assert {layer.config._attn_implementation for layer in attention_layers} == {implementation}
+        with torch.no_grad():
+            outputs = model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
+        logits[implementation] = outputs.logits
+        # attention probabilities exist only where they are computed, in eager attention
+        assert len(outputs.attentions) == (2 if implementation == "eager" else 0)
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)
+    loaded = PalmEForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    assert {m.config._attn_implementation for m in loaded.modules() if isinstance(m, PalmEAttention)} == {"eager"}
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_output_attentions_and_hidden_states_for_every_block(block_type):
+    model = combination_model(block_type, "reference", None)
+    model.set_attn_implementation("eager")
+    pixel_values, input_ids = tiny_inputs(model)
+    outputs = model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True, output_hidden_states=True)
+    assert len(outputs.hidden_states) == 3 and outputs.hidden_states[-1].shape == (2, 7, 48)
+    assert [tuple(a.shape) for a in outputs.attentions] == [(2, 4, 7, 7)] * 2
+    assert [tuple(a.shape) for a in outputs.cross_attentions] == [(2, 4, 7, 16)] * 2
+    for probabilities in outputs.attentions:
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 4, 7))
+        assert probabilities[..., 0, 1:].abs().max() == 0  # causal
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_inputs_embeds_with_pixel_values(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    inputs_embeds = model.get_input_embeddings()(input_ids)
+    with torch.no_grad():
+        from_ids = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        from_embeds = model(pixel_values=pixel_values, inputs_embeds=inputs_embeds).logits
+    torch.testing.assert_close(from_embeds, from_ids)
+    generated = model.generate(pixel_values=pixel_values, inputs_embeds=inputs_embeds, max_new_tokens=4)
+    expected = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=4)
+    assert torch.equal(generated, expected[:, input_ids.shape[1]:])
+
+
+@pytest.mark.parametrize("block_type, key_value_heads", [("standard", 4), ("parallel", 1), ("hierarchical", 4)])
+def test_num_key_value_heads_plans_the_cache(block_type, key_value_heads):
+    model = combination_model(block_type, "reference", None)
+    text_config = model.config.text_config
+    assert text_config.num_key_value_heads == key_value_heads
+    pixel_values, input_ids = tiny_inputs(model)
+    outputs = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True)
+    assert getattr(outputs, CACHE_NAME).self_attention_cache.layers[0].keys.shape[1] == key_value_heads
+    with pytest.raises(ValueError, match="num_key_value_heads=2"):
+        PalmETextConfig(block_type=block_type, alibi_num_heads=0, num_key_value_heads=2)
