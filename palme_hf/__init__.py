@@ -1,12 +1,20 @@
 """palme_hf: PaLM-E style vision-language models as Transformers models."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from .blocks_palme import ParallelTransformerBlock, PerceiverLayer, TransformerBlock
 from .captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .hierarchical_palme import HierarchicalBlock
 from .modeling_palme import (
+    PalmEForCausalLM,
     PalmEForConditionalGeneration,
     PalmEModel,
     PalmEPreTrainedModel,
@@ -25,14 +33,17 @@ AutoModel.register(PalmEConfig, PalmEModel, exist_ok=True)
 AutoModel.register(PalmEVisionConfig, PalmEVisionModel, exist_ok=True)
 AutoModel.register(PalmETextConfig, PalmETextModel, exist_ok=True)
 AutoModelForImageTextToText.register(PalmEConfig, PalmEForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(PalmETextConfig, PalmEForCausalLM, exist_ok=True)
 AutoImageProcessor.register(PalmEConfig, image_processor_classes={"pil": PalmEImageProcessor}, exist_ok=True)
 AutoProcessor.register(PalmEConfig, PalmEProcessor, exist_ok=True)
 
 # `save_pretrained` writes an `auto_map` and copies these modules, so that a saved model loads with
 # `trust_remote_code=True` where palme_hf is not installed.
 PalmEConfig.register_for_auto_class()
+PalmETextConfig.register_for_auto_class()
 PalmEModel.register_for_auto_class("AutoModel")
 PalmEForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+PalmEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 PalmEImageProcessor.register_for_auto_class("AutoImageProcessor")
 PalmEProcessor.register_for_auto_class("AutoProcessor")
 
@@ -48,6 +59,7 @@ __all__ = [
     "PerceiverLayer",
     "TransformerBlock",
     "PalmEConfig",
+    "PalmEForCausalLM",
     "PalmEForConditionalGeneration",
     "PalmEImageProcessor",
     "PalmEModel",

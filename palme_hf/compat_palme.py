@@ -3,6 +3,7 @@ renamed the cache argument and output field `past_key_values` to `cache`. palme_
 maps it onto the installed release."""
 
 import functools
+import inspect
 
 import transformers
 from packaging import version
@@ -29,6 +30,13 @@ def accept_past_key_values(forward):
             kwargs["cache"] = kwargs.pop("past_key_values")
         return forward(*args, **kwargs)
 
+    # generate() of 5.23 checks the arguments it passes against the signature of `forward`
+    signature = inspect.signature(forward)
+    parameters = list(signature.parameters.values())
+    past_key_values = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    variadic = [i for i, parameter in enumerate(parameters) if parameter.kind is inspect.Parameter.VAR_KEYWORD]
+    parameters.insert(variadic[0] if variadic else len(parameters), past_key_values)
+    wrapped.__signature__ = signature.replace(parameters=parameters)
     return wrapped
 
 

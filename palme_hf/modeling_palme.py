@@ -360,6 +360,14 @@ class PalmEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False  # the cross-attention cache is filled on the first pass, a data-dependent branch
 
+    @accept_past_key_values
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
+        # With a compileable cache, generate() prepares 4-D masks ahead of the forward pass; the hierarchical blocks
+        # build their causal, group and window masks themselves, from the padding mask.
+        if self.config.get_text_config().block_type == "hierarchical":
+            return attention_mask
+        return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         # Every attention layer (in layers_palme.py) looks its kernel up in ALL_ATTENTION_FUNCTIONS at each call, under
@@ -707,6 +715,81 @@ class PalmEModel(PalmEPreTrainedModel):
         return PalmEModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
 
+class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
+    """
+    The PalmE text decoder with its language-model head, for text alone (`AutoModelForCausalLM`). Loads a text decoder
+    saved on its own or the text half of a [`PalmEForConditionalGeneration`] checkpoint (its image encoder, resampler
+    and projector are left out); cross-attention layers, if the decoder has them, are skipped without an image.
+    """
+
+    config: PalmETextConfig
+    input_modalities = ("text",)
+    _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_model|resampler|multi_modal_projector)\."]
+
+    def __init__(self, config: PalmETextConfig | PalmEConfig):
+        config = config.get_text_config()
+        super().__init__(config)
+        self.model = PalmETextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # A PalmEForConditionalGeneration checkpoint keeps the decoder under `model.language_model.`.
+        kwargs["key_mapping"] = {r"^model\.language_model\.": "model.", **(kwargs.get("key_mapping") or {})}
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @accept_past_key_values
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): targets for the next-token loss,
+            aligned with `input_ids` (shifted inside); -100 is ignored.
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only (0 = all).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **cache_field(getattr(outputs, CACHE_NAME)),
+        )
+
+
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
 
@@ -793,13 +876,22 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             **cache_field(getattr(outputs, CACHE_NAME)),
         )
 
-    @accept_past_key_values
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
-        # With a compileable cache, generate() prepares 4-D masks ahead of the forward pass; the hierarchical blocks
-        # build their causal, group and window masks themselves, from the padding mask.
-        if self.config.text_config.block_type == "hierarchical":
-            return attention_mask
-        return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values, **kwargs
+        )
+        # generate() passes the image on its first step only, and never to an assistant model (assisted decoding).
+        # The image belongs wherever the cache holds none of it yet: at prefill, an assistant's included.
+        cache = model_inputs.get(CACHE_NAME)
+        if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -820,6 +912,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "PalmEForCausalLM",
     "PalmEForConditionalGeneration",
     "PalmEModel",
     "PalmEPreTrainedModel",

@@ -4,9 +4,9 @@ padding, training features, the reference document's examples and bad input."""
 import peft
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
+from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
 from palme_hf.compat_palme import CACHE_NAME
 from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding, apply_rotary_pos_emb
 
@@ -537,3 +537,26 @@ def test_num_key_value_heads_plans_the_cache(block_type, key_value_heads):
     assert getattr(outputs, CACHE_NAME).self_attention_cache.layers[0].keys.shape[1] == key_value_heads
     with pytest.raises(ValueError, match="num_key_value_heads=2"):
         PalmETextConfig(block_type=block_type, alibi_num_heads=0, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_causal_lm_is_the_text_half_of_a_full_checkpoint(tmp_path, variant):
+    model = tiny_model(variant)
+    _, input_ids = tiny_inputs(model)
+    input_ids = input_ids[:, -5:]  # text only
+    model.save_pretrained(tmp_path / "full")
+    text_model = PalmEForCausalLM.from_pretrained(tmp_path / "full").eval()
+    assert isinstance(text_model.config, PalmETextConfig)
+    with torch.no_grad():
+        expected = model(input_ids=input_ids).logits
+        torch.testing.assert_close(text_model(input_ids=input_ids).logits, expected, atol=0, rtol=0)
+    kwargs = dict(input_ids=input_ids, do_sample=False, max_new_tokens=5)
+    assert torch.equal(text_model.generate(**kwargs), model.generate(**kwargs))
+    loss = text_model(input_ids=input_ids, labels=input_ids).loss
+    torch.testing.assert_close(loss, model(input_ids=input_ids, labels=input_ids).loss)
+
+    text_model.save_pretrained(tmp_path / "text")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "text")
+    assert isinstance(loaded, PalmEForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, expected, atol=0, rtol=0)

@@ -8,8 +8,17 @@ import textwrap
 import pytest
 import torch
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration
 from conftest import WITHOUT_PALME_HF
+
+CODE = {
+    "configuration_palme.py",
+    "modeling_palme.py",
+    "layers_palme.py",
+    "blocks_palme.py",
+    "hierarchical_palme.py",
+    "compat_palme.py",
+}
 
 LOADER = WITHOUT_PALME_HF + textwrap.dedent(
     """
@@ -32,6 +41,16 @@ LOADER = WITHOUT_PALME_HF + textwrap.dedent(
 )
 
 
+def run_without_palme_hf(program: str, folder, tmp_path):
+    """Runs `program` on `folder` outside the checkout, with palme_hf blocked and an empty Hugging Face home (nothing
+    cached, no network)."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", program, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -49,8 +68,7 @@ def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     saved = set(os.listdir(folder))
-    code = {"configuration_palme.py", "modeling_palme.py", "layers_palme.py", "blocks_palme.py", "hierarchical_palme.py"}
-    assert code | {"model.safetensors"} <= saved
+    assert CODE | {"model.safetensors"} <= saved
     input_ids = torch.randint(0, 49, (2, 5))
     if config.vision_integration == "prefix":
         placeholders = torch.full((2, config.num_image_tokens), config.image_token_id)
@@ -58,15 +76,46 @@ def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     inputs = {"pixel_values": torch.rand(2, 3, 32, 32), "input_ids": input_ids}
     torch.save(inputs, folder / "inputs.pt")
 
-    # Run outside the checkout, with palme_hf blocked, and an empty Hugging Face home (nothing cached, no network).
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(folder)], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_palme_hf(LOADER, folder, tmp_path)
 
     outputs = torch.load(folder / "outputs.pt", weights_only=True)
     with torch.no_grad():
         expected = model(**inputs).logits
     torch.testing.assert_close(outputs["logits"], expected)
     assert torch.equal(outputs["generated"], model.generate(**inputs, do_sample=False, max_new_tokens=6))
+
+
+CAUSAL_LM_LOADER = WITHOUT_PALME_HF + textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = sys.argv[1]
+    input_ids = torch.load(folder + "/inputs.pt", weights_only=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__name__ == "PalmEForCausalLM"
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    generated = model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=6)
+    torch.save({"logits": logits, "generated": generated}, folder + "/outputs.pt")
+    """
+)
+
+
+def test_saved_text_decoder_loads_with_remote_code_without_palme_hf(tmp_path):
+    full = PalmEForConditionalGeneration(
+        PalmEConfig(image_size=32, patch_size=16, encoder_dim=32, encoder_depth=1, encoder_heads=2, num_tokens=50,
+                    max_seq_len=32, decoder_dim=32, decoder_depth=2, decoder_heads=2, alibi_num_heads=1)
+    )
+    full.save_pretrained(tmp_path / "full")
+    model = PalmEForCausalLM.from_pretrained(tmp_path / "full").eval()
+    folder = tmp_path / "text"
+    model.save_pretrained(folder)
+    assert CODE | {"model.safetensors"} <= set(os.listdir(folder))
+    input_ids = torch.randint(0, 49, (2, 5))
+    torch.save({"input_ids": input_ids}, folder / "inputs.pt")
+    run_without_palme_hf(CAUSAL_LM_LOADER, folder, tmp_path)
+    outputs = torch.load(folder / "outputs.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["logits"], model(input_ids=input_ids).logits)
+    assert torch.equal(outputs["generated"], model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=6))
