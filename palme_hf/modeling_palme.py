@@ -691,6 +691,9 @@ class PalmEModel(PalmEPreTrainedModel):
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
 
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
         self.model = PalmEModel(config)
