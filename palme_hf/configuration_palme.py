@@ -34,6 +34,15 @@ class PalmEVisionConfig(PreTrainedConfig):
 
     model_type = "palme_vision"
     base_config_key = "vision_config"
+    # Default tensor parallel plan for base model `PalmEVisionModel`
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.fc1": "colwise",
+        "layers.*.mlp.fc2": "rowwise",
+    }
 
     def __init__(
         self,
@@ -146,6 +155,47 @@ class PalmETextConfig(PreTrainedConfig):
 
     model_type = "palme_text"
     base_config_key = "text_config"
+    # Tensor parallel plans for base model `PalmETextModel`, put together by `base_model_tp_plan`: the blocks share
+    # module names, not head layouts.
+    block_tp_plans = {
+        "standard": {
+            "layers.*.mlp.fc1": "colwise",
+            "layers.*.mlp.fc2": "rowwise",
+        },
+        # Multi-query attention: the single key/value head cannot be split, every rank keeps `k_proj` and `v_proj`.
+        "parallel": {
+            "layers.*.block.self_attn.q_proj": "colwise",
+            "layers.*.block.self_attn.o_proj": "rowwise",
+            "layers.*.block.mlp.gate_proj": "colwise",
+            "layers.*.block.mlp.up_proj": "colwise",
+            "layers.*.block.mlp.down_proj": "rowwise",
+        },
+        "hierarchical": {
+            "layers.*.block.self_attn.q_proj": "colwise",
+            "layers.*.block.self_attn.k_proj": "colwise",
+            "layers.*.block.self_attn.v_proj": "colwise",
+            "layers.*.block.self_attn.o_proj": "rowwise",
+            "layers.*.block.mlp.fc1": "colwise",
+            "layers.*.block.mlp.fc2": "rowwise",
+        },
+    }
+    standard_attention_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+    cross_attention_tp_plan = {
+        "layers.*.cross_attn.attention.q_proj": "colwise",
+        "layers.*.cross_attn.attention.k_proj": "colwise",
+        "layers.*.cross_attn.attention.v_proj": "colwise",
+        "layers.*.cross_attn.attention.o_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,
@@ -297,6 +347,20 @@ class PalmETextConfig(PreTrainedConfig):
             if key in layout:
                 setattr(self, key, layout[key])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """
+        The tensor parallel plan of `PalmETextModel` for this block type, with cross-attention if the layers have it.
+        The standard layer's self-attention is split only without ALiBi: `PalmETextModel` folds the ALiBi bias of
+        every head into the one mask all layers share, which a rank holding some of the heads could not use.
+        """
+        plan = dict(self.block_tp_plans[self.block_type])
+        if self.block_type == "standard" and not self.alibi_num_heads:
+            plan.update(self.standard_attention_tp_plan)
+        if self.add_cross_attention:
+            plan.update(self.cross_attention_tp_plan)
+        return plan
 
 
 BLOCK_TYPES = ("standard", "parallel", "hierarchical")

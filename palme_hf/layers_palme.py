@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.distributed.utils import is_dtensor
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -162,6 +163,11 @@ def image_is_cached(cache: Cache | None, layer_idx: int) -> bool:
     return isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(layer_idx, False)
 
 
+def local_out_features(linear: nn.Linear) -> int:
+    """The output features `linear` computes on this rank: its shard of them when tensor parallelism splits it."""
+    return linear.weight.to_local().shape[0] if is_dtensor(linear.weight) else linear.out_features
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -233,7 +239,6 @@ class PalmEAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_key_value_heads = num_heads if num_key_value_heads is None else num_key_value_heads
-        self.num_key_value_groups = num_heads // self.num_key_value_heads
         self.is_causal = is_causal and not is_cross_attention
         self.is_cross_attention = is_cross_attention
         self.rotate_values = rotate_values
@@ -249,6 +254,12 @@ class PalmEAttention(nn.Module):
         self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
         self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
 
+    @property
+    def num_key_value_groups(self) -> int:
+        """Query heads per key/value head, on this rank: tensor parallelism splits the query heads, and the key/value
+        heads too unless a single one is kept whole (multi-query attention)."""
+        return local_out_features(self.q_proj) // local_out_features(self.k_proj)
+
     def _project_key_value(
         self,
         states: torch.Tensor,
@@ -259,8 +270,8 @@ class PalmEAttention(nn.Module):
         key, value = self.k_proj(states), self.v_proj(value_states)
         if adapters is not None:
             key, value = key + adapters[1](states), value + adapters[2](value_states)
-        key = key.view(*states.shape[:-1], self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        value = value.view(*value_states.shape[:-1], self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        key = key.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        value = value.view(*value_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
         if self.k_norm is not None:
             key = self.k_norm(key)
         return key, value
@@ -298,7 +309,7 @@ class PalmEAttention(nn.Module):
         query = self.q_proj(hidden_states)
         if adapters is not None:
             query = query + adapters[0](hidden_states)
-        query = query.view(batch_size, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        query = query.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             query = self.q_norm(query)
 

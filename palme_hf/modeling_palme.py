@@ -724,6 +724,8 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 
     config: PalmETextConfig
     input_modalities = ("text",)
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_model|resampler|multi_modal_projector)\."]
 
     def __init__(self, config: PalmETextConfig | PalmEConfig):
@@ -792,6 +794,9 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
