@@ -358,7 +358,7 @@ class PalmEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False  # ALiBi is an additive mask
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the cross-attention cache is filled on the first pass, a data-dependent branch
+    _can_compile_fullgraph = True
 
     @accept_past_key_values
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
