@@ -1,9 +1,14 @@
 """PalmEConfig: the reference's flat arguments, validation, and serialisation."""
 
+import os
+
 import pytest
+import torch
+from conftest import FIXTURES
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from palme_hf import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmETextConfig, PalmEVisionConfig
 
 
 def test_defaults_are_the_references():
@@ -79,3 +84,14 @@ def test_round_trip(tmp_path):
     assert PalmEConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     assert isinstance(loaded.vision_config, PalmEVisionConfig) and isinstance(loaded.text_config, PalmETextConfig)
     assert loaded.vision_integration == "prefix" and loaded.num_image_tokens == 16
+
+
+@pytest.mark.parametrize("case", ["cross_attention", "prefix_resampler", "parallel", "hierarchical_window"])
+def test_models_saved_by_earlier_versions_load_unchanged(case):
+    # written by palme-hf 0.1.0 as released (before the 5.24 port), with its outputs on fixed inputs
+    folder = os.path.join(FIXTURES, "legacy_models", case)
+    model = PalmEForConditionalGeneration.from_pretrained(folder).eval()
+    io = load_file(os.path.join(folder, "io.safetensors"))
+    with torch.no_grad():
+        logits = model(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
+    torch.testing.assert_close(logits, io["logits"], atol=1e-5, rtol=1e-5)
