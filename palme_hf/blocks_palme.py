@@ -15,7 +15,7 @@ from transformers.utils import TransformersKwargs
 
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints
-from .layers_palme import PalmEAttention, PalmERotaryEmbedding
+from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -81,29 +81,6 @@ def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.M
     return tuple(finetune_modules)
 
 
-class PalmESwiGLU(nn.Module):
-    """
-    PaLM's feed-forward: `down_proj(dropout(silu(gate_proj(x)) * up_proj(x)))`, bias-free.
-
-    Args:
-        hidden_size (`int`): width of the input and output.
-        intermediate_size (`int`): width of the gated inner layer.
-        dropout (`float`): dropout on the gated inner activations while training.
-    """
-
-    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`."""
-        gated = nn.functional.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
-        return self.down_proj(self.dropout(gated))
-
-
 class TransformerBlock(GradientCheckpointingLayer):
     """
     PaLM's parallel transformer block (the original of zeta's `TransformerBlock`: `palm_rlhf_pytorch`'s
@@ -139,6 +116,9 @@ class TransformerBlock(GradientCheckpointingLayer):
         xpos_offset (`int`, keyword-only): the position at which the xpos scale is 1. It cancels in attention scores
             (outputs do not depend on it); it bounds the range of finite xpos scales, which in half precision is a
             few thousand positions either side of it.
+        rope_theta (`float`, keyword-only): rotary base.
+        hidden_act (`str`, keyword-only): activation of the SwiGLU gate (`"silu"`, as PaLM).
+        layer_norm_eps (`float`, keyword-only): epsilon of the bias-free LayerNorm.
 
     Example:
         >>> block = TransformerBlock(dim=512, dim_head=64, heads=8)
@@ -171,6 +151,9 @@ class TransformerBlock(GradientCheckpointingLayer):
         config: PreTrainedConfig | None = None,
         layer_idx: int = 0,
         xpos_offset: int = 0,
+        rope_theta: float = 10000.0,
+        hidden_act: str = "silu",
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
@@ -192,8 +175,10 @@ class TransformerBlock(GradientCheckpointingLayer):
         self.hidden_size = dim
         self.layer_idx = layer_idx
         self.xpos_offset = xpos_offset
-        self.input_layernorm = nn.LayerNorm(dim, bias=False)
-        self.rotary_emb = PalmERotaryEmbedding(dim_head, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base)
+        self.input_layernorm = nn.LayerNorm(dim, eps=layer_norm_eps, bias=False)
+        self.rotary_emb = PalmERotaryEmbedding(
+            dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
+        )
         self.self_attn = PalmEAttention(
             self.config,
             hidden_size=dim,
@@ -206,7 +191,7 @@ class TransformerBlock(GradientCheckpointingLayer):
             attention_dropout=attn_dropout,
             layer_idx=layer_idx,
         )
-        self.mlp = PalmESwiGLU(dim, dim * ff_mult, dropout=ff_dropout)
+        self.mlp = PalmEMLP(dim, dim * ff_mult, hidden_act, bias=False, gated=True, dropout=ff_dropout)
         self.finetune_modules = (
             None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
         )
@@ -412,22 +397,6 @@ class ParallelTransformerBlock(TransformerBlock):
         return kwargs
 
 
-class PalmEFeedForward(nn.Module):
-    """`Linear -> GELU -> Dropout -> Linear -> Dropout`, with biases (the Perceiver layer's feed-forward)."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.activation_fn = nn.GELU()
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`."""
-        hidden_states = self.dropout(self.activation_fn(self.fc1(hidden_states)))
-        return self.dropout(self.fc2(hidden_states))
-
-
 class PalmEPerceiverSublayer(nn.Module):
     """
     One of the `depth` layers of [`PerceiverLayer`], pre-norm with residuals: multi-query self-attention over the
@@ -467,7 +436,7 @@ class PalmEPerceiverSublayer(nn.Module):
             layer_idx=layer_idx,
         )
         self.mlp_layer_norm = nn.LayerNorm(dim)
-        self.mlp = PalmEFeedForward(dim, dim * ff_mult, dropout=ff_dropout)
+        self.mlp = PalmEMLP(dim, dim * ff_mult, dropout=ff_dropout, output_dropout=True)
 
     def forward(
         self,

@@ -1,6 +1,23 @@
 """PalmE model configuration: a ViT image encoder feeding a causal text decoder."""
 
+import difflib
+import inspect
+
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.generation import GenerationConfig
+
+BLOCK_TYPES = ("standard", "parallel", "hierarchical")
+VISION_INTEGRATIONS = ("cross_attention", "prefix")
+
+# Keys Transformers itself writes into a config.json or passes to a config's constructor (besides the fields of
+# `PreTrainedConfig`); a config accepts them next to its own arguments.
+TRANSFORMERS_CONFIG_KEYS = {
+    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "model_type", "auto_map",
+    "architectures", "attn_implementation", "experts_implementation", "torch_dtype", "dtype", "num_labels",
+    "output_attentions", "output_hidden_states", "return_dict", "use_cache", "tie_word_embeddings",
+    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+} | set(GenerationConfig._get_default_generation_params())
 
 
 def check_positive_ints(owner: str | None = None, **values):
@@ -9,6 +26,36 @@ def check_positive_ints(owner: str | None = None, **values):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             where = f"{owner}: " if owner else ""
             raise ValueError(f"{where}`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_options(owner: str, bools: dict | None = None, positives: dict | None = None, dropouts: dict | None = None):
+    """Raises a `ValueError` naming the first option that is not a `bool`, a positive number or a probability."""
+    for name, value in (bools or {}).items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}.")
+    for name, value in (positives or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{owner}: `{name}` must be a positive number, got {value!r}.")
+    for name, value in (dropouts or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{owner}: `{name}` must be a dropout probability in [0, 1), got {value!r}.")
+
+
+def check_activation(owner: str, name: str, value: str):
+    if value not in ACT2FN:
+        raise ValueError(f"{owner}: `{name}` must be one of Transformers' activations {sorted(ACT2FN)}, got {value!r}.")
+
+
+def check_known_keys(config: PreTrainedConfig, kwargs: dict, derived: tuple[str, ...] = ()):
+    """Raises a `ValueError` for a keyword argument that neither `config`'s class nor Transformers knows, naming the
+    closest option (a misspelt option would otherwise be kept as an attribute and silently ignored). `derived` are
+    the attributes the config computes and saves, which come back when it is loaded."""
+    options = sorted(set(inspect.signature(type(config).__init__).parameters) | set(derived))
+    for key in kwargs:
+        if key not in options and key not in TRANSFORMERS_CONFIG_KEYS:
+            closest = difflib.get_close_matches(key, options, n=1)
+            hint = f" Did you mean `{closest[0]}`?" if closest else ""
+            raise ValueError(f"{type(config).__name__} has no option `{key}`.{hint}")
 
 
 class PalmEVisionConfig(PreTrainedConfig):
@@ -60,9 +107,11 @@ class PalmEVisionConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        name = type(self).__name__
+        check_known_keys(self, kwargs)
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         check_positive_ints(
-            type(self).__name__,
+            name,
             image_size=image_size,
             patch_size=patch_size,
             num_channels=num_channels,
@@ -72,10 +121,14 @@ class PalmEVisionConfig(PreTrainedConfig):
             head_dim=head_dim,
             intermediate_size=intermediate_size,
         )
+        check_options(
+            name,
+            positives={"layer_norm_eps": layer_norm_eps, "initializer_range": initializer_range},
+            dropouts={"attention_dropout": attention_dropout},
+        )
+        check_activation(name, "hidden_act", hidden_act)
         if image_size % patch_size != 0:
-            raise ValueError(
-                f"{type(self).__name__}: `image_size` ({image_size}) must be divisible by `patch_size` ({patch_size})."
-            )
+            raise ValueError(f"{name}: `image_size` ({image_size}) must be divisible by `patch_size` ({patch_size}).")
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_channels = num_channels
@@ -97,9 +150,12 @@ class PalmEVisionConfig(PreTrainedConfig):
 
 class PalmETextConfig(PreTrainedConfig):
     r"""
-    Configuration of the PalmE text decoder. Each layer is pre-norm self-attention, then (with
-    `add_cross_attention`) cross-attention to the image features, then a feed-forward, each with a residual; a final
-    LayerNorm and a biased language-model head follow, as in the reference x-transformers `Decoder`.
+    Configuration of the PalmE text decoder. Each layer is a block (`block_type`), followed, with
+    `add_cross_attention`, by pre-norm cross-attention to the image features; a final LayerNorm and a biased
+    language-model head follow, as in the reference x-transformers `Decoder`.
+
+    Every option is honoured by every block type that accepts it; an option a block type does not have is refused
+    with a `ValueError` (README.md has the table). Options left at `None` take the block type's own default.
 
     Args:
         vocab_size (`int`, defaults to 20000): number of tokens.
@@ -108,40 +164,42 @@ class PalmETextConfig(PreTrainedConfig):
         num_attention_heads (`int`, defaults to 8): attention heads per layer.
         head_dim (`int`, defaults to 64): width of each head.
         intermediate_size (`int`, *optional*): feed-forward width, `4 * hidden_size` by default.
-        hidden_act (`str`, defaults to `"gelu"`): feed-forward activation.
-        layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
+        hidden_act (`str`, *optional*): feed-forward activation: `"gelu"` (standard, hierarchical), or the gate's
+            activation of the parallel block's SwiGLU, `"silu"`.
+        layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm (the hierarchical block's RMS norms
+            have none).
         max_position_embeddings (`int`, defaults to 1024): longest sequence with absolute positions; the centre of
             the xpos scale by default.
         use_absolute_position_embeddings (`bool`, defaults to `False`): add learned absolute positions (scaled by
             `hidden_size ** -0.5`) to the token embeddings. Sequences are then limited to `max_position_embeddings`.
-        alibi_num_heads (`int`, defaults to 4): ALiBi bias on the first `alibi_num_heads` self-attention heads
-            (0 turns ALiBi off).
-        use_rotary (`bool`, defaults to `True`): rotary embeddings in self-attention.
-        rotary_dim (`int`, *optional*): number of features of each head that are rotated, `max(head_dim // 2, 32)`
-            (at most `head_dim`) by default.
+        alibi_num_heads (`int`, *optional*): ALiBi bias on the first `alibi_num_heads` self-attention heads of the
+            standard layer, 4 by default (0 turns ALiBi off); the blocks have none.
+        use_rotary (`bool`, defaults to `True`): rotary embeddings in self-attention (the blocks always rotate).
+        rotary_dim (`int`, *optional*): number of features of each head that are rotated: `max(head_dim // 2, 32)`
+            (at most `head_dim`) in the standard layer, the whole head in the blocks.
         rope_theta (`float`, defaults to 10000.0): rotary base.
-        use_xpos (`bool`, defaults to `True`): xpos length-extrapolation scaling of the rotated features.
+        use_xpos (`bool`, *optional*): xpos length-extrapolation scaling of the rotated features; on by default,
+            except in the hierarchical block's window attention (as in its reference).
         xpos_scale_base (`int`, defaults to 512): xpos scale base.
         xpos_offset (`int`, *optional*): the position at which the xpos scale is 1, `max_position_embeddings // 2` by
             default. It cancels in query-key products; it matters only with `rotate_values`.
-        rotate_values (`bool`, defaults to `False`): also rotate (and xpos-scale, with the key scale) the values, as
-            the zeta reference does. Only the zeta converter turns this on.
+        rotate_values (`bool`, defaults to `False`): standard layer only: also rotate (and xpos-scale, with the key
+            scale) the values, as the zeta reference does. Only the zeta converter turns this on.
         qk_norm (`bool`, defaults to `False`): l2-normalise queries and keys per head, with learned per-feature gains,
             and use `qk_norm_scale` as the attention scale.
         qk_norm_scale (`float`, defaults to 10.0): attention scale with `qk_norm`.
-        add_cross_attention (`bool`, defaults to `True`): cross-attention to image features in every layer.
+        add_cross_attention (`bool`, defaults to `True`): cross-attention to image features in every layer. Inside a
+            [`PalmEConfig`] it follows `vision_integration`.
         cross_attention_hidden_size (`int`, *optional*): width of the image features, `hidden_size` by default.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         initializer_range (`float`, defaults to 0.02): standard deviation of the weight initialisation.
         block_type (`str`, defaults to `"standard"`): the decoder layer.
-            `"standard"`: the reference layer above (ALiBi, partial rotary/xpos, GELU feed-forward).
+            `"standard"`: the reference layer (ALiBi, partial rotary/xpos, GELU feed-forward).
             `"parallel"`: PaLM's parallel block ([`TransformerBlock`]): multi-query attention with rotary/xpos over
             the whole head (query/key normalisation with `qk_norm`) in parallel with a SwiGLU feed-forward of width
             `intermediate_size`.
-            `"hierarchical"`: [`HierarchicalBlock`]: token shift, full (rotary with xpos) or local-window
-            (`window_size`, plain rotary) attention, axial grouping by `compress_factor // stride`, a GELU
-            feed-forward of width `intermediate_size`; no query/key normalisation or attention dropout.
-            Cross-attention to the image follows the block in every layer, whatever its type.
+            `"hierarchical"`: [`HierarchicalBlock`]: token shift, full or local-window (`window_size`) attention,
+            axial grouping by `compress_factor // stride`, a feed-forward of width `intermediate_size`.
         window_size (`int`, *optional*): local attention window of the hierarchical block (`None`: full attention).
         compress_factor (`int`, defaults to 1): compression of the hierarchical block, a power of two.
         stride (`int`, defaults to 1): stride of the hierarchical block.
@@ -151,6 +209,7 @@ class PalmETextConfig(PreTrainedConfig):
         pad_token_id (`int`, *optional*): the padding token, carried into the generation config.
         bos_token_id (`int`, *optional*): the beginning-of-sequence token, carried into the generation config.
         eos_token_id (`int` or `list[int]`, *optional*): the end-of-sequence token(s): `generate()` stops there.
+        tie_word_embeddings (`bool`, defaults to `False`): share the token embedding matrix with the LM head.
     """
 
     model_type = "palme_text"
@@ -205,15 +264,15 @@ class PalmETextConfig(PreTrainedConfig):
         num_attention_heads: int = 8,
         head_dim: int = 64,
         intermediate_size: int | None = None,
-        hidden_act: str = "gelu",
+        hidden_act: str | None = None,
         layer_norm_eps: float = 1e-5,
         max_position_embeddings: int = 1024,
         use_absolute_position_embeddings: bool = False,
-        alibi_num_heads: int = 4,
+        alibi_num_heads: int | None = None,
         use_rotary: bool = True,
         rotary_dim: int | None = None,
         rope_theta: float = 10000.0,
-        use_xpos: bool = True,
+        use_xpos: bool | None = None,
         xpos_scale_base: int = 512,
         xpos_offset: int | None = None,
         rotate_values: bool = False,
@@ -235,13 +294,22 @@ class PalmETextConfig(PreTrainedConfig):
         eos_token_id: int | list[int] | None = None,
         **kwargs,
     ):
+        name = type(self).__name__
+        check_known_keys(self, kwargs, derived=("layer_types", "sliding_window", "number_of_conv_states"))
+        if block_type not in BLOCK_TYPES:
+            raise ValueError(f"{name}: `block_type` must be one of {BLOCK_TYPES}, got {block_type!r}.")
+        is_standard = block_type == "standard"
+        # The block type's own defaults for the options left at None
+        hidden_act = ("silu" if block_type == "parallel" else "gelu") if hidden_act is None else hidden_act
+        alibi_num_heads = (4 if is_standard else 0) if alibi_num_heads is None else alibi_num_heads
+        if rotary_dim is None:
+            rotary_dim = min(head_dim, max(head_dim // 2, 32)) if is_standard else head_dim
+        if use_xpos is None:
+            use_xpos = use_rotary and not (block_type == "hierarchical" and window_size is not None)
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
         cross_attention_hidden_size = hidden_size if cross_attention_hidden_size is None else cross_attention_hidden_size
-        if rotary_dim is None:
-            # the blocks rotate the whole head; the reference layer the first max(head_dim // 2, 32) features
-            rotary_dim = min(head_dim, max(head_dim // 2, 32)) if block_type == "standard" else head_dim
         xpos_offset = max_position_embeddings // 2 if xpos_offset is None else xpos_offset
-        name = type(self).__name__
+
         check_positive_ints(
             name,
             vocab_size=vocab_size,
@@ -253,6 +321,30 @@ class PalmETextConfig(PreTrainedConfig):
             max_position_embeddings=max_position_embeddings,
             cross_attention_hidden_size=cross_attention_hidden_size,
         )
+        check_options(
+            name,
+            bools={
+                "use_absolute_position_embeddings": use_absolute_position_embeddings,
+                "use_rotary": use_rotary,
+                "use_xpos": use_xpos,
+                "rotate_values": rotate_values,
+                "qk_norm": qk_norm,
+                "add_cross_attention": add_cross_attention,
+                "use_cache": use_cache,
+                "tie_word_embeddings": tie_word_embeddings,
+            },
+            positives={
+                "layer_norm_eps": layer_norm_eps,
+                "rope_theta": rope_theta,
+                "xpos_scale_base": xpos_scale_base,
+                "qk_norm_scale": qk_norm_scale,
+                "initializer_range": initializer_range,
+            },
+            dropouts={"attention_dropout": attention_dropout},
+        )
+        check_activation(name, "hidden_act", hidden_act)
+        if not isinstance(xpos_offset, int) or isinstance(xpos_offset, bool):
+            raise ValueError(f"{name}: `xpos_offset` must be an integer position, got {xpos_offset!r}.")
         if not 0 <= alibi_num_heads <= num_attention_heads:
             raise ValueError(
                 f"{name}: `alibi_num_heads` ({alibi_num_heads}) must be between 0 and `num_attention_heads` "
@@ -262,15 +354,24 @@ class PalmETextConfig(PreTrainedConfig):
             raise ValueError(
                 f"{name}: `rotary_dim` ({rotary_dim}) must be even, positive and at most `head_dim` ({head_dim})."
             )
-        if use_xpos and not use_rotary:
-            raise ValueError(f"{name}: `use_xpos=True` needs `use_rotary=True`.")
-        if rotate_values and not use_rotary:
-            raise ValueError(f"{name}: `rotate_values=True` needs `use_rotary=True`.")
-        if use_xpos and xpos_scale_base <= 0:
-            raise ValueError(f"{name}: `xpos_scale_base` must be positive, got {xpos_scale_base}.")
-        _check_block_options(
-            name, block_type, hidden_size, intermediate_size, head_dim, alibi_num_heads, use_rotary, rotary_dim,
-            rotate_values, window_size, compress_factor, stride,
+        for option, value in (("use_xpos", use_xpos), ("rotate_values", rotate_values)):
+            if value and not use_rotary:
+                raise ValueError(f"{name}: `{option}=True` needs `use_rotary=True`.")
+        check_block_options(
+            name,
+            block_type,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            head_dim=head_dim,
+            alibi_num_heads=alibi_num_heads,
+            use_rotary=use_rotary,
+            rotary_dim=rotary_dim,
+            rotate_values=rotate_values,
+            qk_norm=qk_norm,
+            attention_dropout=attention_dropout,
+            window_size=window_size,
+            compress_factor=compress_factor,
+            stride=stride,
         )
         block_key_value_heads = 1 if block_type == "parallel" else num_attention_heads
         if num_key_value_heads is not None and num_key_value_heads != block_key_value_heads:
@@ -290,11 +391,7 @@ class PalmETextConfig(PreTrainedConfig):
                     raise ValueError(
                         f"{name}: `{token_name}` must be None or a token id in [0, {vocab_size}), got {token_ids!r}."
                     )
-        if block_type == "hierarchical" and (qk_norm or attention_dropout):
-            raise ValueError(
-                f"{name}: the hierarchical block has no query/key normalisation or attention dropout; got "
-                f"`qk_norm={qk_norm}`, `attention_dropout={attention_dropout}`."
-            )
+
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -348,6 +445,10 @@ class PalmETextConfig(PreTrainedConfig):
                 setattr(self, key, layout[key])
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        return super().from_dict(upgrade_saved_text_config(config_dict), **kwargs)
+
     @property
     def base_model_tp_plan(self) -> dict[str, str]:
         """
@@ -363,7 +464,6 @@ class PalmETextConfig(PreTrainedConfig):
         return plan
 
 
-BLOCK_TYPES = ("standard", "parallel", "hierarchical")
 
 
 def hierarchical_cache_layout(window_size: int | None, compress_factor: int, stride: int) -> tuple[str, int | None, int]:
@@ -380,47 +480,64 @@ def hierarchical_cache_layout(window_size: int | None, compress_factor: int, str
     return "hybrid_sliding", window_size * (compress_factor // stride) + 1, 2
 
 
-def _check_block_options(
-    name, block_type, hidden_size, intermediate_size, head_dim, alibi_num_heads, use_rotary, rotary_dim,
-    rotate_values, window_size, compress_factor, stride,
-):
-    """The options each decoder block supports; an option a block would ignore is an error."""
-    if block_type not in BLOCK_TYPES:
-        raise ValueError(f"{name}: `block_type` must be one of {BLOCK_TYPES}, got {block_type!r}.")
-    if block_type == "standard":
-        if window_size is not None or compress_factor != 1 or stride != 1:
+# The options only some block types have, with the value meaning "not used" (for `use_rotary`: the blocks always
+# rotate). README.md's option table lists the same.
+BLOCK_ONLY_OPTIONS = {
+    "alibi_num_heads": ({"standard"}, 0),
+    "rotate_values": ({"standard"}, False),
+    "use_rotary": ({"standard"}, True),
+    "qk_norm": ({"standard", "parallel"}, False),
+    "attention_dropout": ({"standard", "parallel"}, 0.0),
+    "window_size": ({"hierarchical"}, None),
+    "compress_factor": ({"hierarchical"}, 1),
+    "stride": ({"hierarchical"}, 1),
+}
+
+
+def check_block_options(name: str, block_type: str, **options):
+    """Refuses an option that `block_type` does not have (it would be ignored), and invalid block geometry."""
+    for option, (block_types, unused) in BLOCK_ONLY_OPTIONS.items():
+        if block_type not in block_types and options[option] != unused:
             raise ValueError(
-                f"{name}: `window_size`, `compress_factor` and `stride` are options of `block_type='hierarchical'`."
+                f"{name}: `block_type={block_type!r}` has no `{option}` (only {sorted(block_types)} do): it must be "
+                f"{unused!r}, got {options[option]!r}."
             )
-        return
-    if alibi_num_heads:
+    if block_type != "standard" and options["rotary_dim"] != options["head_dim"]:
         raise ValueError(
-            f"{name}: ALiBi is part of the standard layer; `block_type={block_type!r}` needs `alibi_num_heads=0`, "
-            f"got {alibi_num_heads}."
+            f"{name}: `block_type={block_type!r}` rotates the whole head: `rotary_dim` must be `head_dim` "
+            f"({options['head_dim']}), got {options['rotary_dim']}."
         )
-    if not use_rotary or rotary_dim != head_dim or rotate_values:
+    if block_type == "parallel" and options["intermediate_size"] % options["hidden_size"] != 0:
         raise ValueError(
-            f"{name}: `block_type={block_type!r}` rotates the whole head of queries and keys: it needs "
-            f"`use_rotary=True`, `rotary_dim=head_dim` ({head_dim}) and `rotate_values=False`."
+            f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` ({options['hidden_size']}); "
+            f"got `intermediate_size={options['intermediate_size']}`."
         )
-    if block_type == "parallel":
-        if intermediate_size % hidden_size != 0:
-            raise ValueError(
-                f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` ({hidden_size}); "
-                f"got `intermediate_size={intermediate_size}`."
-            )
-        if window_size is not None or compress_factor != 1 or stride != 1:
-            raise ValueError(
-                f"{name}: `window_size`, `compress_factor` and `stride` are options of `block_type='hierarchical'`."
-            )
-        return
-    if window_size is not None and (not isinstance(window_size, int) or window_size < 0):
-        raise ValueError(f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
-    check_positive_ints(name, compress_factor=compress_factor, stride=stride)
-    if compress_factor & (compress_factor - 1):
-        raise ValueError(f"{name}: `compress_factor` must be a power of two, got {compress_factor}.")
-    if stride > compress_factor or compress_factor % stride:
-        raise ValueError(f"{name}: `stride` ({stride}) must be a power of two dividing `compress_factor` ({compress_factor}).")
+    if block_type == "hierarchical":
+        window_size, compress_factor, stride = options["window_size"], options["compress_factor"], options["stride"]
+        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0):
+            raise ValueError(f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
+        check_positive_ints(name, compress_factor=compress_factor, stride=stride)
+        if compress_factor & (compress_factor - 1):
+            raise ValueError(f"{name}: `compress_factor` must be a power of two, got {compress_factor}.")
+        if stride > compress_factor or compress_factor % stride:
+            raise ValueError(f"{name}: `stride` ({stride}) must be a power of two dividing `compress_factor` ({compress_factor}).")
+
+
+def upgrade_saved_text_config(config_dict: dict) -> dict:
+    """
+    Maps a text config saved by palme-hf 0.1.0 onto today's options, so that the model it describes computes what it
+    computed then. 0.1.0 wrote no `num_key_value_heads`, and saved options its blocks ignored: `hidden_act="gelu"` for
+    the parallel block (which always ran SwiGLU's silu) and `use_xpos=True` for the hierarchical block's window
+    attention (which had no xpos).
+    """
+    if "num_key_value_heads" in config_dict or "chunk_size_feed_forward" not in config_dict:
+        return config_dict  # today's, or written by hand
+    config_dict = dict(config_dict)
+    if config_dict.get("block_type") == "parallel":
+        config_dict["hidden_act"] = "silu"
+    if config_dict.get("block_type") == "hierarchical" and config_dict.get("window_size") is not None:
+        config_dict["use_xpos"] = False
+    return config_dict
 
 
 # The reference `zeta.models.PalmE` constructor arguments, with its defaults.
@@ -444,32 +561,22 @@ ZETA_PALME_DEFAULTS = {
     "qk_norm": True,
 }
 
-VISION_INTEGRATIONS = ("cross_attention", "prefix")
-
 
 class PalmEConfig(PreTrainedConfig):
     r"""
-    Configuration of a PalmE model: `vision_config` ([`PalmEVisionConfig`]) and `text_config` ([`PalmETextConfig`]).
-
-    The reference's flat keyword arguments are accepted too, with the reference's defaults, and are mapped into the
-    sub-configurations, so `PalmEConfig(encoder_dim=1024, decoder_depth=8)` builds what
-    `zeta.models.PalmE(encoder_dim=1024, decoder_depth=8)` builds: `image_size`, `patch_size`, `encoder_dim`,
-    `encoder_depth`, `encoder_heads`, `num_tokens`, `max_seq_len`, `decoder_dim`, `decoder_depth`, `decoder_heads`,
-    `alibi_num_heads`, `use_abs_pos_emb`, `cross_attend`, `alibi_pos_bias`, `rotary_xpos`, `attn_flash` (selects the
-    `"sdpa"` attention implementation, `"eager"` when False) and `qk_norm`. A flat argument overrides the matching
-    field of a sub-configuration given alongside it.
+    Configuration of a PalmE model: the image encoder (`vision_config`, [`PalmEVisionConfig`]), the text decoder
+    (`text_config`, [`PalmETextConfig`]) and how the image reaches the text. To build what zeta's `PalmE(**kwargs)`
+    builds, use [`~PalmEConfig.from_zeta_kwargs`].
 
     Args:
         vision_config (`dict` or [`PalmEVisionConfig`], *optional*): the image encoder.
         text_config (`dict` or [`PalmETextConfig`], *optional*): the text decoder.
-        block_type (`str`, *optional*): shortcut for `text_config.block_type` (`"standard"`, `"parallel"`,
-            `"hierarchical"`); with a block other than the standard one, ALiBi is off unless asked for.
         vision_integration (`str`, defaults to `"cross_attention"`): how the image reaches the text.
-            `"cross_attention"`: every decoder layer cross-attends to the image features (the reference).
+            `"cross_attention"`: every decoder layer cross-attends to the image features (zeta's PalmE).
             `"prefix"`: as in the PaLM-E paper, the image features are projected to the decoder width and replace the
             `image_token_id` placeholder tokens of `input_ids` (one placeholder per image feature).
-        image_token_id (`int`, *optional*): the placeholder token of `"prefix"` integration, the last token of the
-            vocabulary by default.
+        image_token_id (`int`, *optional*): the placeholder token of `"prefix"` integration (required there): the id
+            of the `<image>` token added to the tokenizer, as [`PalmEProcessor`] adds it.
         num_latents (`int`, *optional*): when set, a Perceiver resampler (learned latents cross-attending to the
             patch features, `resampler_depth` [`PerceiverLayer`]s) turns each image into `num_latents` features
             before they reach the text, with either integration.
@@ -487,59 +594,53 @@ class PalmEConfig(PreTrainedConfig):
         image_token_id: int | None = None,
         num_latents: int | None = None,
         resampler_depth: int = 2,
-        block_type: str | None = None,
         **kwargs,
     ):
-        flat = {key: kwargs.pop(key) for key in list(kwargs) if key in ZETA_PALME_DEFAULTS}
-        if isinstance(vision_config, PalmEVisionConfig):
-            vision_config = vision_config.to_dict()
-        if isinstance(text_config, PalmETextConfig):
-            text_config = text_config.to_dict()
-        vision_kwargs = dict(vision_config or {})
-        text_kwargs = dict(text_config or {})
-        is_new = vision_config is None and text_config is None
-        if flat or is_new:
-            # Build from the reference's arguments: its defaults for everything not given.
-            reference = {**ZETA_PALME_DEFAULTS, **flat} if is_new else flat
-            vision_kwargs, text_kwargs, attn_implementation = _map_zeta_arguments(reference, vision_kwargs, text_kwargs)
-            # Only an explicit `attn_flash` requests a kernel; otherwise Transformers picks one (sdpa where available)
-            # and `set_attn_implementation` / `from_pretrained(attn_implementation=...)` change it.
-            if "attn_flash" in flat and kwargs.get("attn_implementation") is None:
-                kwargs["attn_implementation"] = attn_implementation
-        if block_type is not None:
-            text_kwargs["block_type"] = block_type
-            if block_type != "standard" and "alibi_num_heads" not in flat and "alibi_pos_bias" not in flat:
-                text_kwargs["alibi_num_heads"] = 0
-            if block_type == "hierarchical" and "qk_norm" not in flat:
-                text_kwargs["qk_norm"] = False
-        if "cross_attend" in flat:
-            flat_integration = "cross_attention" if flat["cross_attend"] else "prefix"
-            if vision_integration != "cross_attention" and vision_integration != flat_integration:
-                raise ValueError(
-                    f"`cross_attend={flat['cross_attend']}` contradicts `vision_integration={vision_integration!r}`."
-                )
-            vision_integration = flat_integration
-        if vision_integration not in VISION_INTEGRATIONS:
+        name = type(self).__name__
+        flat = sorted(set(kwargs) & (set(ZETA_PALME_DEFAULTS) | {"block_type"}))
+        if flat:
             raise ValueError(
-                f"`vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
+                f"{name} takes `vision_config` and `text_config`; {flat} are arguments of zeta's PalmE (or of a "
+                f"sub-configuration). Build zeta's PalmE with `PalmEConfig.from_zeta_kwargs({flat[0]}=...)`, or set "
+                "the option in `vision_config` / `text_config`."
             )
+        check_known_keys(self, kwargs, derived=("tie_word_embeddings",))
+        if vision_integration not in VISION_INTEGRATIONS:
+            raise ValueError(f"{name}: `vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}.")
         if num_latents is not None:
-            check_positive_ints(type(self).__name__, num_latents=num_latents, resampler_depth=resampler_depth)
-        self.num_latents = num_latents
-        self.resampler_depth = resampler_depth
-        self.vision_config = PalmEVisionConfig(**vision_kwargs)
-        text_kwargs["add_cross_attention"] = vision_integration == "cross_attention"
+            check_positive_ints(name, num_latents=num_latents, resampler_depth=resampler_depth)
+
+        if isinstance(vision_config, dict):
+            vision_config = PalmEVisionConfig(**vision_config)
+        self.vision_config = PalmEVisionConfig() if vision_config is None else vision_config
+        text_kwargs = text_config.to_dict() if isinstance(text_config, PalmETextConfig) else dict(text_config or {})
+        text_kwargs = upgrade_saved_text_config(text_kwargs)
+        add_cross_attention = vision_integration == "cross_attention"
+        if text_kwargs.setdefault("add_cross_attention", add_cross_attention) != add_cross_attention:
+            raise ValueError(
+                f"{name}: `text_config.add_cross_attention={text_kwargs['add_cross_attention']}` contradicts "
+                f"`vision_integration={vision_integration!r}`, which sets it."
+            )
         text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
         self.text_config = PalmETextConfig(**text_kwargs)
-        self.vision_integration = vision_integration
+
+        vocab_size = self.text_config.vocab_size
         if vision_integration == "prefix" and image_token_id is None:
-            image_token_id = self.text_config.vocab_size - 1
-        if image_token_id is not None and not 0 <= image_token_id < self.text_config.vocab_size:
             raise ValueError(
-                f"`image_token_id` ({image_token_id}) must be a token of the vocabulary "
-                f"(0 to {self.text_config.vocab_size - 1})."
+                f"{name}: `vision_integration='prefix'` needs `image_token_id`, the id of the `<image>` token: add it "
+                "to the tokenizer (PalmEProcessor does) and grow the vocabulary to hold it."
             )
+        if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id < vocab_size):
+            raise ValueError(f"{name}: `image_token_id` ({image_token_id!r}) must be a token id in [0, {vocab_size}).")
+        tie_word_embeddings = kwargs.pop("tie_word_embeddings", self.text_config.tie_word_embeddings)
+        if tie_word_embeddings != self.text_config.tie_word_embeddings:
+            raise ValueError(f"{name}: set `tie_word_embeddings` in `text_config`, the decoder's option.")
+        # Transformers reads it here to tie the language-model head to the token embeddings.
+        self.tie_word_embeddings = tie_word_embeddings
+        self.vision_integration = vision_integration
         self.image_token_id = image_token_id
+        self.num_latents = num_latents
+        self.resampler_depth = resampler_depth
         super().__init__(**kwargs)
 
     @property
@@ -547,51 +648,56 @@ class PalmEConfig(PreTrainedConfig):
         """How many image features the text receives: one per latent with a resampler, else one per patch."""
         return self.num_latents if self.num_latents is not None else self.vision_config.num_patches
 
+    @classmethod
+    def from_zeta_kwargs(cls, **zeta_kwargs) -> "PalmEConfig":
+        """
+        The configuration of zeta's `PalmE(**zeta_kwargs)`: its keyword arguments (`image_size`, `patch_size`,
+        `encoder_dim`, `encoder_depth`, `encoder_heads`, `num_tokens`, `max_seq_len`, `decoder_dim`, `decoder_depth`,
+        `decoder_heads`, `alibi_num_heads`, `use_abs_pos_emb`, `cross_attend`, `alibi_pos_bias`, `rotary_xpos`,
+        `attn_flash`, `qk_norm`), missing ones at zeta's defaults, with what each means there:
 
-def _map_zeta_arguments(reference: dict, vision_kwargs: dict, text_kwargs: dict) -> tuple[dict, dict, str | None]:
-    """Maps the reference `PalmE` keyword arguments onto the sub-configurations' keyword arguments and the attention
-    implementation (`cross_attend` is handled by the caller)."""
-    vision_keys = {
-        "image_size": "image_size",
-        "patch_size": "patch_size",
-        "encoder_dim": "hidden_size",
-        "encoder_depth": "num_hidden_layers",
-        "encoder_heads": "num_attention_heads",
-    }
-    text_keys = {
-        "num_tokens": "vocab_size",
-        "max_seq_len": "max_position_embeddings",
-        "decoder_dim": "hidden_size",
-        "decoder_depth": "num_hidden_layers",
-        "decoder_heads": "num_attention_heads",
-        "qk_norm": "qk_norm",
-    }
-    vision_kwargs = dict(vision_kwargs)
-    text_kwargs = dict(text_kwargs)
-    for zeta_key, key in vision_keys.items():
-        if zeta_key in reference:
-            vision_kwargs[key] = reference[zeta_key]
-    for zeta_key, key in text_keys.items():
-        if zeta_key in reference:
-            text_kwargs[key] = reference[zeta_key]
-    if "encoder_dim" in reference:
-        text_kwargs["cross_attention_hidden_size"] = reference["encoder_dim"]
-    if "rotary_xpos" in reference:
-        text_kwargs["use_rotary"] = text_kwargs["use_xpos"] = bool(reference["rotary_xpos"])
-    if reference.get("alibi_pos_bias") is False:
-        text_kwargs["alibi_num_heads"] = 0
-    elif "alibi_num_heads" in reference:
-        text_kwargs["alibi_num_heads"] = reference["alibi_num_heads"]
-    elif reference.get("alibi_pos_bias") and not text_kwargs.get("alibi_num_heads"):
-        text_kwargs["alibi_num_heads"] = ZETA_PALME_DEFAULTS["alibi_num_heads"]
-    if "use_abs_pos_emb" in reference:
-        # The reference adds absolute positions only when the decoder has no rotary embedding.
-        use_rotary = text_kwargs.get("use_rotary", True)
-        text_kwargs["use_absolute_position_embeddings"] = bool(reference["use_abs_pos_emb"]) and not use_rotary
-    attn_implementation = None
-    if "attn_flash" in reference:
-        attn_implementation = "sdpa" if reference["attn_flash"] else "eager"
-    return vision_kwargs, text_kwargs, attn_implementation
+        - `attn_flash` selects the kernel: `"sdpa"` when True, `"eager"` when False (same results);
+        - `qk_norm` has no effect in zeta's PalmE, so query/key normalisation stays off;
+        - `use_abs_pos_emb` adds absolute positions only without rotary embeddings (`rotary_xpos=False`), as zeta;
+        - `cross_attend=False` (which zeta cannot run) gives `"prefix"` integration, with the image placeholder as a
+          token added after zeta's `num_tokens` (`image_token_id = num_tokens`, vocabulary `num_tokens + 1`).
+
+        The zeta converter adds the reference's quirks on top (value rotation, a fixed xpos offset).
+        """
+        unknown = sorted(set(zeta_kwargs) - set(ZETA_PALME_DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"zeta's PalmE does not take the keyword arguments {unknown}; it takes {sorted(ZETA_PALME_DEFAULTS)}."
+            )
+        zeta = {**ZETA_PALME_DEFAULTS, **zeta_kwargs}
+        rotary = zeta["rotary_xpos"]
+        vision_config = {
+            "image_size": zeta["image_size"],
+            "patch_size": zeta["patch_size"],
+            "hidden_size": zeta["encoder_dim"],
+            "num_hidden_layers": zeta["encoder_depth"],
+            "num_attention_heads": zeta["encoder_heads"],
+        }
+        text_config = {
+            "vocab_size": zeta["num_tokens"] + (0 if zeta["cross_attend"] else 1),
+            "max_position_embeddings": zeta["max_seq_len"],
+            "hidden_size": zeta["decoder_dim"],
+            "num_hidden_layers": zeta["decoder_depth"],
+            "num_attention_heads": zeta["decoder_heads"],
+            "cross_attention_hidden_size": zeta["encoder_dim"],
+            "alibi_num_heads": zeta["alibi_num_heads"] if zeta["alibi_pos_bias"] else 0,
+            "use_rotary": rotary,
+            "use_xpos": rotary,
+            "use_absolute_position_embeddings": zeta["use_abs_pos_emb"] and not rotary,
+            "qk_norm": False,
+        }
+        return cls(
+            vision_config=vision_config,
+            text_config=text_config,
+            vision_integration="cross_attention" if zeta["cross_attend"] else "prefix",
+            image_token_id=None if zeta["cross_attend"] else zeta["num_tokens"],
+            attn_implementation="sdpa" if zeta["attn_flash"] else "eager",
+        )
 
 
 __all__ = ["PalmEConfig", "PalmETextConfig", "PalmEVisionConfig"]

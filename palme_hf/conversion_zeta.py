@@ -7,7 +7,7 @@ import os
 import torch
 
 from .blocks_palme import check_state_dict_shapes
-from .configuration_palme import ZETA_PALME_DEFAULTS, PalmEConfig
+from .configuration_palme import PalmEConfig
 from .layers_palme import PalmERotaryEmbedding
 from .modeling_palme import PalmEForConditionalGeneration
 
@@ -26,22 +26,16 @@ def zeta_palme_config(zeta_kwargs: dict) -> PalmEConfig:
       `text_config.xpos_offset`;
     - `qk_norm` is off whatever the kwargs say: the reference passes it where nothing reads it.
     """
-    unknown = sorted(set(zeta_kwargs) - set(ZETA_PALME_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"zeta's PalmE does not take the keyword arguments {unknown}; it takes {sorted(ZETA_PALME_DEFAULTS)}."
-        )
-    kwargs = {**ZETA_PALME_DEFAULTS, **zeta_kwargs}
-    if not kwargs["cross_attend"]:
+    if not zeta_kwargs.get("cross_attend", True):
         raise ValueError(
             "`cross_attend=False`: zeta's PalmE cannot run such a model (its forward always passes the image as "
             "cross-attention context), so there is no trained behaviour to convert. Build a palme_hf model with "
-            "`PalmEConfig(cross_attend=False)` and train it instead."
+            "`PalmEConfig.from_zeta_kwargs(cross_attend=False)` and train it instead."
         )
-    config = PalmEConfig(**{**kwargs, "qk_norm": False})
+    config = PalmEConfig.from_zeta_kwargs(**zeta_kwargs)
     if config.text_config.use_rotary:
         config.text_config.rotate_values = True
-        config.text_config.xpos_offset = kwargs["max_seq_len"] // 2
+        config.text_config.xpos_offset = config.text_config.max_position_embeddings // 2
     return config
 
 

@@ -6,7 +6,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttentionCacheLayerMixin
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -16,7 +15,7 @@ from transformers.utils import TransformersKwargs
 from .blocks_palme import attention_config, check_hidden_states, check_state_dict_shapes
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints, hierarchical_cache_layout
-from .layers_palme import PalmEAttention, PalmERotaryEmbedding, add_bias_to_mask
+from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding, add_bias_to_mask
 
 
 class HierarchicalRMSNorm(nn.Module):
@@ -29,19 +28,6 @@ class HierarchicalRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(hidden_states, dim=-1) * self.scale * self.weight
-
-
-class HierarchicalMLP(nn.Module):
-    """Feed-forward: bias-free `Linear -> GELU -> Linear`."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.activation_fn = ACT2FN["gelu"]
-        self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
 
 
 def token_shift(
@@ -174,7 +160,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             none.
         compress_factor (`int`): a power of two; with `stride`, sets the number of groups.
         stride (`int`): a power of two dividing `compress_factor`; `group_size = compress_factor // stride`.
-        ff_mult (`int` or `float`): the feed-forward's inner width is `int(dim * ff_mult)`.
+        ff_mult (`int` or `float`): the feed-forward's inner width is `dim * ff_mult`, an integer.
         attn_implementation (`str`, *optional*, keyword-only): `"sdpa"` (default) or `"eager"`; the results are the
             same. Changeable later through `block.config._attn_implementation`.
         config (`PreTrainedConfig`, *optional*, keyword-only): a model config whose `_attn_implementation` is read at
@@ -183,6 +169,12 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         xpos_offset (`int`, keyword-only): full attention only: the group step at which the xpos scale is 1. It
             cancels in attention scores (outputs do not depend on it); it bounds the range of finite xpos scales,
             which in half precision is a few thousand steps either side of it.
+        rope_theta (`float`, keyword-only): rotary base.
+        hidden_act (`str`, keyword-only): the feed-forward's activation (`"gelu"`, as the reference).
+        use_xpos (`bool`, *optional*, keyword-only): xpos scaling of the rotated queries and keys; by default on for
+            full attention and off for window attention, as in the reference.
+        xpos_scale_base (`int`, keyword-only): xpos scale base (512, as the reference).
+        layer_norm_eps (`float`, keyword-only): epsilon of the window attention's LayerNorm.
 
     Example:
         >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
@@ -204,6 +196,11 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         config: PreTrainedConfig | None = None,
         layer_idx: int = 0,
         xpos_offset: int = 0,
+        rope_theta: float = 10000.0,
+        hidden_act: str = "gelu",
+        use_xpos: bool | None = None,
+        xpos_scale_base: int = 512,
+        layer_norm_eps: float = 1e-5,
     ):
         super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, compress_factor=compress_factor, stride=stride)
@@ -219,8 +216,11 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             raise ValueError(f"`window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
         if dim_head % 2 != 0:
             raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
-        if int(dim * ff_mult) <= 0:
-            raise ValueError(f"The feed-forward width `int(dim * ff_mult)` must be positive, got ff_mult={ff_mult!r}.")
+        intermediate_size = round(dim * ff_mult)
+        if intermediate_size <= 0 or abs(intermediate_size - dim * ff_mult) > 1e-6:
+            raise ValueError(
+                f"The feed-forward width `dim * ff_mult` must be a positive integer, got {dim} * {ff_mult!r}."
+            )
 
         self.hidden_size = dim
         self.window_size = window_size
@@ -245,8 +245,13 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         self.self_attn = None
         if self.has_attention:
             is_full_attention = window_size is None
-            self.self_attn_norm = HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim)
-            self.rotary_emb = PalmERotaryEmbedding(dim_head, use_xpos=is_full_attention, xpos_scale_base=512)
+            self.self_attn_norm = HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim, eps=layer_norm_eps)
+            self.rotary_emb = PalmERotaryEmbedding(
+                dim_head,
+                base=rope_theta,
+                use_xpos=is_full_attention if use_xpos is None else use_xpos,
+                xpos_scale_base=xpos_scale_base,
+            )
             # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer), which a
             # checkpoint carries: keep them in the state dict.
             self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
@@ -254,7 +259,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 self.config, hidden_size=dim, num_heads=heads, head_dim=dim_head, is_causal=True, layer_idx=layer_idx
             )
         self.mlp_norm = HierarchicalRMSNorm(dim)
-        self.mlp = HierarchicalMLP(dim, int(dim * ff_mult))
+        self.mlp = PalmEMLP(dim, intermediate_size, hidden_act, bias=False)
 
     @accept_past_key_values
     def forward(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
@@ -360,3 +361,50 @@ class PalmEAttention(nn.Module):
         if adapters is not None:
             output = output + adapters[3](attn_output)
         return output, attn_weights
+
+
+class PalmEMLP(nn.Module):
+    """
+    The feed-forward of every PalmE layer and block. Plain: `fc2(dropout(act(fc1(x))))`; gated (PaLM's SwiGLU, with
+    `hidden_act="silu"`): `down_proj(dropout(act(gate_proj(x)) * up_proj(x)))`.
+
+    Args:
+        hidden_size (`int`): width of the input and output.
+        intermediate_size (`int`): width of the inner layer.
+        hidden_act (`str`): the activation (of the gate, when gated), a key of Transformers' `ACT2FN`.
+        bias (`bool`): biases in the linear layers.
+        gated (`bool`): a gated linear unit (`gate_proj`, `up_proj`, `down_proj`) rather than `fc1`, `fc2`.
+        dropout (`float`): dropout on the inner activations while training.
+        output_dropout (`bool`): the same dropout on the output too (the Perceiver layer's feed-forward).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "gelu",
+        bias: bool = True,
+        gated: bool = False,
+        dropout: float = 0.0,
+        output_dropout: bool = False,
+    ):
+        super().__init__()
+        self.gated = gated
+        if gated:
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        else:
+            self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.activation_fn = ACT2FN[hidden_act]
+        self.dropout = nn.Dropout(dropout)
+        self.output_dropout = nn.Dropout(dropout) if output_dropout else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, seq_len, hidden_size)`."""
+        if self.gated:
+            inner = self.activation_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+            return self.output_dropout(self.down_proj(self.dropout(inner)))
+        inner = self.activation_fn(self.fc1(hidden_states))
+        return self.output_dropout(self.fc2(self.dropout(inner)))

@@ -7,7 +7,6 @@ import torch
 from einops import rearrange
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
@@ -32,6 +31,7 @@ from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
+    PalmEMLP,
     PalmEQKNorm,
     PalmERotaryEmbedding,
     add_bias_to_mask,
@@ -88,19 +88,6 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
         raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
 
 
-class PalmEMLP(nn.Module):
-    """Feed-forward: `Linear -> activation -> Linear`, with biases."""
-
-    def __init__(self, config: PalmEVisionConfig | PalmETextConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.activation_fn = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_fn(self.fc1(hidden_states)))
-
-
 class PalmEVisionEmbeddings(nn.Module):
     """
     Patch embedding: each `patch_size x patch_size` patch, flattened as `(row, column, channel)`, is layer-normed,
@@ -146,7 +133,7 @@ class PalmEVisionEncoderLayer(GradientCheckpointingLayer):
             attention_dropout=config.attention_dropout,
         )
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = PalmEMLP(config)
+        self.mlp = PalmEMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), **kwargs)
@@ -219,7 +206,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         )
         self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
         self.mlp_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = PalmEMLP(config)
+        self.mlp = PalmEMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     @accept_past_key_values
     def forward(
@@ -268,6 +255,9 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 config=config,
                 layer_idx=layer_idx,
                 xpos_offset=config.xpos_offset,
+                rope_theta=config.rope_theta,
+                hidden_act=config.hidden_act,
+                layer_norm_eps=config.layer_norm_eps,
             )
         else:
             self.block = HierarchicalBlock(
@@ -281,6 +271,11 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 config=config,
                 layer_idx=layer_idx,
                 xpos_offset=config.xpos_offset,
+                rope_theta=config.rope_theta,
+                hidden_act=config.hidden_act,
+                use_xpos=config.use_xpos,
+                xpos_scale_base=config.xpos_scale_base,
+                layer_norm_eps=config.layer_norm_eps,
             )
         self.block_adds_residual = config.block_type == "hierarchical"
         self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
@@ -724,6 +719,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 
     config: PalmETextConfig
     input_modalities = ("text",)
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_model|resampler|multi_modal_projector)\."]
@@ -795,6 +791,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
 
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 

@@ -8,7 +8,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from palme_hf import ParallelTransformerBlock, PerceiverLayer, TransformerBlock
 
-from conftest import fixture_path
+from helpers import fixture_path
 
 PARITY_ATOL = 1e-5
 CACHE_ATOL = 1e-5

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import FIXTURES
+from helpers import FIXTURES
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
@@ -12,60 +12,112 @@ from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmETextConfig
 
 
 def test_defaults_are_the_references():
-    config = PalmEConfig()
-    vision, text = config.vision_config, config.text_config
-    assert (vision.image_size, vision.patch_size, vision.hidden_size) == (256, 32, 512)
-    assert (vision.num_hidden_layers, vision.num_attention_heads) == (6, 8)
-    assert (text.vocab_size, text.max_position_embeddings, text.hidden_size) == (20000, 1024, 512)
-    assert (text.num_hidden_layers, text.num_attention_heads, text.head_dim) == (6, 8, 64)
-    assert text.alibi_num_heads == 4 and text.use_rotary and text.use_xpos and text.rotary_dim == 32
-    assert text.qk_norm is True and text.use_absolute_position_embeddings is False
-    assert config.vision_integration == "cross_attention" and text.add_cross_attention
-    assert config._attn_implementation_internal is None  # no kernel pinned: Transformers picks one, users change it
+    for config in (PalmEConfig(), PalmEConfig.from_zeta_kwargs()):
+        vision, text = config.vision_config, config.text_config
+        assert (vision.image_size, vision.patch_size, vision.hidden_size) == (256, 32, 512)
+        assert (vision.num_hidden_layers, vision.num_attention_heads) == (6, 8)
+        assert (text.vocab_size, text.max_position_embeddings, text.hidden_size) == (20000, 1024, 512)
+        assert (text.num_hidden_layers, text.num_attention_heads, text.head_dim) == (6, 8, 64)
+        assert text.alibi_num_heads == 4 and text.use_rotary and text.use_xpos and text.rotary_dim == 32
+        # zeta's qk_norm reaches nothing in its PalmE: query/key normalisation is off
+        assert text.qk_norm is False and text.use_absolute_position_embeddings is False
+        assert config.vision_integration == "cross_attention" and text.add_cross_attention
+    assert PalmEConfig()._attn_implementation_internal is None  # no kernel pinned: Transformers picks, users change
 
 
-def test_flat_arguments_map_into_sub_configs():
-    config = PalmEConfig(encoder_dim=1024, encoder_depth=8, decoder_dim=768, decoder_depth=8, attn_flash=False)
+def test_zeta_kwargs_map_into_sub_configs():
+    config = PalmEConfig.from_zeta_kwargs(
+        encoder_dim=1024, encoder_depth=8, decoder_dim=768, decoder_depth=8, attn_flash=False
+    )
     assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 8
     assert config.text_config.hidden_size == 768 and config.text_config.num_hidden_layers == 8
     assert config.text_config.cross_attention_hidden_size == 1024
-    assert config._attn_implementation == "eager"
-    assert config.text_config._attn_implementation == "eager"
+    assert config._attn_implementation == "eager" and config.text_config._attn_implementation == "eager"
 
 
-def test_flat_switches():
-    config = PalmEConfig(alibi_pos_bias=False, rotary_xpos=False, use_abs_pos_emb=True, qk_norm=False)
-    text = config.text_config
+def test_zeta_switches():
+    text = PalmEConfig.from_zeta_kwargs(alibi_pos_bias=False, rotary_xpos=False, use_abs_pos_emb=True).text_config
     assert text.alibi_num_heads == 0 and not text.use_rotary and not text.use_xpos
-    assert text.use_absolute_position_embeddings and not text.qk_norm
+    assert text.use_absolute_position_embeddings
     # as in the reference, absolute positions are only added when there is no rotary embedding
-    assert not PalmEConfig(use_abs_pos_emb=True).text_config.use_absolute_position_embeddings
-    prefix = PalmEConfig(cross_attend=False, num_tokens=100)
+    assert not PalmEConfig.from_zeta_kwargs(use_abs_pos_emb=True).text_config.use_absolute_position_embeddings
+    prefix = PalmEConfig.from_zeta_kwargs(cross_attend=False, num_tokens=100)
     assert prefix.vision_integration == "prefix" and not prefix.text_config.add_cross_attention
-    assert prefix.image_token_id == 99
+    # the placeholder is a token of its own, after zeta's vocabulary: it shadows no word
+    assert prefix.image_token_id == 100 and prefix.text_config.vocab_size == 101
+    with pytest.raises(ValueError, match="does not take.*encoder_width"):
+        PalmEConfig.from_zeta_kwargs(encoder_width=3)
 
 
-def test_flat_argument_overrides_sub_config():
-    config = PalmEConfig(text_config={"hidden_size": 64, "num_attention_heads": 2}, decoder_heads=4)
-    assert config.text_config.hidden_size == 64 and config.text_config.num_attention_heads == 4
+@pytest.mark.parametrize("flat", [{"encoder_dim": 1024}, {"cross_attend": False}, {"block_type": "parallel"}])
+def test_zeta_arguments_point_to_the_adapter(flat):
+    with pytest.raises(ValueError, match="from_zeta_kwargs"):
+        PalmEConfig(**flat)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "config_class, kwargs, message",
     [
-        ({"image_size": 250, "patch_size": 32}, "divisible"),
-        ({"alibi_num_heads": 9, "decoder_heads": 8}, "alibi_num_heads"),
-        ({"encoder_dim": 0}, "hidden_size"),
-        ({"decoder_depth": -1}, "num_hidden_layers"),
-        ({"num_tokens": 0}, "vocab_size"),
-        ({"vision_integration": "sideways"}, "vision_integration"),
-        ({"vision_integration": "prefix", "cross_attend": True}, "contradicts"),
-        ({"image_token_id": 20000}, "image_token_id"),
+        (PalmEVisionConfig, {"image_size": 250, "patch_size": 32}, "divisible"),
+        (PalmETextConfig, {"alibi_num_heads": 9}, "alibi_num_heads"),
+        (PalmEVisionConfig, {"hidden_size": 0}, "hidden_size"),
+        (PalmETextConfig, {"num_hidden_layers": -1}, "num_hidden_layers"),
+        (PalmETextConfig, {"vocab_size": 0}, "vocab_size"),
+        (PalmEConfig, {"vision_integration": "sideways"}, "vision_integration"),
+        (PalmEConfig, {"vision_integration": "prefix"}, "needs `image_token_id`"),
+        (PalmEConfig, {"image_token_id": 20000}, "image_token_id"),
+        (PalmEConfig, {"text_config": {"add_cross_attention": False}}, "contradicts"),
+        (PalmETextConfig, {"num_hiden_layers": 2}, "no option `num_hiden_layers`. Did you mean `num_hidden_layers`"),
+        (PalmEVisionConfig, {"patch_sise": 8}, "Did you mean `patch_size`"),
+        (PalmETextConfig, {"use_xpos": "false"}, "`use_xpos` must be True or False, got 'false'"),
+        (PalmETextConfig, {"qk_norm": 1}, "`qk_norm` must be True or False"),
+        (PalmETextConfig, {"rope_theta": 0}, "`rope_theta` must be a positive number"),
+        (PalmETextConfig, {"layer_norm_eps": -1e-5}, "`layer_norm_eps` must be a positive number"),
+        (PalmEVisionConfig, {"layer_norm_eps": 0.0}, "`layer_norm_eps` must be a positive number"),
+        (PalmETextConfig, {"attention_dropout": 1.0}, "dropout probability"),
+        (PalmETextConfig, {"hidden_act": "swishy"}, "hidden_act"),
     ],
 )
-def test_invalid_values_raise(kwargs, message):
+def test_invalid_values_raise(config_class, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        PalmEConfig(**kwargs)
+        config_class(**kwargs)
+
+
+def test_transformers_own_keys_stay_accepted():
+    config = PalmETextConfig(torch_dtype="float32", name_or_path="x", num_labels=2, max_length=20, output_attentions=True)
+    assert config.output_attentions
+
+
+@pytest.mark.parametrize(
+    "block_type, option, value",
+    [
+        ("parallel", "alibi_num_heads", 2),
+        ("hierarchical", "alibi_num_heads", 2),
+        ("parallel", "rotate_values", True),
+        ("parallel", "use_rotary", False),
+        ("hierarchical", "qk_norm", True),
+        ("hierarchical", "attention_dropout", 0.1),
+        ("standard", "window_size", 4),
+        ("parallel", "compress_factor", 2),
+        ("parallel", "rotary_dim", 32),
+        ("parallel", "intermediate_size", 700),
+    ],
+)
+def test_options_a_block_type_does_not_have_are_refused(block_type, option, value):
+    with pytest.raises(ValueError, match=f"block_type='{block_type}'.*{option}|{option}.*{block_type}|rotates the whole head|multiple"):
+        PalmETextConfig(block_type=block_type, **{option: value})
+
+
+def test_block_type_defaults():
+    parallel = PalmETextConfig(block_type="parallel")
+    assert (parallel.alibi_num_heads, parallel.rotary_dim, parallel.hidden_act, parallel.num_key_value_heads) == (
+        0, 64, "silu", 1
+    )
+    window = PalmETextConfig(block_type="hierarchical", window_size=8)
+    assert window.use_xpos is False and window.hidden_act == "gelu"  # the reference's window attention has no xpos
+    assert PalmETextConfig(block_type="hierarchical").use_xpos is True
+    with pytest.raises(ValueError, match="block_type"):
+        PalmETextConfig(block_type="diagonal")
 
 
 def test_invalid_rotary_dim_raises():
@@ -75,7 +127,7 @@ def test_invalid_rotary_dim_raises():
 
 
 def test_round_trip(tmp_path):
-    config = PalmEConfig(decoder_dim=64, encoder_dim=32, cross_attend=False, image_size=64, patch_size=16)
+    config = PalmEConfig.from_zeta_kwargs(decoder_dim=64, encoder_dim=32, cross_attend=False, image_size=64, patch_size=16)
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, PalmEConfig)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import fixture_path
+from helpers import fixture_path
 from safetensors.torch import load_file
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
@@ -97,7 +97,7 @@ def test_converter_quirk_switches():
     assert config.text_config.rotate_values is True
     assert config.text_config.xpos_offset == 32
     assert config.text_config.qk_norm is False  # the reference ignores qk_norm
-    assert PalmEConfig(max_seq_len=64).text_config.rotate_values is False
+    assert PalmEConfig.from_zeta_kwargs(max_seq_len=64).text_config.rotate_values is False
 
 
 def test_cli_writes_a_loadable_folder(tmp_path):

@@ -4,7 +4,7 @@ generates, and automatic device maps never split a layer."""
 import pytest
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights
-from test_modeling_palme import combination_model, tiny_inputs
+from helpers import combination_model, tiny_inputs
 
 from palme_hf import PalmEForConditionalGeneration
 

@@ -4,7 +4,7 @@ image."""
 
 import pytest
 import torch
-from test_modeling_palme import BLOCK_TYPES, combination_model, tiny_inputs
+from helpers import BLOCK_TYPES, combination_model, tiny_inputs
 
 COMBINATIONS = [(block_type, integration) for block_type in BLOCK_TYPES for integration in ("reference", "prefix")]
 STRATEGIES = {

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import fixture_path
+from helpers import fixture_path
 from safetensors.torch import load_file
 from transformers import DynamicCache, StaticCache
 

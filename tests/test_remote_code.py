@@ -8,8 +8,9 @@ import textwrap
 import pytest
 import torch
 
-from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration
+from palme_hf import PalmEForCausalLM, PalmEForConditionalGeneration
 from conftest import WITHOUT_PALME_HF
+from helpers import tiny_config
 
 CODE = {
     "configuration_palme.py",
@@ -41,6 +42,13 @@ LOADER = WITHOUT_PALME_HF + textwrap.dedent(
 )
 
 
+def small_config(variant="reference", **kwargs):
+    return tiny_config(
+        variant, vision=dict(patch_size=16, num_hidden_layers=1), vocab_size=50, hidden_size=32, num_attention_heads=2,
+        **{"alibi_num_heads": 0 if kwargs.get("block_type") else 1, **kwargs},
+    )
+
+
 def run_without_palme_hf(program: str, folder, tmp_path):
     """Runs `program` on `folder` outside the checkout, with palme_hf blocked and an empty Hugging Face home (nothing
     cached, no network)."""
@@ -54,16 +62,13 @@ def run_without_palme_hf(program: str, folder, tmp_path):
 @pytest.mark.parametrize(
     "options",
     [
-        {"alibi_num_heads": 1},
-        {"block_type": "hierarchical", "num_latents": 3, "cross_attend": False, "text_config": {"window_size": 2}},
+        {},
+        {"variant": "prefix", "block_type": "hierarchical", "num_latents": 3, "window_size": 2},
     ],
     ids=["standard", "hierarchical-resampler-prefix"],
 )
 def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
-    config = PalmEConfig(
-        image_size=32, patch_size=16, encoder_dim=32, encoder_depth=1, encoder_heads=2, num_tokens=50,
-        max_seq_len=32, decoder_dim=32, decoder_depth=2, decoder_heads=2, **options,
-    )
+    config = small_config(**options)
     model = PalmEForConditionalGeneration(config).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
@@ -103,10 +108,7 @@ CAUSAL_LM_LOADER = WITHOUT_PALME_HF + textwrap.dedent(
 
 
 def test_saved_text_decoder_loads_with_remote_code_without_palme_hf(tmp_path):
-    full = PalmEForConditionalGeneration(
-        PalmEConfig(image_size=32, patch_size=16, encoder_dim=32, encoder_depth=1, encoder_heads=2, num_tokens=50,
-                    max_seq_len=32, decoder_dim=32, decoder_depth=2, decoder_heads=2, alibi_num_heads=1)
-    )
+    full = PalmEForConditionalGeneration(small_config())
     full.save_pretrained(tmp_path / "full")
     model = PalmEForCausalLM.from_pretrained(tmp_path / "full").eval()
     folder = tmp_path / "text"

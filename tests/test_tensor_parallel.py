@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from test_modeling_palme import combination_model, tiny_inputs, tiny_model
+from helpers import combination_model, tiny_inputs, tiny_model
 
 import palme_hf
 

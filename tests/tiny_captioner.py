@@ -1,6 +1,7 @@
 """A tiny PalmE captioner for the processing, pipeline and Hub tests: the project's word-level tokenizer (built with
-the `tokenizers` library, no downloads) and small model configurations."""
+the `tokenizers` library, no downloads) and a small model configuration for it."""
 
+from helpers import tiny_config as tiny_model_config
 from transformers import PreTrainedTokenizerFast
 
 from palme_hf import PalmEConfig, build_caption_tokenizer
@@ -15,10 +16,16 @@ def build_tokenizer(image_token: str | None = "<image>") -> PreTrainedTokenizerF
     return tokenizer
 
 
-def tiny_config(vocab_size: int, **kwargs) -> PalmEConfig:
-    """A PalmE small enough for CPU tests: 32x32 images in 16x16 patches (4 image features)."""
-    arguments = dict(
-        image_size=32, patch_size=16, encoder_dim=32, encoder_depth=1, encoder_heads=2, num_tokens=vocab_size,
-        max_seq_len=64, decoder_dim=32, decoder_depth=2, decoder_heads=2, alibi_num_heads=1, attn_flash=False,
+def tiny_config(vocab_size: int, cross_attend: bool = True) -> PalmEConfig:
+    """A captioner for a tokenizer of `vocab_size` tokens: 32x32 images in 16x16 patches (4 image features); without
+    `cross_attend`, the image goes in as a prefix at the tokenizer's last token (its added `<image>`)."""
+    return tiny_model_config(
+        "reference" if cross_attend else "prefix",
+        vision=dict(patch_size=16, num_hidden_layers=1),
+        image_token_id=None if cross_attend else vocab_size - 1,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_attention_heads=2,
+        alibi_num_heads=1,
+        qk_norm=False,
     )
-    return PalmEConfig(**{**arguments, **kwargs})

@@ -1,0 +1,92 @@
+"""What the tests share: the tiny PalmE configurations and inputs they build models from, and the loader of the
+outputs recorded from the reference implementations (`tests/fixtures/`)."""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+TINY_TEXT = dict(vocab_size=97, max_position_embeddings=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
+# Text decoders: the reference layer (ALiBi, rotary/xpos, query/key norm), with zeta's quirks, with absolute positions
+# instead of rotary embeddings, and the reference layer with the image as a prefix (multimodal sentences).
+VARIANTS = {
+    "reference": dict(alibi_num_heads=2, qk_norm=True),
+    "zeta_quirks": dict(alibi_num_heads=2, rotate_values=True),
+    "abs_positions": dict(alibi_num_heads=0, use_rotary=False, use_xpos=False, use_absolute_position_embeddings=True),
+    "prefix": dict(alibi_num_heads=2, qk_norm=True),
+}
+BLOCK_TYPES = ["standard", "parallel", "hierarchical"]
+BLOCK_OPTIONS = {
+    "standard": {},
+    "parallel": dict(alibi_num_heads=0),
+    "hierarchical": dict(alibi_num_heads=0, qk_norm=False, window_size=3, compress_factor=2),
+}
+
+
+def tiny_config(
+    variant: str = "reference",
+    block_type: str = "standard",
+    num_latents: int | None = None,
+    vision: dict | None = None,
+    image_token_id: int | None = None,
+    **text,
+) -> PalmEConfig:
+    """
+    A PalmE small enough for CPU tests (32x32 images in 16 patches). With the `"prefix"` variant the image placeholder
+    is `image_token_id`, by default a token added after the text vocabulary.
+    """
+    text = {**TINY_TEXT, **VARIANTS[variant], **BLOCK_OPTIONS[block_type], "block_type": block_type, **text}
+    prefix = variant == "prefix"
+    if prefix and image_token_id is None:
+        image_token_id = text["vocab_size"]
+        text["vocab_size"] += 1
+    return PalmEConfig(
+        vision_config={**TINY_VISION, **(vision or {})},
+        text_config=text,
+        vision_integration="prefix" if prefix else "cross_attention",
+        image_token_id=image_token_id,
+        num_latents=num_latents,
+    )
+
+
+def tiny_model(variant: str = "reference", **kwargs) -> PalmEForConditionalGeneration:
+    return PalmEForConditionalGeneration(tiny_config(variant, **kwargs)).eval()
+
+
+def combination_model(block_type: str, integration: str, num_latents: int | None) -> PalmEForConditionalGeneration:
+    """A tiny model of `block_type`, with `integration` ("reference": cross-attention, or "prefix"), and with a
+    Perceiver resampler of `num_latents` latents when given."""
+    return tiny_model(integration, block_type=block_type, num_latents=num_latents)
+
+
+def tiny_inputs(model, batch_size: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and token ids for `model`; with prefix integration the placeholders follow two text tokens."""
+    config = model.config
+    pixel_values = torch.rand(batch_size, 3, config.vision_config.image_size, config.vision_config.image_size)
+    input_ids = torch.randint(0, config.text_config.vocab_size - 1, (batch_size, length))
+    if config.vision_integration == "prefix":
+        placeholders = torch.full((batch_size, config.num_image_tokens), config.image_token_id)
+        input_ids = torch.cat([input_ids[:, :2], placeholders, input_ids[:, 2:]], dim=1)
+    return pixel_values, input_ids
+
+
+def fixture_path(case: str, name: str) -> str:
+    return os.path.join(FIXTURES, case, name)
+
+
+def load_reference_case(case: str) -> dict:
+    """A case recorded from a reference implementation: its constructor `kwargs`, its `state_dict` (when the case has
+    a checkpoint), the recorded tensors `io` and the `meta` data."""
+    with open(fixture_path(case, "kwargs.json")) as handle:
+        kwargs = json.load(handle)
+    with open(fixture_path(case, "meta.json")) as handle:
+        meta = json.load(handle)
+    checkpoint = fixture_path(case, "checkpoint.pt")
+    state_dict = torch.load(checkpoint, weights_only=True) if os.path.exists(checkpoint) else None
+    return {"kwargs": kwargs, "state_dict": state_dict, "io": load_file(fixture_path(case, "io.safetensors")), "meta": meta}
