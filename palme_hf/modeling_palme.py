@@ -844,7 +844,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         >>> import torch
         >>> from palme_hf import PalmEConfig, PalmEForConditionalGeneration
 
-        >>> model = PalmEForConditionalGeneration(PalmEConfig())
+        >>> model = PalmEForConditionalGeneration(PalmEConfig.from_zeta_kwargs())
         >>> pixel_values = torch.rand(1, 3, 256, 256)
         >>> input_ids = torch.randint(0, 20000, (1, 8))
         >>> generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=16)
