@@ -15,7 +15,7 @@ from transformers.utils import TransformersKwargs
 
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints
-from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding
+from .layers_palme import PalmEAttention, PalmECrossAttention, PalmEMLP, PalmERotaryEmbedding
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -195,6 +195,14 @@ class TransformerBlock(GradientCheckpointingLayer):
         self.finetune_modules = (
             None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
         )
+        self._attach_adapters(self.finetune_modules)
+
+    def _attach_adapters(self, adapters: Sequence[nn.Module] | None):
+        attention = self.self_attn
+        for projection, adapter in zip(
+            (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj), adapters or (None,) * 4
+        ):
+            projection.attach(adapter)
 
     @accept_past_key_values
     def forward(
@@ -224,7 +232,6 @@ class TransformerBlock(GradientCheckpointingLayer):
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
         if cache is not None and not self.self_attn.is_causal:
             raise ValueError("`cache` needs a causal block (`causal=True`).")
-        adapters = self.finetune_modules if finetune_modules is None else check_finetune_modules(finetune_modules)
         batch_size, seq_len = hidden_states.shape[:2]
         past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         expected_mask_shape = (batch_size, past_seen_tokens + seq_len)
@@ -256,14 +263,19 @@ class TransformerBlock(GradientCheckpointingLayer):
             )
 
         normed = self.input_layernorm(hidden_states)
-        attn_output, _ = self.self_attn(
-            normed,
-            position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
-            attention_mask=attention_mask,
-            cache=cache,
-            adapters=adapters,
-            **kwargs,
-        )
+        if finetune_modules is not None:
+            self._attach_adapters(check_finetune_modules(finetune_modules))
+        try:
+            attn_output, _ = self.self_attn(
+                normed,
+                position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
+                attention_mask=attention_mask,
+                cache=cache,
+                **kwargs,
+            )
+        finally:
+            if finetune_modules is not None:
+                self._attach_adapters(self.finetune_modules)
         return attn_output + self.mlp(normed)
 
     @staticmethod
@@ -426,12 +438,11 @@ class PalmEPerceiverSublayer(nn.Module):
             attention_dropout=dropout,
         )
         self.cross_attn_layer_norm = nn.LayerNorm(dim)
-        self.cross_attn = PalmEAttention(
+        self.cross_attn = PalmECrossAttention(
             config,
             hidden_size=dim,
             num_heads=heads,
             head_dim=dim_head,
-            is_cross_attention=True,
             attention_dropout=dropout,
             layer_idx=layer_idx,
         )

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, EncoderDecoderCache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
@@ -288,8 +288,6 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
         """
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        if isinstance(cache, EncoderDecoderCache):
-            cache = cache.self_attention_cache
         cache_layer = None
         if cache is not None and self.layer_idx < len(cache.layers):
             cache_layer = cache.layers[self.layer_idx]

@@ -158,9 +158,20 @@ class PalmEQKNorm(nn.Module):
         return nn.functional.normalize(states, dim=-1) * self.weight
 
 
-def image_is_cached(cache: Cache | None, layer_idx: int) -> bool:
-    """Whether `cache` holds the image keys/values of cross-attention layer `layer_idx`."""
-    return isinstance(cache, EncoderDecoderCache) and cache.is_updated.get(layer_idx, False)
+def split_cache(cache: Cache | None) -> tuple[Cache | None, EncoderDecoderCache | None]:
+    """
+    The one place a cache is taken apart: its self-attention part, and its cross-attention part (the
+    `EncoderDecoderCache` itself, whose `cross_attention_cache` holds the image keys/values and whose `is_updated` says
+    which layers hold them), `None` for a cache without one.
+    """
+    if isinstance(cache, EncoderDecoderCache):
+        return cache.self_attention_cache, cache
+    return cache, None
+
+
+def image_is_cached(cache: EncoderDecoderCache | None, layer_idx: int) -> bool:
+    """Whether the cross-attention part `cache` holds the image keys/values of layer `layer_idx`."""
+    return cache is not None and cache.is_updated.get(layer_idx, False)
 
 
 def local_out_features(linear: nn.Linear) -> int:
@@ -196,12 +207,32 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+class PalmEAdaptableLinear(nn.Linear):
+    """
+    A bias-free `nn.Linear` (same parameters and state-dict keys) to which an adapter can be attached as `adapter`
+    (e.g. a LoRA module): its output on the same input is then added. How `TransformerBlock`'s `finetune_modules`
+    reach the attention projections; PEFT wraps it as any `nn.Linear`.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.adapter = None
+
+    def attach(self, adapter: nn.Module | None):
+        """Attaches `adapter` (`None` detaches) without registering it here: its owner keeps it and its parameters."""
+        object.__setattr__(self, "adapter", adapter)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output = super().forward(hidden_states)
+        return output if self.adapter is None else output + self.adapter(hidden_states)
+
+
 class PalmEAttention(nn.Module):
     """
-    The one attention layer of palme_hf: self-attention (causal or not) or cross-attention, with `num_heads` query
-    heads and `num_key_value_heads` key/value heads (1 = multi-query), optional query/key l2-normalisation, rotary
-    (xpos) embeddings on the first features of queries and keys (and of values, with `rotate_values`), caching its
-    keys/values in a Transformers `Cache` (cross-attention keys/values are computed once per image and reused).
+    Self-attention, causal or not, of every PalmE layer and block: `num_heads` query heads and `num_key_value_heads`
+    key/value heads (1 = multi-query), optional query/key l2-normalisation, rotary (xpos) embeddings on the first
+    features of queries and keys (and of values, with `rotate_values`), keys/values kept in a Transformers `Cache`,
+    and the kernel looked up in Transformers' attention-function registry at each call.
 
     Args:
         config: the model configuration; only its attention implementation (`config._attn_implementation`) is read.
@@ -209,10 +240,8 @@ class PalmEAttention(nn.Module):
         num_heads (`int`): query heads.
         head_dim (`int`): width of each head.
         num_key_value_heads (`int`, *optional*): key/value heads, `num_heads` by default.
-        key_value_size (`int`, *optional*): width of the key/value input, `hidden_size` by default (cross-attention
-            to image features of another width).
-        is_causal (`bool`): causal self-attention.
-        is_cross_attention (`bool`): keys and values come from `key_value_states`.
+        key_value_size (`int`, *optional*): width of the key/value input, `hidden_size` by default.
+        is_causal (`bool`): causal attention.
         qk_norm (`bool`): l2-normalise queries and keys, with learned gains; the scale is then `qk_norm_scale`.
         rotate_values (`bool`): also rotate the values (the zeta reference's behaviour).
         attention_dropout (`float`): dropout on attention probabilities while training.
@@ -228,7 +257,6 @@ class PalmEAttention(nn.Module):
         num_key_value_heads: int | None = None,
         key_value_size: int | None = None,
         is_causal: bool = True,
-        is_cross_attention: bool = False,
         qk_norm: bool = False,
         qk_norm_scale: float = 10.0,
         rotate_values: bool = False,
@@ -240,18 +268,17 @@ class PalmEAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_key_value_heads = num_heads if num_key_value_heads is None else num_key_value_heads
-        self.is_causal = is_causal and not is_cross_attention
-        self.is_cross_attention = is_cross_attention
+        self.is_causal = is_causal
         self.rotate_values = rotate_values
         self.attention_dropout = attention_dropout
         self.layer_idx = layer_idx
         self.scaling = qk_norm_scale if qk_norm else head_dim**-0.5
         key_value_size = hidden_size if key_value_size is None else key_value_size
 
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = PalmEAdaptableLinear(hidden_size, num_heads * head_dim)
+        self.k_proj = PalmEAdaptableLinear(key_value_size, self.num_key_value_heads * head_dim)
+        self.v_proj = PalmEAdaptableLinear(key_value_size, self.num_key_value_heads * head_dim)
+        self.o_proj = PalmEAdaptableLinear(num_heads * head_dim, hidden_size)
         self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
         self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
 
@@ -261,88 +288,29 @@ class PalmEAttention(nn.Module):
         heads too unless a single one is kept whole (multi-query attention)."""
         return local_out_features(self.q_proj) // local_out_features(self.k_proj)
 
-    def _project_key_value(
-        self,
-        states: torch.Tensor,
-        value_states: torch.Tensor | None = None,
-        adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        value_states = states if value_states is None else value_states
-        key, value = self.k_proj(states), self.v_proj(value_states)
-        if adapters is not None:
-            key, value = key + adapters[1](states), value + adapters[2](value_states)
-        key = key.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        value = value.view(*value_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        if self.k_norm is not None:
-            key = self.k_norm(key)
-        return key, value
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, num_heads, seq_len, head_dim)`, normalised."""
+        query = self.q_proj(hidden_states)
+        query = query.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        return query if self.q_norm is None else self.q_norm(query)
 
-    def forward(
+    def project_keys_values(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(batch_size, num_key_value_heads, kv_len, head_dim)` of their inputs; keys normalised."""
+        key = self.k_proj(key_states).view(*key_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(value_states).view(*value_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        return (key if self.k_norm is None else self.k_norm(key)), value
+
+    def attend(
         self,
-        hidden_states: torch.Tensor,
-        key_value_states: torch.Tensor | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        value_states: torch.Tensor | None = None,
-        adapters: tuple[nn.Module, nn.Module, nn.Module, nn.Module] | None = None,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """
-        Args:
-            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the queries' input.
-            key_value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the
-                keys' and values' input of cross-attention; may be omitted once the cache holds them.
-            position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], for self-attention.
-            attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
-                to `(batch_size, num_heads, seq_len, kv_len)`.
-            cache (`Cache`, *optional*): the cache; an `EncoderDecoderCache` holds self- and cross-attention
-                keys/values apart.
-            value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the values'
-                input of cross-attention when it differs from the keys' input (`key_value_states` by default).
-            adapters (`tuple` of four modules, *optional*): `(q, k, v, o)` modules (e.g. LoRA) whose outputs are added
-                to those of `q_proj`, `k_proj`, `v_proj` (on the same inputs) and `o_proj` (on the merged heads).
-
-        Returns:
-            The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
-        """
-        batch_size, seq_len = hidden_states.shape[:2]
-        query = self.q_proj(hidden_states)
-        if adapters is not None:
-            query = query + adapters[0](hidden_states)
-        query = query.view(batch_size, seq_len, -1, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            query = self.q_norm(query)
-
-        if self.is_cross_attention:
-            layer_cache = cache.cross_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-            if image_is_cached(cache, self.layer_idx):
-                key, value = layer_cache.layers[self.layer_idx].keys, layer_cache.layers[self.layer_idx].values
-            else:
-                if key_value_states is None:
-                    raise ValueError(
-                        "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
-                        "pass `pixel_values` on the first forward pass."
-                    )
-                key, value = self._project_key_value(key_value_states, value_states, adapters)
-                if layer_cache is not None:
-                    key, value = layer_cache.update(key, value, self.layer_idx)
-                    if isinstance(cache, EncoderDecoderCache):
-                        cache.is_updated[self.layer_idx] = True
-        else:
-            key, value = self._project_key_value(hidden_states, adapters=adapters)
-            if position_embeddings is not None:
-                cos, sin, xpos_scale = position_embeddings
-                key_scale = None if xpos_scale is None else xpos_scale.reciprocal()
-                query = apply_rotary_pos_emb(query, cos, sin, xpos_scale)
-                key = apply_rotary_pos_emb(key, cos, sin, key_scale)
-                if self.rotate_values:
-                    value = apply_rotary_pos_emb(value, cos, sin, key_scale)
-            if cache is not None:
-                if isinstance(cache, EncoderDecoderCache):
-                    cache = cache.self_attention_cache
-                key, value = cache.update(key, value, self.layer_idx)
-
+        """The attention kernel of `config._attn_implementation` and the output projection."""
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -356,11 +324,117 @@ class PalmEAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(batch_size, seq_len, -1).contiguous()
-        output = self.o_proj(attn_output)
-        if adapters is not None:
-            output = output + adapters[3](attn_output)
-        return output, attn_weights
+        attn_output = attn_output.reshape(*attn_output.shape[:2], -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the input.
+            position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], computed once per forward pass.
+            attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
+                to `(batch_size, num_heads, seq_len, kv_len)`.
+            cache (`Cache`, *optional*): self-attention keys/values of earlier steps, updated at `layer_idx`.
+
+        Returns:
+            The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
+        """
+        query = self.project_queries(hidden_states)
+        key, value = self.project_keys_values(hidden_states, hidden_states)
+        if position_embeddings is not None:
+            cos, sin, xpos_scale = position_embeddings
+            key_scale = None if xpos_scale is None else xpos_scale.reciprocal()
+            query = apply_rotary_pos_emb(query, cos, sin, xpos_scale)
+            key = apply_rotary_pos_emb(key, cos, sin, key_scale)
+            if self.rotate_values:
+                value = apply_rotary_pos_emb(value, cos, sin, key_scale)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+
+class PalmECrossAttention(PalmEAttention):
+    """
+    Cross-attention: queries from `hidden_states` (the text, or a Perceiver's latents), keys and values from the
+    context (the image features). In an `EncoderDecoderCache` the context's keys/values are computed once, on the
+    first pass that gives the context, and read back on later passes (a Python-level flag, so `torch.compile` traces
+    a prefill graph and a decoding graph without breaks).
+
+    Args: as [`PalmEAttention`], without `num_key_value_heads`, `is_causal` and `rotate_values`.
+    """
+
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        num_heads: int,
+        head_dim: int,
+        key_value_size: int | None = None,
+        qk_norm: bool = False,
+        qk_norm_scale: float = 10.0,
+        attention_dropout: float = 0.0,
+        layer_idx: int | None = None,
+    ):
+        super().__init__(
+            config,
+            hidden_size,
+            num_heads,
+            head_dim,
+            key_value_size=key_value_size,
+            is_causal=False,
+            qk_norm=qk_norm,
+            qk_norm_scale=qk_norm_scale,
+            attention_dropout=attention_dropout,
+            layer_idx=layer_idx,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the queries' input.
+            key_value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the
+                keys' (and values') input; may be omitted once the cache holds their keys/values.
+            value_states (`torch.FloatTensor` of shape `(batch_size, kv_len, key_value_size)`, *optional*): the
+                values' input, when it differs from the keys' input.
+            attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask over the
+                context, broadcastable to `(batch_size, num_heads, seq_len, kv_len)`.
+            cache (`EncoderDecoderCache`, *optional*): its `cross_attention_cache` holds the context's keys/values at
+                `layer_idx`, and its `is_updated` says whether they are there.
+
+        Returns:
+            The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
+        """
+        query = self.project_queries(hidden_states)
+        if image_is_cached(cache, self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer.keys, layer.values
+        else:
+            if key_value_states is None:
+                raise ValueError(
+                    "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
+                    "pass `pixel_values` on the first forward pass."
+                )
+            value_states = key_value_states if value_states is None else value_states
+            key, value = self.project_keys_values(key_value_states, value_states)
+            if cache is not None:
+                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                cache.is_updated[self.layer_idx] = True
+        return self.attend(query, key, value, attention_mask, **kwargs)
 
 
 class PalmEMLP(nn.Module):

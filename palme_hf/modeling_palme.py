@@ -31,12 +31,14 @@ from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
+    PalmECrossAttention,
     PalmEMLP,
     PalmEQKNorm,
     PalmERotaryEmbedding,
     add_bias_to_mask,
     alibi_slopes,
     image_is_cached,
+    split_cache,
 )
 
 
@@ -147,13 +149,12 @@ class PalmETextCrossAttention(nn.Module):
     def __init__(self, config: PalmETextConfig, layer_idx: int):
         super().__init__()
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = PalmEAttention(
+        self.attention = PalmECrossAttention(
             config,
             hidden_size=config.hidden_size,
             num_heads=config.num_attention_heads,
             head_dim=config.head_dim,
             key_value_size=config.cross_attention_hidden_size,
-            is_cross_attention=True,
             qk_norm=config.qk_norm,
             qk_norm_scale=config.qk_norm_scale,
             attention_dropout=config.attention_dropout,
@@ -164,13 +165,13 @@ class PalmETextCrossAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
-        cache: Cache | None,
+        cache: EncoderDecoderCache | None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
         `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
-        num_image_tokens, cross_attention_hidden_size), or to their keys/values in `cache`. With neither (a text-only
-        forward pass) the layer is skipped, as Mllama skips its cross-attention layers.
+        num_image_tokens, cross_attention_hidden_size), or to their keys/values in the cross-attention part `cache`.
+        With neither (a text-only forward pass) the layer is skipped, as Mllama skips its cross-attention layers.
         """
         if encoder_hidden_states is None and not image_is_cached(cache, self.attention.layer_idx):
             return hidden_states
@@ -216,6 +217,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         cache: Cache | None = None,
+        cross_attention_cache: EncoderDecoderCache | None = None,
         position_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -228,7 +230,7 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = hidden_states + attn_output
         if self.cross_attn is not None:
-            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cache, **kwargs)
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cross_attention_cache, **kwargs)
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
@@ -288,24 +290,16 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        cross_attention_cache: EncoderDecoderCache | None = None,
         position_embeddings: None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        self_attention_cache = (
-            cache.self_attention_cache
-            if isinstance(cache, EncoderDecoderCache)
-            else cache
-        )
         block_output = self.block(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=self_attention_cache,
-            **kwargs,
+            hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
         )
         hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
         if self.cross_attn is not None:
-            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cache, **kwargs)
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cross_attention_cache, **kwargs)
         return hidden_states
 
 
@@ -518,11 +512,7 @@ class PalmETextModel(PalmEPreTrainedModel):
             # cross-attention keys/values span the image features: plain growing layers, whatever the self-attention
             # layers are (sliding, hybrid)
             cache = EncoderDecoderCache(cache, DynamicCache())
-        self_attention_cache = (
-            cache.self_attention_cache
-            if isinstance(cache, EncoderDecoderCache)
-            else cache
-        )
+        self_attention_cache, cross_attention_cache = split_cache(cache)
 
         past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
         seq_len = inputs_embeds.shape[1]
@@ -568,7 +558,8 @@ class PalmETextModel(PalmEPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                cache=cache,
+                cache=self_attention_cache,
+                cross_attention_cache=cross_attention_cache,
                 **kwargs,
             )
 
