@@ -15,28 +15,10 @@ from transformers.utils import TransformersKwargs
 
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints
+from .conversion_blocks import load_parallel_block_reference
 from .layers_palme import PalmEAttention, PalmECrossAttention, PalmEMLP, PalmERotaryEmbedding
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-
-
-def check_state_dict_shapes(state_dict: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple], what: str):
-    """
-    Raises a `ValueError` naming every missing, unexpected and wrongly shaped tensor of a reference `state_dict`,
-    given the shape expected for each of its keys; `what` says what the state dict should fit.
-    """
-    missing = sorted(set(expected_shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected_shapes))
-    misshapen = sorted(
-        f"{key} {tuple(state_dict[key].shape)} (expected {tuple(shape)})"
-        for key, shape in expected_shapes.items()
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(shape)
-    )
-    if missing or unexpected or misshapen:
-        raise ValueError(
-            f"The state dict does not fit {what}: missing keys {missing}, unexpected keys {unexpected}, wrongly "
-            f"shaped tensors {misshapen}."
-        )
 
 
 def check_probability(name: str, value) -> None:
@@ -125,11 +107,6 @@ class TransformerBlock(GradientCheckpointingLayer):
         >>> block(torch.randn(1, 10, 512)).shape
         torch.Size([1, 10, 512])
     """
-
-    # How the reference (palm-rlhf-pytorch 0.8.0) stores the weights: its LayerNorm's gain is `1 + gamma`.
-    reference_feed_forward_key = "ff_out.2.weight"
-    reference_norm_gain_offset = 1.0
-    reference_buffers = ("norm.beta", "rotary_emb.inv_freq", "rotary_emb.scale")
 
     def __init__(
         self,
@@ -278,83 +255,17 @@ class TransformerBlock(GradientCheckpointingLayer):
                 self._attach_adapters(self.finetune_modules)
         return attn_output + self.mlp(normed)
 
-    @staticmethod
-    def reference_constructor_kwargs(kwargs: dict) -> dict:
-        """
-        The reference's attention always scales by `dim_head ** -0.5`: its `qk_scale` has no effect, so a converted
-        block with `qk_rmsnorm` uses that scale whatever `qk_scale` says.
-        """
-        if not kwargs.get("qk_rmsnorm", False):
-            return kwargs
-        return {**kwargs, "qk_scale": kwargs.get("dim_head", 64) ** -0.5}
-
     @classmethod
     def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "TransformerBlock":
         """
         Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
-        (`torch.save(block.state_dict())`). The reference's fused projection `fused_attn_ff_proj` (queries, the key
-        head, the value head, the feed-forward's value half, the feed-forward's gate half) is split into
-        `self_attn.q_proj`, `k_proj`, `v_proj`, `mlp.up_proj` and `mlp.gate_proj`.
+        (`torch.save(block.state_dict())`): palm-rlhf-pytorch's `ParallelTransformerBlock` for this class, zeta's for
+        [`ParallelTransformerBlock`]. See [`~conversion_blocks.load_parallel_block_reference`].
 
         Raises:
-            `ValueError`: missing, unexpected or wrongly shaped keys, or a fixed buffer (the LayerNorm's zero bias,
-            the rotary frequencies) that differs from what this block computes.
+            `ValueError`: missing, unexpected or wrongly shaped keys, or a fixed buffer that differs from this block's.
         """
-        block = cls(**cls.reference_constructor_kwargs(kwargs))
-        attention = block.self_attn
-        inner_dim = block.mlp.up_proj.out_features
-        split_sizes = (
-            attention.num_heads * attention.head_dim,
-            attention.head_dim,
-            attention.head_dim,
-            inner_dim,
-            inner_dim,
-        )
-        all_buffers = {
-            "norm.beta": torch.zeros(block.hidden_size),
-            "rotary_emb.inv_freq": block.rotary_emb.inv_freq,
-            "rotary_emb.scale": block.rotary_emb.xpos_scale,
-        }
-        fixed_buffers = {key: all_buffers[key] for key in cls.reference_buffers}
-        expected_shapes = {
-            "norm.gamma": (block.hidden_size,),
-            "fused_attn_ff_proj.weight": (sum(split_sizes), block.hidden_size),
-            "attn_out.weight": tuple(attention.o_proj.weight.shape),
-            cls.reference_feed_forward_key: tuple(block.mlp.down_proj.weight.shape),
-            **{key: tuple(value.shape) for key, value in fixed_buffers.items()},
-        }
-        if attention.q_norm is not None:
-            expected_shapes["q_scale"] = tuple(attention.q_norm.weight.shape)
-            expected_shapes["k_scale"] = tuple(attention.k_norm.weight.shape)
-
-        check_state_dict_shapes(state_dict, expected_shapes, f"a reference {cls.__name__} built with {kwargs}")
-        for key, value in fixed_buffers.items():
-            if not torch.allclose(state_dict[key].float().cpu(), value.float().cpu()):
-                raise ValueError(f"The reference buffer `{key}` differs from the fixed value this block computes.")
-
-        q_weight, k_weight, v_weight, up_weight, gate_weight = state_dict["fused_attn_ff_proj.weight"].split(
-            split_sizes
-        )
-        weights = {
-            "input_layernorm.weight": state_dict["norm.gamma"] + cls.reference_norm_gain_offset,
-            "self_attn.q_proj.weight": q_weight,
-            "self_attn.k_proj.weight": k_weight,
-            "self_attn.v_proj.weight": v_weight,
-            "self_attn.o_proj.weight": state_dict["attn_out.weight"],
-            "mlp.up_proj.weight": up_weight,
-            "mlp.gate_proj.weight": gate_weight,
-            "mlp.down_proj.weight": state_dict[cls.reference_feed_forward_key],
-        }
-        if attention.q_norm is not None:
-            weights["self_attn.q_norm.weight"] = state_dict["q_scale"]
-            weights["self_attn.k_norm.weight"] = state_dict["k_scale"]
-        if block.finetune_modules is not None:
-            # The reference keeps LoRA modules outside the block: those given to the constructor stay as they are.
-            weights.update(
-                {f"finetune_modules.{key}": value for key, value in block.finetune_modules.state_dict().items()}
-            )
-        block.load_state_dict(weights)
-        return block
+        return load_parallel_block_reference(cls, state_dict, kwargs)
 
 
 class ParallelTransformerBlock(TransformerBlock):
@@ -377,11 +288,6 @@ class ParallelTransformerBlock(TransformerBlock):
         torch.Size([1, 10, 512])
     """
 
-    # How the reference (zetascale 2.8.8) stores the weights: its LayerNorm's gain is `gamma`, it has no xpos.
-    reference_feed_forward_key = "ff_out.1.weight"
-    reference_norm_gain_offset = 0.0
-    reference_buffers = ("norm.beta", "rotary_emb.inv_freq")
-
     def __init__(
         self,
         dim: int,
@@ -403,11 +309,6 @@ class ParallelTransformerBlock(TransformerBlock):
             config=config,
             layer_idx=layer_idx,
         )
-
-    @staticmethod
-    def reference_constructor_kwargs(kwargs: dict) -> dict:
-        return kwargs
-
 
 class PalmEPerceiverSublayer(nn.Module):
     """

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .blocks_palme import check_state_dict_shapes
+from .conversion_blocks import check_state_dict_shapes
 from .configuration_palme import PalmEConfig
 from .layers_palme import PalmERotaryEmbedding
 from .modeling_palme import PalmEForConditionalGeneration

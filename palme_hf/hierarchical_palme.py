@@ -12,9 +12,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from .blocks_palme import attention_config, check_hidden_states, check_state_dict_shapes
+from .blocks_palme import attention_config, check_hidden_states
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints, hierarchical_cache_layout
+from .conversion_blocks import load_hierarchical_block_reference
 from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding, add_bias_to_mask
 
 
@@ -338,50 +339,10 @@ class HierarchicalBlock(GradientCheckpointingLayer):
     def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "HierarchicalBlock":
         """
         Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
-        (`torch.save(block.state_dict())`). The reference's fused `attn.to_qkv` is split into `self_attn.q_proj`,
-        `k_proj` and `v_proj`. Full attention in the reference rotates interleaved feature pairs `(2i, 2i + 1)`, this
-        block rotates halves `(i, i + dim_head // 2)`: the rows of each query and key head are reordered to match
-        (attention scores are unchanged by reordering the features of queries and keys alike).
+        (`torch.save(block.state_dict())` of simple-hierarchical-transformer's `HierarchicalBlock`). See
+        [`~conversion_blocks.load_hierarchical_block_reference`].
 
         Raises:
             `ValueError`: missing, unexpected or wrongly shaped keys.
         """
-        block = cls(**kwargs)
-        attention = block.self_attn
-        # reference key -> this block's key, for the tensors that are only renamed
-        renamed = {
-            "ff.net.0.gamma": "mlp_norm.weight",
-            "ff.net.1.weight": "mlp.fc1.weight",
-            "ff.net.3.weight": "mlp.fc2.weight",
-        }
-        if attention is not None:
-            renamed["attn.to_out.weight"] = "self_attn.o_proj.weight"
-            if block.window_size is None:
-                renamed["attn.norm.gamma"] = "self_attn_norm.weight"
-                renamed["attn.rotary_emb.freqs"] = "rotary_emb.inv_freq"
-            else:
-                renamed["attn.norm.weight"] = "self_attn_norm.weight"
-                renamed["attn.norm.bias"] = "self_attn_norm.bias"
-                renamed["attn.attn_fn.rel_pos.inv_freq"] = "rotary_emb.inv_freq"
-
-        own_shapes = {key: tuple(value.shape) for key, value in block.state_dict().items()}
-        expected_shapes = {key: own_shapes[own_key] for key, own_key in renamed.items()}
-        if attention is not None:
-            expected_shapes["attn.to_qkv.weight"] = (3 * attention.num_heads * attention.head_dim, block.hidden_size)
-
-        check_state_dict_shapes(state_dict, expected_shapes, f"a reference HierarchicalBlock built with {kwargs}")
-
-        weights = {own_key: state_dict[key] for key, own_key in renamed.items()}
-        if attention is not None:
-            q_weight, k_weight, v_weight = state_dict["attn.to_qkv.weight"].chunk(3)
-            if block.window_size is None:
-                head_dim = attention.head_dim
-                # new feature i <- old 2i, new feature head_dim // 2 + i <- old 2i + 1, in every head
-                order = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
-                order = (torch.arange(attention.num_heads)[:, None] * head_dim + order).flatten()
-                q_weight, k_weight = q_weight[order], k_weight[order]
-            weights["self_attn.q_proj.weight"] = q_weight
-            weights["self_attn.k_proj.weight"] = k_weight
-            weights["self_attn.v_proj.weight"] = v_weight
-        block.load_state_dict(weights)
-        return block
+        return load_hierarchical_block_reference(cls, state_dict, kwargs)

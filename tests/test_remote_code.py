@@ -19,6 +19,7 @@ CODE = {
     "blocks_palme.py",
     "hierarchical_palme.py",
     "compat_palme.py",
+    "conversion_blocks.py",
 }
 
 LOADER = WITHOUT_PALME_HF + textwrap.dedent(
