@@ -15,7 +15,7 @@ FLOOR_TESTS ?= tests/test_modeling_palme.py tests/test_generation_palme.py tests
 
 IMAGES ?= $(sort $(wildcard examples/images/*.png))
 
-.PHONY: install caption test test-floor bench clean
+.PHONY: install caption test test-fast test-floor lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ caption: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The quick subset: everything but the tests marked slow (compiling, training, subprocesses).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)'"

@@ -12,6 +12,8 @@ from palme_hf import PalmEForCausalLM, PalmEForConditionalGeneration
 from conftest import WITHOUT_PALME_HF
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow  # each test starts a Python of its own
+
 CODE = {
     "configuration_palme.py",
     "modeling_palme.py",

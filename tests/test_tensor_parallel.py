@@ -14,10 +14,13 @@ from helpers import combination_model, tiny_inputs, tiny_model
 
 import palme_hf
 
-pytestmark = pytest.mark.skipif(
-    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+]
 
 GENERATE = {"do_sample": False, "max_new_tokens": 6, "min_new_tokens": 6}
 
