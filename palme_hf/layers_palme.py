@@ -363,9 +363,9 @@ class PalmEAttention(nn.Module):
 class PalmECrossAttention(PalmEAttention):
     """
     Cross-attention: queries from `hidden_states` (the text, or a Perceiver's latents), keys and values from the
-    context (the image features). In an `EncoderDecoderCache` the context's keys/values are computed once, on the
-    first pass that gives the context, and read back on later passes (a Python-level flag, so `torch.compile` traces
-    a prefill graph and a decoding graph without breaks).
+    context (the image features). In an `EncoderDecoderCache` the context's keys/values are computed on the pass that
+    gives the context (replacing any held before) and read back on passes that do not (a Python-level flag, so
+    `torch.compile` traces a prefill graph and a decoding graph without breaks).
 
     Args: as [`PalmEAttention`], without `num_key_value_heads`, `is_causal` and `rotate_values`.
     """
@@ -420,20 +420,23 @@ class PalmECrossAttention(PalmEAttention):
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
         query = self.project_queries(hidden_states)
-        if image_is_cached(cache, self.layer_idx):
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
-            key, value = layer.keys, layer.values
-        else:
-            if key_value_states is None:
-                raise ValueError(
-                    "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
-                    "pass `pixel_values` on the first forward pass."
-                )
+        if key_value_states is not None:
             value_states = key_value_states if value_states is None else value_states
             key, value = self.project_keys_values(key_value_states, value_states)
             if cache is not None:
+                if image_is_cached(cache, self.layer_idx):
+                    # a context given with a cache that holds one replaces it: never attend to a stale image
+                    cache.cross_attention_cache.layers[self.layer_idx].reset()
                 key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
+        elif image_is_cached(cache, self.layer_idx):
+            layer = cache.cross_attention_cache.layers[self.layer_idx]
+            key, value = layer.keys, layer.values
+        else:
+            raise ValueError(
+                "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
+                "pass `pixel_values` on the first forward pass."
+            )
         return self.attend(query, key, value, attention_mask, **kwargs)
 
 

@@ -660,6 +660,18 @@ class PalmEModel(PalmEPreTrainedModel):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         image_outputs = image_features = None
+        if (
+            pixel_values is not None
+            and self.config.vision_integration == "prefix"
+            and input_ids is not None
+            and cache is not None
+            and not torch.compiler.is_compiling()
+            and cache.get_seq_length() > 0
+            and not bool((input_ids == self.config.image_token_id).any())
+        ):
+            # A continuation of a cached prompt (generate() passes the image again): its placeholders, and so the
+            # image, are in the cache already.
+            pixel_values = None
         if pixel_values is not None:
             if pixel_values.shape[0] != batch_size:
                 raise ValueError(

@@ -2,9 +2,13 @@
 cache what it gives by full recomputation (the assistant-based ones what greedy search gives), with and without an
 image."""
 
+import copy
+
 import pytest
 import torch
 from helpers import BLOCK_TYPES, combination_model, tiny_inputs
+
+from palme_hf.compat_palme import CACHE_NAME
 
 COMBINATIONS = [(block_type, integration) for block_type in BLOCK_TYPES for integration in ("reference", "prefix")]
 STRATEGIES = {
@@ -51,3 +55,29 @@ def test_text_only_generation(block_type):
         assert torch.equal(cached, generate(model, input_ids=input_ids, use_cache=False, **strategy))
     greedy = generate(model, input_ids=input_ids[:1])
     assert torch.equal(generate(model, input_ids=input_ids[:1], assistant_model=model), greedy)
+
+
+@pytest.mark.parametrize("integration", ["reference", "prefix"])
+def test_a_prefilled_prompt_cache_is_reused_for_several_continuations(integration):
+    # Transformers' prompt-reuse recipe: prefill the shared prompt once, copy its cache for each continuation.
+    model = combination_model("standard", integration, None)
+    pixel_values, prompt = tiny_inputs(model, batch_size=1)
+    with torch.no_grad():
+        prompt_cache = getattr(model(pixel_values=pixel_values, input_ids=prompt, use_cache=True), CACHE_NAME)
+    for suffix in ([5, 6], [7, 8, 9]):
+        input_ids = torch.cat([prompt, torch.tensor([suffix])], dim=1)
+        kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=5)
+        reused = model.generate(**kwargs, **{CACHE_NAME: copy.deepcopy(prompt_cache)})
+        assert torch.equal(reused, model.generate(**kwargs))
+
+
+def test_a_new_image_replaces_the_cached_one():
+    model = combination_model("standard", "reference", None)
+    (image_a, image_b), input_ids = torch.rand(2, 1, 3, 32, 32), tiny_inputs(model, batch_size=1)[1]
+    with torch.no_grad():
+        cache = getattr(model(pixel_values=image_a, input_ids=input_ids, use_cache=True), CACHE_NAME)
+        step = model(pixel_values=image_b, input_ids=input_ids[:, :1], cache=cache, use_cache=True)
+        fresh = getattr(model(pixel_values=image_b, input_ids=input_ids, use_cache=True), CACHE_NAME)
+    for layer, expected in zip(getattr(step, CACHE_NAME).cross_attention_cache.layers, fresh.cross_attention_cache.layers):
+        torch.testing.assert_close(layer.keys, expected.keys)  # image B's keys, not image A's
+        torch.testing.assert_close(layer.values, expected.values)
