@@ -109,19 +109,22 @@ class PalmEImageProcessor(PilBackend):
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(image) for image in image_url_or_urls]
         if isinstance(image_url_or_urls, str):
+            source = image_url_or_urls
             try:
-                if os.path.isfile(image_url_or_urls):
+                if os.path.isfile(source):
                     # not `load_image`: its conversion to 8-bit RGB clips 16-bit files to white and float ones to
                     # black. `exif_transpose` reads the orientation (a TIFF keeps it in tags that a copy loses) and
                     # loads the pixels before the file is closed.
-                    with PIL.Image.open(image_url_or_urls) as image:
+                    with PIL.Image.open(source) as image:
                         return PIL.ImageOps.exif_transpose(image)
-                return load_image(image_url_or_urls)
+                return load_image(source)
             except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+                expected = "; expected the path of an image file, an http(s) URL or a base64-encoded image"
+                if os.path.isfile(source):
+                    expected = ""
                 raise ValueError(
-                    f"{type(self).__name__}: could not read an image from {image_url_or_urls[:200]!r}; expected the "
-                    f"path of an image file, an http(s) URL or a base64-encoded image ({type(error).__name__}: "
-                    f"{str(error)[:200]})."
+                    f"{type(self).__name__}: could not read an image from {source[:200]!r}{expected} "
+                    f"({type(error).__name__}: {str(error)[:200]})."
                 ) from error
         if is_valid_image(image_url_or_urls):
             return image_url_or_urls
