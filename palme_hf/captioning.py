@@ -5,8 +5,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 from transformers import PreTrainedModel
+from transformers.image_utils import ImageInput
 
 from .processing_palme import PalmEProcessor
 
@@ -64,16 +64,23 @@ class CaptioningCollator:
 def generate_captions(
     model: PreTrainedModel,
     processor: PalmEProcessor,
-    images: Sequence[Image.Image],
+    images: Sequence[ImageInput],
     batch_size: int = 64,
     max_new_tokens: int = 32,
 ) -> list[str]:
-    """Greedy captions of `images` by a PalmE captioner whose prompt is the empty text (its tokenizer's `<bos>`)."""
+    """
+    Greedy captions of `images` (anything the processor takes: PIL images, arrays, tensors, file paths) by a PalmE
+    captioner, `batch_size` at a time, stripped of surrounding whitespace. The prompt is the image marker with
+    `"prefix"` integration, else the empty text (its tokenizer's `<bos>`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size}.")
+    prompt = processor.image_token or ""
     model.eval()
     captions = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        inputs = processor(images=batch, text=[""] * len(batch), return_tensors="pt").to(model.device)
+        inputs = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt").to(model.device)
         generated = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -81,8 +88,8 @@ def generate_captions(
             eos_token_id=processor.tokenizer.eos_token_id,
             pad_token_id=processor.tokenizer.pad_token_id,
         )
-        prompt_length = inputs["input_ids"].shape[1]
-        captions.extend(processor.post_process_image_text_to_text(generated[:, prompt_length:]))
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        captions.extend(caption.strip() for caption in processor.post_process_image_text_to_text(new_tokens))
     return captions
 
 

@@ -1,16 +1,21 @@
 """Image processor and processor (tokenizer + images) for PalmE."""
 
+import os
+import warnings
+
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import (
     IMAGENET_STANDARD_MEAN,
     IMAGENET_STANDARD_STD,
+    ChannelDimension,
     PILImageResampling,
     SizeDict,
-    is_scaled_image,
+    infer_channel_dimension_format,
     is_valid_image,
     load_image,
     make_flat_list_of_images,
@@ -20,6 +25,10 @@ from transformers.processing_utils import ProcessorMixin
 from .configuration_palme import PalmEConfig
 
 
+# How far outside [0, 1] a floating-point image may go and still be clipped (with a warning) rather than refused.
+FLOAT_RANGE_TOLERANCE = 1e-3
+
+
 def _add_channel_axis(image):
     """`(height, width)` arrays and tensors as `(1, height, width)`; anything else unchanged."""
     if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 2:
@@ -27,24 +36,57 @@ def _add_channel_axis(image):
     return image
 
 
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    """A channels-first image with 1 channel repeated to RGB, or with 4 composited onto black: `rgb * alpha`."""
+    if image.shape[0] == 1:
+        return np.repeat(image, 3, axis=0)
+    if image.shape[0] == 4 and image.dtype == np.uint8:
+        return np.round(image[:3] * (image[3:] / 255)).astype(np.uint8)
+    if image.shape[0] == 4:
+        return image[:3] * image[3:]
+    return image
+
+
 class PalmEImageProcessor(PilBackend):
     r"""
-    Turns images into the `pixel_values` of a PalmE model, `(batch_size, 3, height, width)` floats: each image is
-    converted to RGB (grayscale is repeated, transparency is composited onto white), resized to `size` and rescaled
-    to [0, 1]. Mean/std normalisation is off by default: the reference PalmE is fed un-normalised [0, 1] images.
+    Turns images into the `pixel_values` of a PalmE model, `(batch_size, 3, height, width)` float32 in [0, 1]: each
+    image is turned by its EXIF orientation (PIL images, given or read from a file), converted to RGB, resized to
+    `size` and brought to [0, 1] by its type. Mean/std normalisation is off by default: the reference PalmE is fed
+    un-normalised [0, 1] images.
 
-    Accepts one image or a list of images, each a PIL image, a numpy array or a torch tensor of shape
-    `(height, width)`, `(channels, height, width)` or `(height, width, channels)` with 1, 3 or 4 channels, or a path,
-    http(s) URL or base64 string of an image file; a numpy array or tensor with a leading batch dimension is a batch.
-    Integer images (PIL, uint8) are rescaled from [0, 255]; floating-point images whose values already lie in [0, 1]
-    are taken as they are (they are what the model consumes), other floating-point images are rescaled like integer
-    ones. Floating-point images are resized in floating point, without a round trip through 8 bits.
+    Accepts one image or a list of images (of any sizes), each a PIL image, a numpy array or a torch tensor of shape
+    `(height, width)`, `(channels, height, width)` or `(height, width, channels)` with 1, 3 or 4 channels, or the
+    path, http(s) URL or base64 string of an image file; a numpy array or tensor with a leading batch dimension is a
+    batch. Files are read with Pillow at their depth (16-bit and float files too); URLs and base64 strings are read
+    by Transformers' `load_image`, as 8-bit RGB.
+
+    Pixel values, by the image's type (v: a value of the image):
+
+    | image                                                                 | values    | pixel value              |
+    |-----------------------------------------------------------------------|-----------|--------------------------|
+    | uint8; PIL modes 1, L, LA, P, PA, RGB, RGBA, CMYK, YCbCr, ...         | 0..255    | v * `rescale_factor`     |
+    | other integer dtypes (int64 of `torch.randint`, int32, int16, ...)    | 0..255    | as uint8 (else an error) |
+    | bool                                                                  | 0, 1      | as uint8 0 and 255       |
+    | uint16; PIL modes I;16, I;16B, ... (16-bit PNG and TIFF files)        | 0..65535  | v / 65535                |
+    | PIL mode I (int32: 32-bit TIFF files, 16-bit files in older Pillow)   | 0..65535  | v / 65535 (else an error)|
+    | floating point: float16/32/64, bfloat16, PIL mode F (float TIFF files)| [0, 1]    | v (see below)            |
+
+    Floating-point images are never rescaled: values less than `FLOAT_RANGE_TOLERANCE` (1e-3) outside [0, 1] are
+    clipped with a warning; values further out (8-bit values in a float array, say), NaN and infinity are a
+    `ValueError`. Images other than 8-bit ones are resized in floating point, without a round trip through 8 bits.
+
+    Channels (with `do_convert_rgb`): grayscale is repeated; an alpha channel (4-channel arrays, PIL modes LA, PA,
+    RGBA, and P, L or RGB with a transparent colour) is composited onto black, `rgb * alpha`, the background of the
+    synthetic captioner's images. An array's channels are first when `shape[0]` is 1, 3 or 4, else last (when
+    `shape[-1]` is); when both are, first, as in Transformers (pass `input_data_format="channels_last"` for the
+    other). A zero-height or zero-width image is a `ValueError`.
 
     Args:
         size (`dict[str, int]`, defaults to `{"height": 256, "width": 256}`): the model's image size
             (`config.vision_config.image_size`).
         resample (`PILImageResampling`, defaults to `BILINEAR`): resampling filter of the resize.
-        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to `1 / 255`): rescaling to [0, 1].
+        do_rescale (`bool`, defaults to `True`), rescale_factor (`float`, defaults to `1 / 255`): rescaling of 8-bit
+            images to [0, 1].
         do_normalize (`bool`, defaults to `False`), image_mean, image_std (defaults to 0.5 per channel): optional
             normalisation, `(pixel - mean) / std`, after rescaling.
         do_convert_rgb (`bool`, defaults to `True`): convert grayscale and RGBA images to RGB. Without it, an image
@@ -67,13 +109,22 @@ class PalmEImageProcessor(PilBackend):
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(image) for image in image_url_or_urls]
         if isinstance(image_url_or_urls, str):
+            source = image_url_or_urls
             try:
-                return load_image(image_url_or_urls)
-            except (OSError, ValueError) as error:
+                if os.path.isfile(source):
+                    # not `load_image`: its conversion to 8-bit RGB clips 16-bit files to white and float ones to
+                    # black. `exif_transpose` reads the orientation (a TIFF keeps it in tags that a copy loses) and
+                    # loads the pixels before the file is closed.
+                    with PIL.Image.open(source) as image:
+                        return PIL.ImageOps.exif_transpose(image)
+                return load_image(source)
+            except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+                expected = "; expected the path of an image file, an http(s) URL or a base64-encoded image"
+                if os.path.isfile(source):
+                    expected = ""
                 raise ValueError(
-                    f"{type(self).__name__}: could not read an image from {image_url_or_urls[:200]!r}; expected the "
-                    f"path of an image file, an http(s) URL or a base64-encoded image ({type(error).__name__}: "
-                    f"{str(error)[:200]})."
+                    f"{type(self).__name__}: could not read an image from {source[:200]!r}{expected} "
+                    f"({type(error).__name__}: {str(error)[:200]})."
                 ) from error
         if is_valid_image(image_url_or_urls):
             return image_url_or_urls
@@ -102,14 +153,33 @@ class PalmEImageProcessor(PilBackend):
             ) from error
 
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
-        """Converts one image into a channels-first RGB array `(3, height, width)`."""
-        if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 3 and input_data_format is None:
+        """One image as a channels-first RGB array `(3, height, width)`, uint8 or float32 in [0, 1] (the table)."""
+        if isinstance(image, PIL.Image.Image):
+            image = self._pil_to_numpy(image, do_convert_rgb)
+            input_data_format = ChannelDimension.LAST
+        elif isinstance(image, torch.Tensor):
+            image = image.detach().cpu()
+            image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # numpy has no bfloat16
+        if image.ndim == 2:
+            image = image[None]
+            input_data_format = ChannelDimension.FIRST
+        elif input_data_format is None:
             if image.shape[0] not in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
                 raise ValueError(
                     f"{type(self).__name__}: expected an image with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, "
                     f"first or last; got an array of shape {tuple(image.shape)}."
                 )
-        image = super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
+            input_data_format = infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+        if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+            image = np.moveaxis(image, -1, 0)
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(
+                f"{type(self).__name__}: the image is empty: {image.shape[1]}x{image.shape[2]} pixels (height x "
+                f"width)."
+            )
+        image = self._to_unit_range(image)
+        if do_convert_rgb:
+            image = _to_rgb(image)
         if image.shape[0] != 3:
             raise ValueError(
                 f"{type(self).__name__}: expected an RGB image (3 channels), got {image.shape[0]} channels "
@@ -117,16 +187,74 @@ class PalmEImageProcessor(PilBackend):
             )
         return image
 
+    def _pil_to_numpy(self, image: PIL.Image.Image, do_convert_rgb: bool) -> np.ndarray:
+        """
+        A PIL image, turned by its EXIF orientation, as a `(height, width)` or `(height, width, channels)` array:
+        uint16 for the 16- and 32-bit integer modes, float32 for mode "F", else uint8 (RGB or RGBA with
+        `do_convert_rgb`).
+        """
+        image = PIL.ImageOps.exif_transpose(image)
+        if image.mode == "I":
+            array = np.asarray(image)
+            if np.any(array < 0) or np.any(array > 65535):
+                raise ValueError(
+                    f"{type(self).__name__}: a mode \"I\" image is read as 16-bit, 0..65535 (older Pillows open "
+                    f"16-bit files as mode \"I\"); got values in [{array.min()}, {array.max()}]."
+                )
+            return array.astype(np.uint16)
+        if image.mode.startswith("I;16"):
+            return np.asarray(image).astype(np.uint16)  # native byte order (I;16B is big-endian)
+        if image.mode == "F" or not do_convert_rgb:
+            return np.asarray(image)
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+
+    def _to_unit_range(self, image: np.ndarray) -> np.ndarray:
+        """8-bit images as uint8 (rescaled later, with `rescale_factor`); any other as float32 in [0, 1]."""
+        kind, itemsize = image.dtype.kind, image.dtype.itemsize
+        if kind == "b":
+            return image.astype(np.uint8) * 255  # as Pillow's 1-bit mode converts
+        if kind == "u" and itemsize == 1:
+            return image
+        if kind == "u" and itemsize == 2:
+            return (image / 65535).astype(np.float32)
+        if kind in "iu":
+            if np.any(image < 0) or np.any(image > 255):
+                raise ValueError(
+                    f"{type(self).__name__}: an integer image other than uint16 holds 8-bit values, 0..255; got "
+                    f"{image.dtype} values in [{image.min()}, {image.max()}]. Give 16-bit images as uint16."
+                )
+            return image.astype(np.uint8)
+        if kind != "f":
+            raise ValueError(f"{type(self).__name__}: unsupported image dtype {image.dtype}.")
+        if not np.isfinite(image).all():
+            raise ValueError(f"{type(self).__name__}: the image holds NaN or infinite values.")
+        low, high = image.min(), image.max()
+        if low < 0 or high > 1:
+            if low < -FLOAT_RANGE_TOLERANCE or high > 1 + FLOAT_RANGE_TOLERANCE:
+                raise ValueError(
+                    f"{type(self).__name__}: a floating-point image must hold values in [0, 1], got values in "
+                    f"[{low:.6g}, {high:.6g}]. Floats are never rescaled: give 8-bit values as uint8, or divided "
+                    f"by 255."
+                )
+            warnings.warn(
+                f"{type(self).__name__}: clipped a floating-point image with values in [{low:.6g}, {high:.6g}] to "
+                f"[0, 1]."
+            )
+            image = np.clip(image, 0, 1)
+        return image.astype(np.float32)
+
     def resize(self, image: np.ndarray, size: SizeDict, resample=None, **kwargs) -> np.ndarray:
-        """Resizes a channels-first image to `(size.height, size.width)`; floating-point images stay floating point."""
-        if not np.issubdtype(image.dtype, np.floating):
+        """Resizes a channels-first image to `(size.height, size.width)`; float32 images stay float32 in [0, 1]."""
+        if image.dtype == np.uint8:
             return super().resize(image, size, resample=resample, **kwargs)
         resample = PILImageResampling.BILINEAR if resample is None else resample
         channels = [
             np.asarray(PIL.Image.fromarray(channel).resize((size.width, size.height), resample=resample))
-            for channel in image.astype(np.float32)
+            for channel in image
         ]
-        return np.stack(channels)
+        # filters that overshoot (bicubic, Lanczos) are clipped, as the 8-bit resize clips them
+        return np.clip(np.stack(channels), 0, 1)
 
     def _preprocess(
         self,
@@ -148,13 +276,12 @@ class PalmEImageProcessor(PilBackend):
     ) -> BatchFeature:
         processed_images = []
         for image in images:
-            # a floating-point image in [0, 1] already has the model's pixel range; rescaling it again would blacken it
-            rescale = do_rescale and not (np.issubdtype(image.dtype, np.floating) and is_scaled_image(image))
             if do_resize and image.shape[-2:] != (size.height, size.width):
                 image = self.resize(image, size, resample=resample)
             if do_center_crop:
                 image = self.center_crop(image, crop_size)
-            if rescale:
+            # process_image left only 8-bit images unscaled
+            if do_rescale and image.dtype == np.uint8:
                 image = self.rescale(image, rescale_factor)
             if do_normalize:
                 image = self.normalize(image, image_mean, image_std)

@@ -5,6 +5,7 @@ import PIL.Image
 import pytest
 import torch
 from transformers import AutoImageProcessor, AutoProcessor
+from transformers.image_utils import PILImageResampling
 
 from palme_hf import PalmEForConditionalGeneration, PalmEImageProcessor, PalmEProcessor
 from tiny_captioner import build_tokenizer, tiny_config
@@ -55,11 +56,8 @@ def test_colours_rescale_to_unit_range(image_processor):
 def test_float_images_in_unit_range_pass_through(image_processor):
     image = torch.rand(3, 32, 32)
     assert torch.equal(pixel_values(image_processor, image)[0], image)
-    # a float image in [0, 255] is rescaled like the 8-bit image it holds
-    array = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    torch.testing.assert_close(
-        pixel_values(image_processor, array.astype(np.float32)), pixel_values(image_processor, array)
-    )
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        torch.testing.assert_close(pixel_values(image_processor, image.to(dtype))[0], image.to(dtype).float())
 
 
 def test_float_images_resize_in_floating_point(image_processor):
@@ -82,7 +80,7 @@ def test_grayscale_and_rgba_become_rgb(image_processor):
     gray = pixel_values(image_processor, PIL.Image.new("L", (8, 8), 128))[0]
     assert torch.all(gray == 128 / 255)
     transparent = pixel_values(image_processor, PIL.Image.new("RGBA", (8, 8), (255, 0, 0, 0)))[0]
-    assert torch.all(transparent == 1.0)  # composited onto white
+    assert torch.all(transparent == 0.0)  # composited onto black
     torch.testing.assert_close(pixel_values(image_processor, np.full((8, 8), 128, np.uint8))[0], gray)
     torch.testing.assert_close(pixel_values(image_processor, np.full((8, 8, 1), 128, np.uint8))[0], gray)
 
@@ -92,6 +90,166 @@ def test_paths_load_like_images(image_processor, tmp_path):
     image.save(tmp_path / "image.png")
     from_path = pixel_values(image_processor, str(tmp_path / "image.png"))
     torch.testing.assert_close(from_path, pixel_values(image_processor, image))
+
+
+def _palette_image(transparency: bool) -> PIL.Image.Image:
+    """32x32, palette index 0 (green) on the left half and index 1 (red) on the right; index 0 transparent or not."""
+    image = PIL.Image.new("P", (32, 32), 0)
+    image.putpalette([0, 255, 0, 255, 0, 0])
+    image.paste(1, (16, 0, 32, 32))
+    if transparency:
+        image.info["transparency"] = 0
+    return image
+
+
+def _expected(*channels: np.ndarray | float) -> torch.Tensor:
+    """A (1, 3, 32, 32) `pixel_values` from each channel's value (a number or a (32, 32) array)."""
+    return torch.from_numpy(np.stack([np.broadcast_to(np.float32(c), (32, 32)) for c in channels])[None])
+
+
+def _halves(left: float, right: float) -> np.ndarray:
+    return np.concatenate([np.full((32, 16), left), np.full((32, 16), right)], axis=1)
+
+
+# Files as Pillow writes them, with the pixel values each must give, worked out from what the file holds.
+FILES = {
+    "l.png": (PIL.Image.new("L", (32, 32), 128), _expected(128 / 255, 128 / 255, 128 / 255)),
+    "rgb.png": (PIL.Image.new("RGB", (32, 32), (10, 20, 30)), _expected(10 / 255, 20 / 255, 30 / 255)),
+    "one_bit.png": (PIL.Image.new("1", (32, 32), 1), _expected(1.0, 1.0, 1.0)),
+    "16_bit.png": (PIL.Image.fromarray(np.full((32, 32), 32768, np.uint16)), _expected(*[32768 / 65535] * 3)),
+    "16_bit_big_endian.tiff": (
+        PIL.Image.frombytes("I;16B", (32, 32), np.full((32, 32), 1000, ">u2").tobytes()),
+        _expected(*[1000 / 65535] * 3),
+    ),
+    "int32.tiff": (PIL.Image.fromarray(np.full((32, 32), 40000, np.int32)), _expected(*[40000 / 65535] * 3)),
+    "float.tiff": (PIL.Image.fromarray(np.full((32, 32), 0.25, np.float32)), _expected(0.25, 0.25, 0.25)),
+    # alpha 128 of 255 on black: round(255 * 128 / 255) = 128 and round(200 * 128 / 255) = 100
+    "rgba.png": (PIL.Image.new("RGBA", (32, 32), (255, 0, 0, 128)), _expected(128 / 255, 0.0, 0.0)),
+    "la.png": (PIL.Image.new("LA", (32, 32), (200, 128)), _expected(100 / 255, 100 / 255, 100 / 255)),
+    "palette.png": (_palette_image(transparency=False), _expected(_halves(0, 1), _halves(1, 0), 0.0)),
+    "palette_transparent.png": (_palette_image(transparency=True), _expected(_halves(0, 1), 0.0, 0.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_files_of_every_depth_and_mode(image_processor, tmp_path, name):
+    image, expected = FILES[name]
+    image.save(tmp_path / name)
+    with PIL.Image.open(tmp_path / name) as opened:
+        assert opened.mode == image.mode  # the file holds what was written (16-bit, float, palette...)
+        from_image = pixel_values(image_processor, opened)
+    from_path = pixel_values(image_processor, str(tmp_path / name))
+    torch.testing.assert_close(from_path, expected, atol=1e-6, rtol=0)
+    assert torch.equal(from_image, from_path)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (PIL.Image.fromarray(np.full((8, 8), -5, np.int32)), r'mode "I" image is read as 16-bit.*\[-5, -5\]'),
+        (PIL.Image.fromarray(np.full((8, 8), 70000, np.int32)), r"0\.\.65535.*\[70000, 70000\]"),
+        (PIL.Image.fromarray(np.full((8, 8), 2.0, np.float32)), r"values in \[0, 1\], got values in \[2, 2\]"),
+        (PIL.Image.fromarray(np.full((8, 8), np.nan, np.float32)), "NaN or infinite"),
+    ],
+)
+def test_files_out_of_range_are_value_errors(image_processor, tmp_path, image, message):
+    image.save(tmp_path / "image.tiff")
+    for given in (str(tmp_path / "image.tiff"), PIL.Image.open(tmp_path / "image.tiff")):
+        with pytest.raises(ValueError, match=message):
+            image_processor(given)
+
+
+def test_integer_arrays_by_dtype(image_processor):
+    array = np.random.default_rng(0).integers(0, 256, (3, 32, 32))  # int64, as torch.randint makes them
+    expected = pixel_values(image_processor, array.astype(np.uint8))
+    torch.testing.assert_close(expected[0], torch.from_numpy(array / 255).float())
+    assert torch.equal(pixel_values(image_processor, array), expected)
+    assert torch.equal(pixel_values(image_processor, torch.from_numpy(array).int()), expected)
+    sixteen = np.full((32, 32, 3), 65535, np.uint16)
+    assert torch.all(pixel_values(image_processor, sixteen) == 1.0)
+    assert torch.all(pixel_values(image_processor, torch.from_numpy(sixteen)) == 1.0)
+    assert torch.all(pixel_values(image_processor, np.ones((32, 32), bool)) == 1.0)
+    with pytest.raises(ValueError, match=r"int64 values in \[0, 300\]. Give 16-bit images as uint16"):
+        image_processor(np.array([[0, 300]] * 4))
+    with pytest.raises(ValueError, match="unsupported image dtype complex64"):
+        image_processor(np.zeros((8, 8, 3), np.complex64))
+    # `do_rescale` is the rescaling of 8-bit values; 16-bit ones always become [0, 1]
+    raw = PalmEImageProcessor(size=SIZE, do_rescale=False)
+    assert torch.all(pixel_values(raw, np.full((32, 32, 3), 200, np.uint8)) == 200)
+    assert torch.all(pixel_values(raw, sixteen) == 1.0)
+
+
+def test_float_images_outside_unit_range(image_processor):
+    image = np.full((32, 32, 3), 0.5, np.float32)
+    image[0, 0, 0] = 1.0005
+    with pytest.warns(UserWarning, match=r"clipped a floating-point image with values in \[0.5, 1.0005\]"):
+        clipped = pixel_values(image_processor, image)
+    assert clipped.max() == 1.0 and clipped[0, 0, 1, 1] == 0.5
+    image[0, 0, 0] = 1.02  # not divided by 255: an error
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got values in \[0.5, 1.02\]"):
+        image_processor(image)
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\]. Floats are never rescaled"):
+        image_processor(np.arange(256, dtype=np.float32).reshape(16, 16))
+    for value in (np.nan, np.inf, -np.inf):
+        image[0, 0, 0] = value
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            image_processor(torch.from_numpy(image))
+
+
+@pytest.mark.parametrize(
+    "image", [np.zeros((0, 8, 3), np.uint8), torch.zeros(3, 8, 0), PIL.Image.new("RGB", (0, 8)), np.zeros((3, 0))]
+)
+def test_empty_images_are_value_errors(image_processor, image):
+    with pytest.raises(ValueError, match="the image is empty"):
+        image_processor(image)
+
+
+def test_bicubic_resize_stays_in_unit_range():
+    image = torch.zeros(3, 8, 8)
+    image[:, :, 4:] = 1.0  # upsampled, the edge rings: bicubic overshoots it on both sides
+    resized = pixel_values(PalmEImageProcessor(size=SIZE, resample=PILImageResampling.BICUBIC), image)
+    assert resized.min() == 0.0 and resized.max() == 1.0
+
+
+def test_channel_axis_of_ambiguous_shapes(image_processor):
+    # (3, 32, 4) could be 3 channels of 32x4 or 4 channels of 3x32: channels first, unless said otherwise
+    array = np.random.default_rng(0).integers(0, 256, (3, 32, 4), dtype=np.uint8)
+    first = pixel_values(image_processor, array)
+    assert torch.equal(first, pixel_values(image_processor, array, input_data_format="channels_first"))
+    last = pixel_values(image_processor, array, input_data_format="channels_last")
+    assert torch.equal(last, pixel_values(image_processor, PIL.Image.fromarray(array, "RGBA")))
+    assert not torch.equal(first, last)
+
+
+def test_batches_of_mixed_sizes_and_types(image_processor, tmp_path):
+    PIL.Image.fromarray(np.full((10, 20), 65535, np.uint16)).save(tmp_path / "white.png")
+    images = [
+        str(tmp_path / "white.png"),
+        np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8),
+        torch.rand(3, 40, 30),
+        PIL.Image.new("RGBA", (12, 9), (0, 0, 255, 255)),
+        np.full((50, 3), 0.25),
+    ]
+    batch = pixel_values(image_processor, images)
+    assert batch.shape == (5, 3, 32, 32) and batch.dtype == torch.float32
+    for row, image in zip(batch, images):
+        assert torch.equal(row, pixel_values(image_processor, image)[0])
+    assert torch.all(batch[0] == 1.0) and torch.all(batch[3, 2] == 1.0) and torch.all(batch[4] == 0.25)
+
+
+def test_exif_orientation_of_paths_and_pil_images(image_processor, tmp_path):
+    # 32 wide, 16 high: red on the left, blue on the right; EXIF orientation 6 means "turn 90 degrees clockwise"
+    array = np.zeros((16, 32, 3), np.uint8)
+    array[:, :16, 0] = array[:, 16:, 2] = 255
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(array).save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    from_path = pixel_values(image_processor, str(tmp_path / "photo.jpg"))[0]
+    with PIL.Image.open(tmp_path / "photo.jpg") as image:
+        assert torch.equal(pixel_values(image_processor, image)[0], from_path)
+    # turned upright, 16 wide and 32 high: red on top, blue below (resized to 32x32; JPEG blurs the edge)
+    assert from_path[0, :12].min() > 0.9 and from_path[2, :12].max() < 0.1
+    assert from_path[2, 20:].min() > 0.9 and from_path[0, 20:].max() < 0.1
 
 
 def test_normalisation(image_processor):
@@ -192,6 +350,15 @@ def test_cross_attention_processor_tokenizes_text_as_is(tokenizer):
     assert grayscale["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="Got 1 images for 2 texts"):
         processor(images=PIL.Image.new("RGB", (8, 8)), text=["a", "a"], padding=True)
+
+
+@pytest.mark.parametrize("cross_attend", [True, False])
+def test_one_channels_first_tensor_is_one_image(tokenizer, cross_attend):
+    processor = PalmEProcessor.from_model_config(tiny_config(len(tokenizer), cross_attend=cross_attend), tokenizer)
+    text = "" if cross_attend else "<image> a"
+    assert processor(images=torch.rand(3, 32, 32), text=[text])["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="Got 1 images for 3 texts"):
+        processor(images=torch.rand(3, 32, 32), text=[text] * 3)
 
 
 def test_processor_round_trip(prefix_processor, tmp_path):
