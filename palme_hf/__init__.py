@@ -1,4 +1,5 @@
-"""palme_hf: PaLM-E style vision-language models as Transformers models."""
+"""palme_hf: PaLM-E style vision-language models as Transformers models. The training helpers of the examples stay in
+their modules: `palme_hf.captioning` (collator, greedy captions, metrics) and `palme_hf.synthetic_shapes` (data)."""
 
 from transformers import (
     AutoConfig,
@@ -10,7 +11,6 @@ from transformers import (
 )
 
 from .blocks_palme import ParallelTransformerBlock, PerceiverLayer, TransformerBlock
-from .captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
 from .hierarchical_palme import HierarchicalBlock
 from .modeling_palme import (
@@ -22,9 +22,8 @@ from .modeling_palme import (
     PalmEVisionModel,
 )
 from .processing_palme import PalmEImageProcessor, PalmEProcessor
-from .synthetic_shapes import SyntheticShapesDataset, build_caption_tokenizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AutoConfig.register(PalmEConfig.model_type, PalmEConfig, exist_ok=True)
 AutoConfig.register(PalmEVisionConfig.model_type, PalmEVisionConfig, exist_ok=True)
@@ -48,12 +47,6 @@ PalmEImageProcessor.register_for_auto_class("AutoImageProcessor")
 PalmEProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
-    "CaptioningCollator",
-    "SyntheticShapesDataset",
-    "build_caption_tokenizer",
-    "corpus_bleu",
-    "exact_match",
-    "generate_captions",
     "HierarchicalBlock",
     "ParallelTransformerBlock",
     "PerceiverLayer",

@@ -10,7 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from palme_hf import PalmEForConditionalGeneration, PalmEProcessor, generate_captions
+from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf.captioning import generate_captions
 from palme_hf.cli import DEFAULT_CAPTIONER, main
 from tiny_captioner import build_tokenizer, tiny_config
 

@@ -4,7 +4,8 @@ the `tokenizers` library, no downloads) and a small model configuration for it."
 from helpers import tiny_config as tiny_model_config
 from transformers import PreTrainedTokenizerFast
 
-from palme_hf import PalmEConfig, build_caption_tokenizer
+from palme_hf import PalmEConfig
+from palme_hf.synthetic_shapes import build_caption_tokenizer
 
 
 def build_tokenizer(image_token: str | None = "<image>") -> PreTrainedTokenizerFast:
