@@ -7,7 +7,11 @@ CKPT.pt is `torch.save(model.state_dict())` of a `zeta.models.PalmE`, read with 
 the JSON object of keyword arguments it was built with (missing keys take zeta's defaults). The folder gets
 safetensors weights, config.json, generation_config.json and the modelling code for `trust_remote_code=True`.
 A checkpoint with missing, unexpected or wrongly shaped tensors, or kwargs zeta's PalmE does not take, is refused
-with a non-zero exit and a message naming them.
+with a non-zero exit and a message naming them; so is a truncated or unreadable checkpoint or kwargs file.
+
+A non-empty DIR is refused (and left as it was) unless `--overwrite` is given, which replaces it. The model is
+written into a temporary folder beside DIR and renamed to DIR at the end, so a failed conversion leaves no
+half-written folder.
 """
 
 import argparse
@@ -21,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="zeta PalmE state dict saved with torch.save")
     parser.add_argument("--kwargs", required=True, help="JSON object of the PalmE constructor keyword arguments")
     parser.add_argument("--output", required=True, help="folder to write the converted model to")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --output if it is not empty (everything in it is deleted)"
+    )
     args = parser.parse_args(argv)
     try:
-        convert_zeta_palme_checkpoint(args.checkpoint, args.kwargs, args.output)
+        convert_zeta_palme_checkpoint(args.checkpoint, args.kwargs, args.output, overwrite=args.overwrite)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@ Trains a small PalmE captioner on the synthetic shapes dataset with the Transfor
 held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, and saves model,
 processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
 
-    python examples/train_captioner.py --output-dir examples/captioner
+    python examples/train_captioner.py --output-dir examples/captioner --overwrite   # replaces the committed one
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
 
 Two processes train data-parallel (torch.distributed, gloo on a machine without CUDA): start them with
@@ -11,12 +11,27 @@ Two processes train data-parallel (torch.distributed, gloo on a machine without 
 --num_processes 2` starts a single process: accelerate's CPU launcher spawns several only through mpirun.) Only the
 main process evaluates and saves. `--batch-size` is per process, as in `TrainingArguments`: with two processes the
 global batch doubles.
+
+No work is lost:
+- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it.
+- While training, checkpoints (model, optimizer, scheduler, random states) go to `OUTPUT_DIR/checkpoints/checkpoint-N`
+  every `--save-steps` steps, at the end of training, and on Ctrl-C, which stops after the current step (a second
+  Ctrl-C aborts without saving). The last two are kept.
+- `--resume`, with the options the run started with, continues from the last checkpoint: same data order, same
+  random states, so the loss curve continues as if the run had not stopped.
+- The finished captioner is written into a temporary folder beside `--output-dir`, which then replaces it
+  (checkpoints included): a run that fails or is stopped leaves no half-written model.
+- `--init-from MODEL` fine-tunes a captioner folder (model and processor, as this script saves them) instead of a new
+  model; architecture options that contradict it are refused.
 """
 
 import argparse
 import json
 import os
+import random
 import shlex
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,9 +39,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
+from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
     MAX_CAPTION_TOKENS,
@@ -35,9 +52,31 @@ from palme_hf.synthetic_shapes import (
 )
 
 
+CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
+OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
+# Options that may differ between a run and its --resume, since they do not change the training.
+RESUMABLE_CHANGES = {
+    "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
+    "sample_images_dir", "num_sample_images",
+}  # fmt: skip
+ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="captioner", help="where the trained captioner is saved")
+    parser.add_argument(
+        "--output-dir", default="captioner", help="where the captioner is saved; its checkpoints/ while it trains"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --output-dir (everything in it is deleted)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the unfinished run in --output-dir from its last checkpoint"
+    )
+    parser.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps")
+    parser.add_argument(
+        "--init-from", default=None, metavar="MODEL", help="fine-tune this captioner folder instead of a new model"
+    )
     parser.add_argument("--train-samples", type=int, default=160_000, help="length of the training split")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -52,12 +91,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num-sample-images", type=int, default=12)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--hidden-size", type=int, default=128, help="width of the encoder and the decoder")
-    parser.add_argument("--num-layers", type=int, default=2, help="layers of the encoder and of the decoder")
+    # Architecture options default to None, so that one given with --init-from can be told from the default.
+    defaults = "default {}; with --init-from, the model's"
+    parser.add_argument("--image-size", type=int, help=defaults.format(ARCHITECTURE_DEFAULTS["image_size"]))
+    parser.add_argument("--patch-size", type=int, help=defaults.format(ARCHITECTURE_DEFAULTS["patch_size"]))
+    parser.add_argument(
+        "--hidden-size",
+        type=int,
+        help=f"width of the encoder and the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['hidden_size'])})",
+    )
+    parser.add_argument(
+        "--num-layers",
+        type=int,
+        help=f"layers of the encoder and of the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
+    )
     parser.add_argument("--logging-steps", type=int, default=50)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
+    if args.init_from is None:
+        for name, default in ARCHITECTURE_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    return args
 
 
 def captioner_config(args: argparse.Namespace, vocab_size: int) -> PalmEConfig:
@@ -84,24 +140,160 @@ def captioner_config(args: argparse.Namespace, vocab_size: int) -> PalmEConfig:
     )
 
 
-class TimeBudgetCallback(TrainerCallback):
+def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
+    """A new captioner of the architecture options, with the word-level caption tokenizer."""
+    tokenizer = build_caption_tokenizer()
+    config = captioner_config(args, vocab_size=len(tokenizer))
+    model = PalmEForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=MAX_CAPTION_TOKENS,
+        do_sample=False,
+    )
+    return model, PalmEProcessor.from_model_config(config, tokenizer)
+
+
+def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
     """
-    Stops training once `max_minutes` have passed. The main process decides and, under torch.distributed, tells the
-    others, so that every process stops after the same step.
+    The captioner in `--init-from` with its processor. Architecture options that contradict it are refused; the
+    ones not given take its values.
+    """
+    check_model_folder(args.init_from)
+    try:
+        processor = PalmEProcessor.from_pretrained(args.init_from)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{args.init_from} has no processor (image processor and tokenizer, as this script saves them): {error}"
+        ) from error
+    model = PalmEForConditionalGeneration.from_pretrained(args.init_from)
+    vision, text = model.config.vision_config, model.config.text_config
+    model_values = {
+        "image_size": {vision.image_size},
+        "patch_size": {vision.patch_size},
+        "hidden_size": {vision.hidden_size, text.hidden_size},
+        "num_layers": {vision.num_hidden_layers, text.num_hidden_layers},
+    }
+    contradictions = [
+        f"--{name.replace('_', '-')} {getattr(args, name)} (the model has {' and '.join(map(str, sorted(values)))})"
+        for name, values in model_values.items()
+        if getattr(args, name) is not None and values != {getattr(args, name)}
+    ]
+    if contradictions:
+        raise ValueError(
+            f"--init-from {args.init_from} contradicts {', '.join(contradictions)}; leave these options out to "
+            "fine-tune the model as it is."
+        )
+    for name, values in model_values.items():
+        if len(values) == 1:
+            setattr(args, name, next(iter(values)))
+    return model, processor
+
+
+def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
+    """
+    Checks `--output-dir` before training, and returns the checkpoint to resume from (None for a new run). A new run
+    refuses a non-empty `--output-dir` unless `--overwrite`. `--resume` needs a complete last checkpoint, and the
+    options the run started with, but for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
+    """
+    if not args.resume:
+        check_output_dir(args.output_dir, args.overwrite)
+        return None
+    checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
+    checkpoint = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
+    if checkpoint is None:
+        raise ValueError(f"--resume: {checkpoints_dir} holds no checkpoint to resume from.")
+    try:
+        check_model_folder(checkpoint)
+        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
+            raise ValueError(f"{checkpoint} has no trainer_state.json.")
+    except ValueError as error:
+        raise ValueError(
+            f"{error} The checkpoint is incomplete (was its saving cut short?): delete it to resume from the one "
+            "before."
+        ) from error
+    started_with = read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))
+    options = {**vars(args), "num_processes": num_processes}
+    changed = sorted(
+        name
+        for name in options.keys() | started_with.keys()
+        if name not in RESUMABLE_CHANGES and options.get(name) != started_with.get(name)
+    )
+    if changed:
+        differences = ", ".join(
+            f"{'--' + name.replace('_', '-') if name in vars(args) else name} {options.get(name)} (started with "
+            f"{started_with.get(name)})"
+            for name in changed
+        )
+        raise ValueError(
+            f"--resume: {differences}. Resume with the options the run in {args.output_dir} started with."
+        )
+    return checkpoint
+
+
+def start_checkpoints(args: argparse.Namespace, num_processes: int):
+    """Records the options of a new run in its checkpoints folder (replacing an old run's, with --overwrite)."""
+    checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
+    shutil.rmtree(checkpoints_dir, ignore_errors=True)
+    os.makedirs(checkpoints_dir)
+    options = {**vars(args), "num_processes": num_processes}
+    (Path(checkpoints_dir) / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
+
+
+class StepSeededCollator(TrainerCallback):
+    """
+    Calls `collator` with the torch random state seeded from (seed, process, batch number), so that a batch's word
+    dropout depends on nothing that ran before it and a resumed run draws what the uninterrupted run drew. (The
+    Trainer restores a checkpoint's random state only after the resumed run has collated its first batches:
+    huggingface/transformers#39215.) As a callback, it learns the batch number a resumed run starts from.
     """
 
-    def __init__(self, max_minutes: float):
-        self.max_seconds = 60 * max_minutes
+    def __init__(self, collator: CaptioningCollator, seed: int, process_index: int):
+        self.collator = collator
+        self.seed = seed
+        self.process_index = process_index
+        self.batch = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.batch = state.global_step  # one batch per step and process: there is no gradient accumulation
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(random.Random(f"{self.seed}/{self.process_index}/{self.batch}").getrandbits(63))
+            self.batch += 1
+            return self.collator(items)
+
+
+class StopCallback(TrainerCallback):
+    """
+    Stops training after the current step on Ctrl-C (SIGINT, once `interrupt` is its handler), saving a checkpoint
+    first, or once `max_minutes` have passed. Under torch.distributed the processes agree, so that every process
+    stops after the same step.
+    """
+
+    def __init__(self, max_minutes: float | None):
+        self.max_seconds = None if max_minutes is None else 60 * max_minutes
         self.start = None
+        self.interrupted = False
+
+    def interrupt(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("Interrupted: saving a checkpoint after this step (Ctrl-C again aborts at once).", file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = torch.tensor([float(time.monotonic() - self.start > self.max_seconds)])
+        out_of_time = self.max_seconds is not None and time.monotonic() - self.start > self.max_seconds
+        stop = torch.tensor([float(self.interrupted), float(out_of_time)])
         if dist.is_available() and dist.is_initialized():
-            dist.broadcast(stop, src=0)
-        if stop.item():
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        self.interrupted = bool(stop[0])
+        if self.interrupted:
+            control.should_save = True
+        if stop.any():
             control.should_training_stop = True
 
 
@@ -116,7 +308,9 @@ def write_model_card(
         launcher = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} python"
     else:
         launcher = "python"
-    command = f"{launcher} examples/train_captioner.py {shlex.join(argv)}"
+    # A resumed run trained as the command without --resume did.
+    command = f"{launcher} examples/train_captioner.py {shlex.join(arg for arg in argv if arg != '--resume')}"
+    origin = "trained from scratch" if args.init_from is None else f"fine-tuned from `{args.init_from}`"
     vision, text = config.vision_config, config.text_config
     encoder = (
         f"a ViT on {vision.image_size}x{vision.image_size} RGB images in [0, 1] cut into {vision.patch_size}x"
@@ -145,7 +339,7 @@ tags:
 
 # PalmE shapes captioner
 
-A small PalmE (palme_hf) trained from scratch to caption synthetic images of one to three coloured shapes, such as
+A small PalmE (palme_hf) {origin} to caption synthetic images of one to three coloured shapes, such as
 "a small red circle left of a large blue square".
 
 ## Architecture
@@ -214,53 +408,68 @@ def main(argv: list[str] | None = None) -> Trainer:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     set_seed(args.seed)
-    tokenizer = build_caption_tokenizer()
-    config = captioner_config(args, vocab_size=len(tokenizer))
-    processor = PalmEProcessor.from_model_config(config, tokenizer)
-    model = PalmEForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=MAX_CAPTION_TOKENS,
-        do_sample=False,
-    )
+    try:
+        model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
+        training_args = TrainingArguments(
+            output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
+            per_device_train_batch_size=args.batch_size,
+            num_train_epochs=args.epochs,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=0.05,
+            weight_decay=0.01,
+            logging_steps=args.logging_steps,
+            save_strategy="steps",
+            save_steps=args.save_steps,
+            save_total_limit=2,  # the one before the last survives a save that is cut short
+            report_to="none",
+            remove_unused_columns=False,  # the collator needs the raw "image" and "caption"
+            dataloader_num_workers=0,
+            # Without CUDA, a multi-process launch (torchrun, `accelerate launch --multi_gpu`) sets up gloo data
+            # parallelism only when the arguments name the CPU; otherwise each process would train alone.
+            use_cpu=not torch.cuda.is_available(),
+            seed=args.seed,
+            data_seed=args.seed,
+        )
+        resume_from = find_resume_checkpoint(args, training_args.world_size)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: {error}")
+    # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if resume_from is None and training_args.should_save:
+        start_checkpoints(args, training_args.world_size)
 
     train_dataset = SyntheticShapesDataset(args.train_samples, "train", seed=args.seed, image_size=args.image_size)
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        per_device_train_batch_size=args.batch_size,
-        num_train_epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.05,
-        weight_decay=0.01,
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,  # the collator needs the raw "image" and "caption"
-        dataloader_num_workers=0,
-        # Without CUDA, a multi-process launch (torchrun, `accelerate launch --multi_gpu`) sets up gloo data
-        # parallelism only when the arguments name the CPU; otherwise each process would train alone.
-        use_cpu=not torch.cuda.is_available(),
-        seed=args.seed,
-        data_seed=args.seed,
+    collator = StepSeededCollator(
+        CaptioningCollator(processor, word_dropout=args.word_dropout), args.seed, training_args.process_index
     )
-    callbacks = [TimeBudgetCallback(args.max_minutes)] if args.max_minutes is not None else []
+    stop_callback = StopCallback(args.max_minutes)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
-        data_collator=CaptioningCollator(processor, word_dropout=args.word_dropout),
-        callbacks=callbacks,
+        data_collator=collator,
+        callbacks=[collator, stop_callback],
     )
     start = time.monotonic()
-    train_output = trainer.train()
+    previous_handler = signal.signal(signal.SIGINT, stop_callback.interrupt)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     train_minutes = (time.monotonic() - start) / 60
+    if stop_callback.interrupted:
+        if trainer.is_world_process_zero():
+            checkpoint = get_last_checkpoint(training_args.output_dir)
+            print(
+                f"Stopped after step {trainer.state.global_step}; the checkpoint is {checkpoint}. Continue with the "
+                "same command and --resume.",
+                file=sys.stderr,
+            )
+        sys.exit(130)
     if not trainer.is_world_process_zero():
         return trainer
-    trainer.model.save_pretrained(args.output_dir)  # weights, config, generation config and the modelling code
-    processor.save_pretrained(args.output_dir)  # image processor and tokenizer
     held_out = SyntheticShapesDataset(args.eval_samples, "held_out", seed=args.seed, image_size=args.image_size)
     items = [held_out[index] for index in range(len(held_out))]
     references = [item["caption"] for item in items]
@@ -280,13 +489,20 @@ def main(argv: list[str] | None = None) -> Trainer:
     print(json.dumps(metrics, indent=2))
     for reference, hypothesis in list(zip(references, hypotheses))[:5]:
         print(f"true: {reference}\n  generated: {hypothesis}")
-    output_dir = Path(args.output_dir)
-    (output_dir / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_model_card(output_dir, argv, args, config, model.num_parameters(), metrics)
+    # The finished captioner replaces --output-dir, and with it the checkpoints.
+    with atomic_output_dir(args.output_dir, overwrite=True) as final_dir:
+        trainer.model.save_pretrained(final_dir)  # weights, config, generation config and the modelling code
+        processor.save_pretrained(final_dir)  # image processor and tokenizer
+        (Path(final_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_model_card(Path(final_dir), argv, args, trainer.model.config, trainer.model.num_parameters(), metrics)
     if args.sample_images_dir is not None:
         write_sample_images(Path(args.sample_images_dir), items[: args.num_sample_images])
     return trainer
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it
+        print("Aborted.", file=sys.stderr)
+        sys.exit(130)

@@ -1,13 +1,13 @@
 """Conversion of zeta `PalmE` checkpoints (`torch.save(model.state_dict())` plus the constructor keyword arguments)
 into palme_hf models."""
 
-import json
-import os
+import pickle
 
 import torch
 
-from .conversion_blocks import check_state_dict_shapes
 from .configuration_palme import PalmEConfig
+from .conversion_blocks import check_state_dict_shapes
+from .io_palme import atomic_output_dir, check_output_dir, read_json_file
 from .layers_palme import PalmERotaryEmbedding
 from .modeling_palme import PalmEForConditionalGeneration
 
@@ -121,7 +121,13 @@ def _check_rotary_buffer(key: str, tensor: torch.Tensor, config: PalmEConfig):
 def load_zeta_palme(checkpoint_path: str, zeta_kwargs: dict) -> PalmEForConditionalGeneration:
     """Loads a zeta `PalmE` checkpoint (`torch.save(model.state_dict())`, read with `weights_only=True`)."""
     config = zeta_palme_config(zeta_kwargs)
-    state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{checkpoint_path} is not a readable tensor checkpoint (truncated, or not saved with torch.save?): "
+            f"{type(error).__name__}: {error}"
+        ) from error
     if not isinstance(state_dict, dict):
         raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict.")
     converted = convert_zeta_palme_state_dict(state_dict, config)
@@ -130,16 +136,23 @@ def load_zeta_palme(checkpoint_path: str, zeta_kwargs: dict) -> PalmEForConditio
     return model.eval()
 
 
-def convert_zeta_palme_checkpoint(checkpoint_path: str, kwargs_path: str, output_dir: str) -> PalmEForConditionalGeneration:
-    """Converts a zeta checkpoint and its kwargs JSON into a `from_pretrained` folder (safetensors, config.json,
-    generation_config.json, and the modelling code for `trust_remote_code`)."""
-    with open(kwargs_path) as handle:
-        zeta_kwargs = json.load(handle)
+def convert_zeta_palme_checkpoint(
+    checkpoint_path: str, kwargs_path: str, output_dir: str, overwrite: bool = False
+) -> PalmEForConditionalGeneration:
+    """
+    Converts a zeta checkpoint and its kwargs JSON into a `from_pretrained` folder (safetensors, config.json,
+    generation_config.json, and the modelling code for `trust_remote_code`).
+
+    A non-empty `output_dir` is refused unless `overwrite`. The folder is written beside `output_dir` and renamed
+    into place at the end, so a failure leaves `output_dir` as it was.
+    """
+    check_output_dir(output_dir, overwrite)  # before the load, which can take long
+    zeta_kwargs = read_json_file(kwargs_path)
     if not isinstance(zeta_kwargs, dict):
         raise ValueError(f"{kwargs_path} must hold a JSON object of zeta PalmE keyword arguments.")
     model = load_zeta_palme(checkpoint_path, zeta_kwargs)
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
+    with atomic_output_dir(output_dir, overwrite) as temporary_dir:
+        model.save_pretrained(temporary_dir)
     return model
 
 

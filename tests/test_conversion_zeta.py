@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,12 @@ from helpers import fixture_path
 from safetensors.torch import load_file
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
-from palme_hf.conversion_zeta import convert_zeta_palme_state_dict, load_zeta_palme, zeta_palme_config
+from palme_hf.conversion_zeta import (
+    convert_zeta_palme_checkpoint,
+    convert_zeta_palme_state_dict,
+    load_zeta_palme,
+    zeta_palme_config,
+)
 
 CASES = ["palme_tiny_default", "palme_tiny_abs_pos"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,12 +140,12 @@ def load_converter_main():
     return module.main
 
 
-def run_converter(tmp_path, capsys, state_dict, kwargs):
-    """Runs the converter's command line in-process; returns (exit code, stderr)."""
+def run_converter(tmp_path, capsys, state_dict, kwargs, *options):
+    """Runs the converter's command line in-process, into tmp_path / "out"; returns (exit code, stderr)."""
     checkpoint, kwargs_file = tmp_path / "ckpt.pt", tmp_path / "kwargs.json"
     torch.save(state_dict, checkpoint)
     kwargs_file.write_text(json.dumps(kwargs))
-    argv = ["--checkpoint", str(checkpoint), "--kwargs", str(kwargs_file), "--output", str(tmp_path / "out")]
+    argv = ["--checkpoint", str(checkpoint), "--kwargs", str(kwargs_file), "--output", str(tmp_path / "out"), *options]
     code = load_converter_main()(argv)
     return code, capsys.readouterr().err
 
@@ -182,6 +188,62 @@ def test_cli_refuses_unknown_kwargs(tmp_path, capsys, reference_checkpoint):
     code, stderr = run_converter(tmp_path, capsys, state_dict, {**kwargs, "decoder_widht": 64})
     assert code != 0
     assert "decoder_widht" in stderr
+
+
+def test_cli_refuses_a_non_empty_output_unless_overwrite(tmp_path, capsys, reference_checkpoint):
+    state_dict, kwargs = reference_checkpoint
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    code, stderr = run_converter(tmp_path, capsys, state_dict, kwargs)
+    assert code != 0 and f"{output} is not empty" in stderr and "--overwrite" in stderr
+    assert os.listdir(output) == ["notes.txt"] and (output / "notes.txt").read_text() == "mine"
+
+    code, stderr = run_converter(tmp_path, capsys, state_dict, kwargs, "--overwrite")
+    assert code == 0, stderr
+    assert not (output / "notes.txt").exists() and (output / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "kwargs.json", "out"]  # no temporary folder left
+
+
+def test_cli_names_a_truncated_checkpoint(tmp_path, capsys, reference_checkpoint):
+    _, kwargs = reference_checkpoint
+    truncated = tmp_path / "truncated.pt"
+    data = Path(fixture_path("palme_tiny_default", "checkpoint.pt")).read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    kwargs_file = tmp_path / "kwargs.json"
+    kwargs_file.write_text(json.dumps(kwargs))
+    output = tmp_path / "out"
+    argv = ["--checkpoint", str(truncated), "--kwargs", str(kwargs_file), "--output", str(output)]
+    assert load_converter_main()(argv) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {truncated} is not a readable tensor checkpoint"), stderr
+    assert not output.exists()
+
+
+def test_cli_names_a_corrupt_kwargs_file(tmp_path, capsys, reference_checkpoint):
+    kwargs_file = tmp_path / "kwargs.json"
+    kwargs_file.write_text('{"decoder_dim": 6')
+    argv = ["--checkpoint", fixture_path("palme_tiny_default", "checkpoint.pt"), "--kwargs", str(kwargs_file)]
+    assert load_converter_main()([*argv, "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {kwargs_file} is not valid JSON")
+
+
+def test_a_failed_save_leaves_the_output_as_it_was(tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+
+    def fail_halfway(model, save_directory, **kwargs):
+        (Path(save_directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(PalmEForConditionalGeneration, "save_pretrained", fail_halfway)
+    case = "palme_tiny_default"
+    with pytest.raises(OSError, match="No space left"):
+        convert_zeta_palme_checkpoint(
+            fixture_path(case, "checkpoint.pt"), fixture_path(case, "kwargs.json"), str(output), overwrite=True
+        )
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(output) == ["notes.txt"]
 
 
 def test_mismatched_kwargs_name_the_tensors(reference_checkpoint):

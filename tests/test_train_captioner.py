@@ -1,12 +1,19 @@
 """examples/train_captioner.py trains data-parallel in two processes (torch.distributed, gloo) exactly as one
-process does with the same global batch."""
+process does with the same global batch; it loses no work: Ctrl-C saves a checkpoint and `--resume` continues the
+run exactly, a non-empty output folder is refused, a failure leaves no half-written model, and `--init-from`
+fine-tunes a saved captioner."""
 
+import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
@@ -14,13 +21,25 @@ TINY_RUN = [
     "--train-samples", "96", "--eval-samples", "4", "--image-size", "32", "--patch-size", "8", "--hidden-size", "32",
     "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0", "--learning-rate", "3e-3",
 ]  # fmt: skip
+# 60 steps, so that the run is still training when the test's Ctrl-C arrives; with word dropout, whose random draws a
+# resumed run must repeat as well as the data order.
+RESUMABLE_RUN = [
+    "--train-samples", "480", "--batch-size", "8", "--eval-samples", "2", "--image-size", "32", "--patch-size", "8",
+    "--hidden-size", "32", "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0.5",
+    "--learning-rate", "3e-3",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(cwd, *arguments):
+    command = [sys.executable, SCRIPT, *arguments]
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def train(tmp_path, name, launcher, batch_size):
     output_dir = tmp_path / name
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [*launcher, SCRIPT, "--output-dir", str(output_dir), "--batch-size", str(batch_size), *TINY_RUN]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((output_dir / "eval_results.json").read_text())
 
@@ -49,3 +68,176 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
     assert one["train_losses"][-1] < 0.8 * one["train_losses"][0]  # it learns
     for step, (single, distributed) in enumerate(zip(one["train_losses"], two["train_losses"])):
         assert abs(single - distributed) <= 1e-4 * max(1.0, abs(single)), (step, single, distributed)
+
+
+@pytest.fixture(scope="module")
+def train_captioner():
+    """The script as a module, to run `main` in-process where no subprocess is needed."""
+    spec = importlib.util.spec_from_file_location("train_captioner", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A finished RESUMABLE_RUN: its output folder."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    result = run_script(tmp_path, "--output-dir", str(tmp_path / "run"), *RESUMABLE_RUN)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """RESUMABLE_RUN (checkpoints every 2 steps) stopped by SIGINT once it has logged 3 steps: (output folder,
+    exit code, stderr)."""
+    tmp_path = tmp_path_factory.mktemp("interrupted")
+    output_dir = tmp_path / "run"
+    command = [sys.executable, SCRIPT, "--output-dir", str(output_dir), *RESUMABLE_RUN, "--save-steps", "2"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        logged_steps = 0
+        for line in process.stdout:  # the Trainer prints the logs of every step (`--logging-steps 1`)
+            logged_steps += "'loss'" in line
+            if logged_steps == 3:
+                process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+                break
+        process.stdout.read()
+        code = process.wait(timeout=600)
+    return output_dir, code, (tmp_path / "stderr.txt").read_text()
+
+
+def checkpoint_steps(output_dir):
+    names = os.listdir(output_dir / "checkpoints")
+    return sorted(int(name.split("-")[1]) for name in names if name.startswith("checkpoint-"))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_run_exactly(interrupted, uninterrupted, tmp_path):
+    output_dir, code, stderr = interrupted
+    assert code == 130, stderr[-4000:]
+    assert "Traceback" not in stderr
+    steps = checkpoint_steps(output_dir)
+    stopped = steps[-1]
+    assert 3 <= stopped < 60, stopped
+    assert f"Stopped after step {stopped}" in stderr and "--resume" in stderr
+    assert len(steps) <= 2 and all(step % 2 == 0 for step in steps[:-1])  # every --save-steps, the last two kept
+    assert os.listdir(output_dir) == ["checkpoints"]  # no model until the run is finished
+
+    resumed = tmp_path / "moved"  # a folder may move between the interruption and the resumption
+    shutil.copytree(output_dir, resumed)
+    result = run_script(tmp_path, "--output-dir", str(resumed), *RESUMABLE_RUN, "--resume")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (resumed / "checkpoints").exists()
+
+    losses = json.loads((resumed / "eval_results.json").read_text())["train_losses"]
+    expected = json.loads((uninterrupted / "eval_results.json").read_text())["train_losses"]
+    assert len(losses) == len(expected) == 60
+    for step, (loss, reference) in enumerate(zip(losses, expected), start=1):
+        assert abs(loss - reference) <= 1e-6 * max(1.0, abs(reference)), (step, loss, reference)
+    weights = load_file(resumed / "model.safetensors")
+    expected_weights = load_file(uninterrupted / "model.safetensors")
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, expected_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert "--resume" not in (resumed / "README.md").read_text()  # the card gives the command to reproduce it
+
+
+def test_refuses_a_non_empty_output_dir_and_leaves_it_as_it_was(tmp_path, train_captioner):
+    output_dir = tmp_path / "taken"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    result = run_script(tmp_path, "--output-dir", str(output_dir), *TINY_RUN)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {output_dir} is not empty; pass --overwrite" in result.stderr
+    assert os.listdir(output_dir) == ["notes.txt"] and (output_dir / "notes.txt").read_text() == "mine"
+
+    train_captioner.main(["--output-dir", str(output_dir), *TINY_RUN, "--train-samples", "16", "--overwrite"])
+    assert not (output_dir / "notes.txt").exists() and (output_dir / "model.safetensors").exists()
+    assert os.listdir(tmp_path) == ["taken"]  # no temporary folder left beside it
+
+
+def test_a_failure_at_the_end_leaves_the_checkpoints_to_resume_from(tmp_path, train_captioner, monkeypatch):
+    output_dir = tmp_path / "run"
+    argv = ["--output-dir", str(output_dir), *TINY_RUN, "--train-samples", "16", "--batch-size", "8"]
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_captioner, "write_model_card", fail)
+        with pytest.raises(OSError, match="No space left"):
+            train_captioner.main(argv)
+    assert os.listdir(tmp_path) == ["run"] and os.listdir(output_dir) == ["checkpoints"]
+    assert checkpoint_steps(output_dir) == [2]  # the end of training saves one
+    trainer = train_captioner.main([*argv, "--resume"])
+    assert trainer.state.global_step == 2 and (output_dir / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["changed option", "truncated weights", "no config.json", "no checkpoint"])
+def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
+    output_dir = tmp_path / "run"
+    shutil.copytree(interrupted[0], output_dir)
+    checkpoint = output_dir / "checkpoints" / f"checkpoint-{checkpoint_steps(output_dir)[-1]}"
+    options = []
+    if case == "changed option":
+        options, message = ["--batch-size", "4"], "--resume: --batch-size 4 (started with 8)"
+    elif case == "truncated weights":
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        message = f"{weights} is not a readable safetensors file (truncated?)"
+    elif case == "no config.json":
+        (checkpoint / "config.json").unlink()
+        message = f"{checkpoint} has no config.json"
+    else:
+        shutil.rmtree(output_dir / "checkpoints")
+        message = f"--resume: {output_dir / 'checkpoints'} holds no checkpoint"
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main(["--output-dir", str(output_dir), *RESUMABLE_RUN, *options, "--resume"])
+    assert message in str(refusal.value.code)
+
+
+def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_captioner):
+    output_dir = tmp_path / "fine_tuned"
+    argv = ["--init-from", str(uninterrupted), "--output-dir", str(output_dir), "--image-size", "32"]  # as the model
+    trainer = train_captioner.main([*argv, "--train-samples", "16", "--batch-size", "8", "--logging-steps", "1"])
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trained = json.loads((uninterrupted / "eval_results.json").read_text())["train_losses"]
+    assert losses[0] < 0.9 * trained[0]  # it starts from the trained weights, not from new ones
+    config = json.loads((output_dir / "config.json").read_text())
+    assert config["text_config"]["hidden_size"] == 32 and config["vision_config"]["image_size"] == 32
+    assert (output_dir / "tokenizer.json").read_text() == (uninterrupted / "tokenizer.json").read_text()
+    assert f"fine-tuned from `{uninterrupted}`" in (output_dir / "README.md").read_text()
+
+
+def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(uninterrupted, model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = run_script(tmp_path, "--init-from", str(model_dir), "--output-dir", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {weights} is not a readable safetensors file (truncated?)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case, options, message",
+    [
+        ("no config.json", [], "has no config.json, so it is not a saved model"),
+        ("no processor", [], "has no processor"),
+        ("contradicting options", ["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
+    ],
+    ids=["no config.json", "no processor", "contradicting options"],
+)
+def test_init_from_refuses(case, options, message, uninterrupted, tmp_path, train_captioner):
+    model_dir = tmp_path / "model"
+    shutil.copytree(uninterrupted, model_dir)
+    if case == "no config.json":
+        (model_dir / "config.json").unlink()
+    if case == "no processor":
+        (model_dir / "processor_config.json").unlink()
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main(["--init-from", str(model_dir), "--output-dir", str(tmp_path / "out"), *options])
+    assert message in str(refusal.value.code)
+    assert not (tmp_path / "out").exists()
