@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 # The oldest Transformers release pyproject.toml allows, and the tests run against it.
 TRANSFORMERS_FLOOR ?= 5.23.0
 FLOOR_VENV ?= .venv-floor
-FLOOR_TESTS ?= tests/test_modeling_palme.py tests/test_generation_palme.py tests/test_conversion_zeta.py tests/test_remote_code.py \
+FLOOR_TESTS ?= tests/test_configuration_palme.py tests/test_modeling_palme.py tests/test_generation_palme.py tests/test_conversion_zeta.py tests/test_remote_code.py \
 	tests/test_processing_palme.py tests/test_tensor_parallel.py
 
 IMAGES ?= $(sort $(wildcard examples/images/*.png))

@@ -30,6 +30,8 @@ RESUMABLE_RUN = [
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
+pytestmark = pytest.mark.slow  # runs the training script, in processes of its own
+
 
 def run_script(cwd, *arguments):
     command = [sys.executable, SCRIPT, *arguments]
