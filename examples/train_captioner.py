@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import GenerationConfig, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
@@ -116,8 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def captioner_config(args: argparse.Namespace, vocab_size: int) -> PalmEConfig:
-    """A small cross-attention PalmE: ViT encoder and standard decoder of the same width, heads of 32 features."""
+def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
+    """A small cross-attention PalmE for `tokenizer`'s words: ViT encoder and standard decoder of the same width,
+    heads of 32 features."""
     num_heads = args.hidden_size // 32
     return PalmEConfig(
         vision_config={
@@ -129,7 +130,10 @@ def captioner_config(args: argparse.Namespace, vocab_size: int) -> PalmEConfig:
             "head_dim": 32,
         },
         text_config={
-            "vocab_size": vocab_size,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
             "hidden_size": args.hidden_size,
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
@@ -143,15 +147,10 @@ def captioner_config(args: argparse.Namespace, vocab_size: int) -> PalmEConfig:
 def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
     """A new captioner of the architecture options, with the word-level caption tokenizer."""
     tokenizer = build_caption_tokenizer()
-    config = captioner_config(args, vocab_size=len(tokenizer))
-    model = PalmEForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_new_tokens=MAX_CAPTION_TOKENS,
-        do_sample=False,
-    )
+    config = captioner_config(args, tokenizer)
+    model = PalmEForConditionalGeneration(config)  # its generation config takes the token ids from the text config
+    model.generation_config.max_new_tokens = MAX_CAPTION_TOKENS
+    model.generation_config.do_sample = False
     return model, PalmEProcessor.from_model_config(config, tokenizer)
 
 
