@@ -8,7 +8,12 @@ from einops import rearrange
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
-from transformers.generation import GenerationMixin
+from transformers.generation import (
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
+)
 from transformers.masking_utils import create_causal_mask, create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -496,6 +501,9 @@ class PalmETextModel(PalmEPreTrainedModel):
         if inputs_embeds is None:
             check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if seq_len == 0:
+            raise ValueError(f"The input holds no tokens (shape {tuple(inputs_embeds.shape[:2])}): give at least one.")
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -515,10 +523,16 @@ class PalmETextModel(PalmEPreTrainedModel):
         self_attention_cache, cross_attention_cache = split_cache(cache)
 
         past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
-        seq_len = inputs_embeds.shape[1]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            expected = (batch_size, past_seen_tokens + seq_len)
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch_size, past_len + seq_len) = {expected}, got "
+                    f"{tuple(attention_mask.shape)}."
+                )
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0).expand(inputs_embeds.shape[0], -1)
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
 
         if self.embed_positions is not None:
             if not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.max_position_embeddings:
@@ -659,6 +673,11 @@ class PalmEModel(PalmEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(
+                "`pixel_values` must be a batch of images (batch_size, channels, height, width), got shape "
+                f"{tuple(pixel_values.shape)}."
+            )
         image_outputs = image_features = None
         if (
             pixel_values is not None
@@ -803,9 +822,6 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         self.model = PalmEModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
-        if config.vision_integration == "prefix" and self.generation_config is not None:
-            # The image placeholder stands for image features; it is never a token to generate.
-            self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -880,6 +896,14 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             image_outputs=outputs.image_outputs,
             **cache_field(getattr(outputs, CACHE_NAME)),
         )
+
+    def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        if self.config.vision_integration == "prefix":
+            # The image placeholder stands for image features, never a token to generate: suppressed here rather
+            # than through `generation_config.suppress_tokens`, which a user's generation config would replace.
+            processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
+        return processors
 
     def prepare_inputs_for_generation(
         self,

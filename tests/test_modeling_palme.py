@@ -5,7 +5,14 @@ import peft
 import pytest
 import torch
 from helpers import BLOCK_TYPES, VARIANTS, combination_model, tiny_inputs, tiny_model
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, DynamicCache, EncoderDecoderCache
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    DynamicCache,
+    EncoderDecoderCache,
+    GenerationConfig,
+)
 
 from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
 from palme_hf.compat_palme import CACHE_NAME
@@ -388,9 +395,14 @@ def test_prefix_generation_never_emits_the_image_placeholder(tmp_path):
     generated = model.generate(**kwargs)
     assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
     assert torch.equal(generated, model.generate(**kwargs, use_cache=False))
+    # the suppression is the model's, not a generation-config field that a user's own options would replace
+    for options in ({"suppress_tokens": [3]}, {"generation_config": GenerationConfig(max_new_tokens=5, do_sample=True)}):
+        generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, min_new_tokens=5, **options)
+        assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
     model.save_pretrained(tmp_path)
     reloaded = PalmEForConditionalGeneration.from_pretrained(tmp_path)
-    assert reloaded.generation_config.suppress_tokens == [model.config.image_token_id]
+    generated = reloaded.generate(**kwargs)
+    assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
 
 
 # Transformers' conventions for its own models
@@ -503,3 +515,16 @@ def test_causal_lm_is_the_text_half_of_a_full_checkpoint(tmp_path, variant):
     assert isinstance(loaded, PalmEForCausalLM)
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=input_ids).logits, expected, atol=0, rtol=0)
+
+
+def test_empty_inputs_wrong_masks_and_unbatched_images_are_named():
+    model = tiny_model()
+    pixel_values, input_ids = tiny_inputs(model)
+    with pytest.raises(ValueError, match="no tokens"):
+        model(pixel_values=pixel_values, input_ids=input_ids[:, :0])
+    with pytest.raises(ValueError, match=r"attention_mask.*\(2, 7\), got \(2, 6\)"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attention_mask.*\(2, 7\), got \(1, 7\)"):
+        model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones(1, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"a batch of images.*\(3, 32, 32\)"):
+        model(pixel_values=pixel_values[0], input_ids=input_ids[:1])
