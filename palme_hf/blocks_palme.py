@@ -273,7 +273,7 @@ class TransformerBlock(GradientCheckpointingLayer):
         normed = self.input_layernorm(hidden_states)
         attn_output, _ = self.self_attn(
             normed,
-            position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
+            position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype),
             attention_mask=attention_mask,
             cache=cache,
             adapters=adapters,

@@ -319,7 +319,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
             attn_output, _ = self.self_attn(
                 self.self_attn_norm(shifted),
-                position_embeddings=self.rotary_emb(position_ids // self.group_size, xpos_offset=self.xpos_offset),
+                position_embeddings=self.rotary_emb(
+                    position_ids // self.group_size, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
+                ),
                 attention_mask=mask,
                 cache=cache,
                 **kwargs,
