@@ -96,8 +96,8 @@ class TransformerBlock(GradientCheckpointingLayer):
             `flash_attn`).
         layer_idx (`int`, keyword-only): index of this block's keys/values in a `Cache`.
         xpos_offset (`int`, keyword-only): the position at which the xpos scale is 1. It cancels in attention scores
-            (outputs do not depend on it); it bounds the range of finite xpos scales, which in half precision is a
-            few thousand positions either side of it.
+            (outputs do not depend on it); positions further from it than `rotary_emb.max_xpos_distance(dtype)`
+            (2832 in float16, 34561 in float32 and bfloat16) are refused.
         rope_theta (`float`, keyword-only): rotary base.
         hidden_act (`str`, keyword-only): activation of the SwiGLU gate (`"silu"`, as PaLM).
         layer_norm_eps (`float`, keyword-only): epsilon of the bias-free LayerNorm.
@@ -245,7 +245,9 @@ class TransformerBlock(GradientCheckpointingLayer):
         try:
             attn_output, _ = self.self_attn(
                 normed,
-                position_embeddings=self.rotary_emb(position_ids, xpos_offset=self.xpos_offset),
+                position_embeddings=self.rotary_emb(
+                    position_ids, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
+                ),
                 attention_mask=attention_mask,
                 cache=cache,
                 **kwargs,

@@ -168,8 +168,8 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             every call, for a block used as a layer of that model (then do not give `attn_implementation`).
         layer_idx (`int`, keyword-only): index of this block's layer in a `Cache`.
         xpos_offset (`int`, keyword-only): full attention only: the group step at which the xpos scale is 1. It
-            cancels in attention scores (outputs do not depend on it); it bounds the range of finite xpos scales,
-            which in half precision is a few thousand steps either side of it.
+            cancels in attention scores (outputs do not depend on it); steps further from it than
+            `rotary_emb.max_xpos_distance(dtype)` (2832 in float16, 34561 in float32 and bfloat16) are refused.
         rope_theta (`float`, keyword-only): rotary base.
         hidden_act (`str`, keyword-only): the feed-forward's activation (`"gelu"`, as the reference).
         use_xpos (`bool`, *optional*, keyword-only): xpos scaling of the rotated queries and keys; by default on for
@@ -323,7 +323,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
             attn_output, _ = self.self_attn(
                 self.self_attn_norm(shifted),
-                position_embeddings=self.rotary_emb(position_ids // self.group_size, xpos_offset=self.xpos_offset),
+                position_embeddings=self.rotary_emb(
+                    position_ids // self.group_size, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
+                ),
                 attention_mask=mask,
                 cache=cache,
                 **kwargs,

@@ -18,10 +18,28 @@ class PalmERotaryEmbedding(nn.Module):
     """
     Rotary position embedding over the first `rotary_dim` features of each head, with optional xpos scaling.
 
-    The xpos scale of position `p` is `scale ** ((p - xpos_offset) / xpos_scale_base)` per frequency: queries are
-    multiplied by it and keys by its inverse, so `q . k` depends only on the distance between positions. The offset
-    therefore cancels in attention scores; it is kept fixed (rather than tied to the sequence length) so that outputs
-    are prefix-consistent and a cache reproduces full recomputation.
+    The xpos factor of position `p` is `scale ** ((p - xpos_offset) / xpos_scale_base)` per frequency, with `scale` in
+    `[2/7, 1)`: queries are multiplied by it and keys (and, with `rotate_values`, values) by its inverse, so the score
+    of query `i` and key `j` carries `scale ** ((i - j) / xpos_scale_base)`, a decay with distance in which the offset
+    cancels. The offset is kept fixed (rather than tied to the sequence length) so that outputs are prefix-consistent
+    and a cache reproduces full recomputation.
+
+    Long positions: angles and xpos exponents are computed in float64 (in float32, `position * inv_freq` is off by up
+    to 4e-3 rad at position 64k), and casting the module to half precision leaves the frequencies as they are. The
+    xpos factors themselves are exponential in `|p - xpos_offset|`: the first frequency's is `3.5 ** (|p - xpos_offset|
+    / xpos_scale_base)` (or its inverse), 2**226 at 64k positions, beyond float32. A pass cannot choose its own offset
+    nearer its positions: cached keys keep the factors of the offset they were written with, and with `rotate_values`
+    the offset is part of the model. So xpos works within `max_xpos_distance(dtype)` positions of the offset, over
+    forward passes spanning at most as many positions; beyond, the forward pass raises a `ValueError`. Plain rotary
+    embeddings have no limit.
+
+    Args:
+        rotary_dim (`int`): number of rotated features of each head.
+        base (`float`): rotary base.
+        use_xpos (`bool`): xpos scaling.
+        xpos_scale_base (`float`): xpos scale base.
+        rotate_values (`bool`): the values are rotated and scaled too (it lowers the xpos limit in bfloat16 and
+            float32).
     """
 
     def __init__(
@@ -30,11 +48,13 @@ class PalmERotaryEmbedding(nn.Module):
         base: float = 10000.0,
         use_xpos: bool = False,
         xpos_scale_base: float = 512.0,
+        rotate_values: bool = False,
     ):
         super().__init__()
         self.rotary_dim = rotary_dim
         self.use_xpos = use_xpos
         self.xpos_scale_base = xpos_scale_base
+        self.rotate_values = rotate_values
         self.base = base
         inv_freq, xpos_scale = self.compute_buffers()
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
@@ -47,28 +67,96 @@ class PalmERotaryEmbedding(nn.Module):
         xpos_scale = (half + 0.4 * self.rotary_dim) / (1.4 * self.rotary_dim)
         return inv_freq, xpos_scale
 
+    def _apply(self, fn, recurse=True):
+        # Casting the module (`model.to(torch.bfloat16)`, `.half()`) moves the frequencies and xpos scales but keeps
+        # their precision: rounded to bfloat16, angles at position 64k would be off by up to 28 rad.
+        buffers = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in buffers.items():
+            if self._buffers[name].dtype.itemsize < buffer.dtype.itemsize:
+                self._buffers[name] = buffer.to(self._buffers[name].device)
+        return self
+
+    def max_xpos_distance(self, dtype: torch.dtype) -> int:
+        """
+        How far from `xpos_offset` rotary positions may be, and how many positions one forward pass may span, for xpos
+        to stay finite and accurate in `dtype`: with `xpos_scale_base=512`, 2832 in float16, 34561 in bfloat16 and
+        float32 (8640 with `rotate_values`).
+
+        Every factor and its inverse stay within `[16 * tiny, 1 / (16 * tiny)]` (`tiny`: the smallest normal number of
+        `dtype`, whose largest finite number is about `4 / tiny`), which leaves room for the features they multiply.
+        So does the factor a masked attention score carries, a query's times a later key's: that of the distance
+        between the two, hence the bound on the span. With `rotate_values` the values bring the factor into the hidden
+        states, whose squares LayerNorm sums in float32 (in float64 for float64 states): there it also stays within
+        the fourth root of that range.
+        """
+        largest_log_factor = -math.log(16 * torch.finfo(dtype).tiny)
+        if self.rotate_values:
+            norm_dtype = torch.promote_types(dtype, torch.float32)
+            largest_log_factor = min(largest_log_factor, -math.log(16 * torch.finfo(norm_dtype).tiny) / 4)
+        # the first frequency has the smallest scale, 0.4 / 1.4, hence the largest factors
+        return int(self.xpos_scale_base * largest_log_factor / math.log(1.4 / 0.4))
+
+    def check_xpos_positions(self, position_ids: torch.Tensor, xpos_offset: int, dtype: torch.dtype) -> None:
+        """
+        Raises a `ValueError` for rotary positions farther than `max_xpos_distance(dtype)` from `xpos_offset`, or
+        spanning more than that.
+        """
+        first, last = torch.stack((position_ids.min(), position_ids.max())).tolist()
+        farthest = first if xpos_offset - first > last - xpos_offset else last
+        limit = self.max_xpos_distance(dtype)
+        if abs(farthest - xpos_offset) > limit:
+            raise ValueError(
+                f"Rotary position {farthest} is {abs(farthest - xpos_offset)} positions from the xpos offset "
+                f"({xpos_offset}); xpos factors grow exponentially with that distance and in {dtype} stay usable "
+                f"within {limit} positions of the offset. Set `xpos_offset` near the middle of the sequence's "
+                "positions (without `rotate_values`, outputs do not depend on it), use a wider dtype or turn xpos off."
+            )
+        if last - first > limit:
+            raise ValueError(
+                f"The rotary positions of this forward pass span {first} to {last}, {last - first} apart; in {dtype}, "
+                f"xpos keeps masked attention scores finite over at most {limit} positions. Feed the sequence in "
+                "shorter chunks through the cache, use a wider dtype or turn xpos off."
+            )
+
     @torch.no_grad()
     def forward(
-        self, position_ids: torch.Tensor, xpos_offset: int = 0
+        self, position_ids: torch.Tensor, xpos_offset: int = 0, dtype: torch.dtype = torch.float32
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): positions of the tokens.
             xpos_offset (`int`): the position at which the xpos scale is 1.
+            dtype (`torch.dtype`): the dtype of the states to rotate (under autocast, the autocast dtype is used); it
+                bounds the xpos positions.
 
         Returns:
             `cos`, `sin` of shape `(batch_size, seq_len, rotary_dim)` and the xpos scale of the same shape (or `None`),
-            all in float32: the rotation is applied in float32 so xpos scales stay finite in half precision.
+            in float32 (float64 for float64 states), the dtype [`apply_rotary_pos_emb`] rotates in.
+
+        Raises:
+            `ValueError`: with xpos, positions farther than `max_xpos_distance(dtype)` from `xpos_offset` or spanning
+            more than that (not checked while compiling).
         """
-        positions = position_ids.to(torch.float32)
-        freqs = positions[..., None] * self.inv_freq.to(position_ids.device)
+        device_type = position_ids.device.type
+        if torch.is_autocast_enabled(device_type):
+            # the projections give queries, keys and values in the autocast dtype
+            dtype = torch.get_autocast_dtype(device_type)
+        if self.use_xpos and not torch.compiler.is_compiling():
+            self.check_xpos_positions(position_ids, xpos_offset, dtype)
+        # MPS has no float64
+        precise_dtype = torch.float32 if device_type == "mps" else torch.float64
+        output_dtype = torch.promote_types(dtype, torch.float32)
+        positions = position_ids.to(precise_dtype)
+        freqs = positions[..., None] * self.inv_freq.to(position_ids.device, precise_dtype)
         freqs = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = freqs.cos().to(output_dtype), freqs.sin().to(output_dtype)
         if not self.use_xpos:
-            return freqs.cos(), freqs.sin(), None
+            return cos, sin, None
         power = (positions - xpos_offset) / self.xpos_scale_base
-        scale = self.xpos_scale.to(position_ids.device) ** power[..., None]
+        scale = self.xpos_scale.to(position_ids.device, precise_dtype) ** power[..., None]
         scale = torch.cat((scale, scale), dim=-1)
-        return freqs.cos(), freqs.sin(), scale
+        return cos, sin, scale.to(output_dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,11 +170,12 @@ def apply_rotary_pos_emb(
 ) -> torch.Tensor:
     """
     Rotates the first `cos.shape[-1]` features of `states` (batch, heads, seq_len, head_dim), multiplied by `scale`
-    (xpos) when given; the other features pass through. Computed in float32, returned in the dtype of `states`.
+    (xpos) when given; the other features pass through. Computed in the dtype of `cos` (float32, or float64 for
+    float64 states), returned in the dtype of `states`.
     """
     rotary_dim = cos.shape[-1]
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rotated, passed = states[..., :rotary_dim].float(), states[..., rotary_dim:]
+    rotated, passed = states[..., :rotary_dim].to(cos.dtype), states[..., rotary_dim:]
     rotated = rotated * cos + rotate_half(rotated) * sin
     if scale is not None:
         rotated = rotated * scale.unsqueeze(1)

@@ -450,6 +450,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 base=config.rope_theta,
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
+                rotate_values=config.rotate_values,
             )
             if config.use_rotary and is_standard
             else None
@@ -561,7 +562,9 @@ class PalmETextModel(PalmEPreTrainedModel):
 
         position_embeddings = None
         if self.rotary_emb is not None:
-            position_embeddings = self.rotary_emb(position_ids, xpos_offset=self.config.xpos_offset)
+            position_embeddings = self.rotary_emb(
+                position_ids, xpos_offset=self.config.xpos_offset, dtype=inputs_embeds.dtype
+            )
 
         hidden_states = inputs_embeds
         for decoder_layer in self.layers:
