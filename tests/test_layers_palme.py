@@ -8,9 +8,10 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_config
 from transformers import DynamicCache, EncoderDecoderCache
 
-from palme_hf import HierarchicalBlock, PalmEConfig, PalmETextModel, ParallelTransformerBlock, TransformerBlock
+from palme_hf import HierarchicalBlock, PalmETextModel, ParallelTransformerBlock, TransformerBlock
 from palme_hf.layers_palme import PalmERotaryEmbedding
 
 POSITIONS = (6_000, 40_000, 64_000)
@@ -27,20 +28,7 @@ XPOS_LIMITS_ROTATE_VALUES = {torch.float16: 2832, torch.bfloat16: 8640, torch.fl
 
 
 def text_model(rotate_values=False):
-    config = PalmEConfig(
-        image_size=32,
-        patch_size=8,
-        encoder_dim=32,
-        encoder_depth=1,
-        encoder_heads=2,
-        num_tokens=97,
-        max_seq_len=64,
-        decoder_dim=48,
-        decoder_depth=1,
-        decoder_heads=4,
-        alibi_num_heads=2,
-    ).text_config
-    config.rotate_values = rotate_values
+    config = tiny_config(num_hidden_layers=1, rotate_values=rotate_values).text_config
     return PalmETextModel(config)
 
 
