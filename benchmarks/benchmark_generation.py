@@ -43,8 +43,10 @@ def main():
     dtype = getattr(torch, args.dtype)
     config = PalmEConfig()  # the reference defaults: 256px images, 6+6 layers of width 512, 20000 tokens
     model = PalmEForConditionalGeneration(config).to(args.device, dtype).eval()
-    print(f"device={args.device} dtype={args.dtype} prompt={args.prompt_length} new_tokens={args.new_tokens} "
-          f"threads={torch.get_num_threads()} (tokens/s, best of {args.repeats})")
+    print(
+        f"device={args.device} dtype={args.dtype} prompt={args.prompt_length} new_tokens={args.new_tokens} "
+        f"threads={torch.get_num_threads()} (tokens/s, best of {args.repeats})"
+    )
     print(f"{'batch':>5} {'cached':>9} {'static':>9} {'uncached':>9} {'speed-up':>9}  same ids")
     for batch_size in args.batch_sizes:
         inputs = {

@@ -51,7 +51,6 @@ from palme_hf.synthetic_shapes import (
     build_caption_tokenizer,
 )
 
-
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
 OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
 # Options that may differ between a run and its --resume, since they do not change the training.
@@ -368,8 +367,8 @@ Greedy decoding on {metrics["num_samples"]} held-out images (every one with an u
 | corpus BLEU-4 | {metrics["bleu"]:.4f} |
 
 Training took {metrics["train_minutes"]:.1f} minutes ({metrics["train_steps"]} steps, final training loss
-{metrics["final_train_loss"]:.4f}) on {metrics["num_processes"]} process(es) of {torch.get_num_threads()} thread(s) on a
-{metrics["cpu_count"]}-core CPU.
+{metrics["final_train_loss"]:.4f}) on {metrics["num_processes"]} process(es) of {torch.get_num_threads()} thread(s)
+on a {metrics["cpu_count"]}-core CPU.
 
 ## Usage
 

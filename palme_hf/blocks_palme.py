@@ -312,6 +312,7 @@ class ParallelTransformerBlock(TransformerBlock):
             layer_idx=layer_idx,
         )
 
+
 class PalmEPerceiverSublayer(nn.Module):
     """
     One of the `depth` layers of [`PerceiverLayer`], pre-norm with residuals: multi-query self-attention over the

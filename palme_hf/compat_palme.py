@@ -1,6 +1,6 @@
 """The one difference between the Transformers releases palme_hf supports (5.23 to 5.24) that the models see: 5.24
-renamed the cache argument and output field `past_key_values` to `cache`. palme_hf's code uses the new name; this module
-maps it onto the installed release."""
+renamed the cache argument and output field `past_key_values` to `cache`. palme_hf's code uses the new name; this
+module maps it onto the installed release."""
 
 import functools
 import inspect

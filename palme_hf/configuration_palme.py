@@ -13,10 +13,28 @@ VISION_INTEGRATIONS = ("cross_attention", "prefix")
 # Keys Transformers itself writes into a config.json or passes to a config's constructor (besides the fields of
 # `PreTrainedConfig`); a config accepts them next to its own arguments.
 TRANSFORMERS_CONFIG_KEYS = {
-    "_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "model_type", "auto_map",
-    "architectures", "attn_implementation", "experts_implementation", "torch_dtype", "dtype", "num_labels",
-    "output_attentions", "output_hidden_states", "return_dict", "use_cache", "tie_word_embeddings",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
+    "_name_or_path",
+    "name_or_path",
+    "_commit_hash",
+    "transformers_version",
+    "model_type",
+    "auto_map",
+    "architectures",
+    "attn_implementation",
+    "experts_implementation",
+    "torch_dtype",
+    "dtype",
+    "num_labels",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_cache",
+    "tie_word_embeddings",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
 } | set(GenerationConfig._get_default_generation_params())
 
 
@@ -43,7 +61,9 @@ def check_options(owner: str, bools: dict | None = None, positives: dict | None 
 
 def check_activation(owner: str, name: str, value: str):
     if value not in ACT2FN:
-        raise ValueError(f"{owner}: `{name}` must be one of Transformers' activations {sorted(ACT2FN)}, got {value!r}.")
+        raise ValueError(
+            f"{owner}: `{name}` must be one of Transformers' activations {sorted(ACT2FN)}, got {value!r}."
+        )
 
 
 def check_known_keys(config: PreTrainedConfig, kwargs: dict, derived: tuple[str, ...] = ()):
@@ -307,7 +327,9 @@ class PalmETextConfig(PreTrainedConfig):
         if use_xpos is None:
             use_xpos = use_rotary and not (block_type == "hierarchical" and window_size is not None)
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        cross_attention_hidden_size = hidden_size if cross_attention_hidden_size is None else cross_attention_hidden_size
+        cross_attention_hidden_size = (
+            hidden_size if cross_attention_hidden_size is None else cross_attention_hidden_size
+        )
         xpos_offset = max_position_embeddings // 2 if xpos_offset is None else xpos_offset
 
         check_positive_ints(
@@ -464,9 +486,9 @@ class PalmETextConfig(PreTrainedConfig):
         return plan
 
 
-
-
-def hierarchical_cache_layout(window_size: int | None, compress_factor: int, stride: int) -> tuple[str, int | None, int]:
+def hierarchical_cache_layout(
+    window_size: int | None, compress_factor: int, stride: int
+) -> tuple[str, int | None, int]:
     """
     The cache layer a `HierarchicalBlock` needs: its Transformers cache layer type (`"hybrid"`: growing keys/values
     plus token-shift states; `"hybrid_sliding"`: keys/values of the last `sliding_window` tokens plus token-shift
@@ -509,18 +531,25 @@ def check_block_options(name: str, block_type: str, **options):
         )
     if block_type == "parallel" and options["intermediate_size"] % options["hidden_size"] != 0:
         raise ValueError(
-            f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` ({options['hidden_size']}); "
+            f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` "
+            f"({options['hidden_size']}); "
             f"got `intermediate_size={options['intermediate_size']}`."
         )
     if block_type == "hierarchical":
         window_size, compress_factor, stride = options["window_size"], options["compress_factor"], options["stride"]
-        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0):
-            raise ValueError(f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}.")
+        if window_size is not None and (
+            isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0
+        ):
+            raise ValueError(
+                f"{name}: `window_size` must be None (full attention) or an integer >= 0, got {window_size!r}."
+            )
         check_positive_ints(name, compress_factor=compress_factor, stride=stride)
         if compress_factor & (compress_factor - 1):
             raise ValueError(f"{name}: `compress_factor` must be a power of two, got {compress_factor}.")
         if stride > compress_factor or compress_factor % stride:
-            raise ValueError(f"{name}: `stride` ({stride}) must be a power of two dividing `compress_factor` ({compress_factor}).")
+            raise ValueError(
+                f"{name}: `stride` ({stride}) must be a power of two dividing `compress_factor` ({compress_factor})."
+            )
 
 
 def upgrade_saved_text_config(config_dict: dict) -> dict:
@@ -606,7 +635,9 @@ class PalmEConfig(PreTrainedConfig):
             )
         check_known_keys(self, kwargs, derived=("tie_word_embeddings",))
         if vision_integration not in VISION_INTEGRATIONS:
-            raise ValueError(f"{name}: `vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}.")
+            raise ValueError(
+                f"{name}: `vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
+            )
         if num_latents is not None:
             check_positive_ints(name, num_latents=num_latents, resampler_depth=resampler_depth)
 

@@ -49,7 +49,9 @@ PARALLEL_BLOCK_REFERENCES = {
 }
 
 
-def load_parallel_block_reference(block_class: type, state_dict: Mapping[str, torch.Tensor], kwargs: dict) -> nn.Module:
+def load_parallel_block_reference(
+    block_class: type, state_dict: Mapping[str, torch.Tensor], kwargs: dict
+) -> nn.Module:
     """
     Builds `block_class` (`TransformerBlock` or `ParallelTransformerBlock`) from the reference's constructor keyword
     arguments and loads the reference's state dict. The reference's fused projection `fused_attn_ff_proj` (queries,
@@ -96,9 +98,7 @@ def load_parallel_block_reference(block_class: type, state_dict: Mapping[str, to
         if not torch.allclose(state_dict[key].float().cpu(), value.float().cpu()):
             raise ValueError(f"The reference buffer `{key}` differs from the fixed value this block computes.")
 
-    q_weight, k_weight, v_weight, up_weight, gate_weight = state_dict["fused_attn_ff_proj.weight"].split(
-        split_sizes
-    )
+    q_weight, k_weight, v_weight, up_weight, gate_weight = state_dict["fused_attn_ff_proj.weight"].split(split_sizes)
     weights = {
         "input_layernorm.weight": state_dict["norm.gamma"] + layout.norm_gain_offset,
         "self_attn.q_proj.weight": q_weight,

@@ -11,7 +11,6 @@ from .io_palme import atomic_output_dir, check_output_dir, read_json_file
 from .layers_palme import PalmERotaryEmbedding
 from .modeling_palme import PalmEForConditionalGeneration
 
-
 # zeta saves its decoder's rotary buffers; they are checked against the configuration, not loaded.
 ZETA_ROTARY_PREFIX = "decoder.net.attn_layers.rotary_pos_emb."
 
@@ -73,7 +72,10 @@ def _zeta_key_map(config: PalmEConfig) -> dict[str, str]:
         add_layer("encoder.attn_layers.layers", "model.vision_model.layers", (self_attention, mlp), layer)
     for layer in range(config.text_config.num_hidden_layers):
         add_layer(
-            "decoder.net.attn_layers.layers", "model.language_model.layers", (self_attention, cross_attention, mlp), layer
+            "decoder.net.attn_layers.layers",
+            "model.language_model.layers",
+            (self_attention, cross_attention, mlp),
+            layer,
         )
     return mapping
 

@@ -246,7 +246,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         self.self_attn = None
         if self.has_attention:
             is_full_attention = window_size is None
-            self.self_attn_norm = HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim, eps=layer_norm_eps)
+            self.self_attn_norm = (
+                HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim, eps=layer_norm_eps)
+            )
             self.rotary_emb = PalmERotaryEmbedding(
                 dim_head,
                 base=rope_theta,

@@ -427,7 +427,8 @@ class PalmEAttention(nn.Module):
         """
         Args:
             hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the input.
-            position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], computed once per forward pass.
+            position_embeddings: `(cos, sin, xpos_scale)` from [`PalmERotaryEmbedding`], computed once per forward
+                pass.
             attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
                 to `(batch_size, num_heads, seq_len, kv_len)`.
             cache (`Cache`, *optional*): self-attention keys/values of earlier steps, updated at `layer_idx`.

@@ -31,8 +31,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .blocks_palme import PerceiverLayer, TransformerBlock
 from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
-from .hierarchical_palme import HierarchicalBlock
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from .hierarchical_palme import HierarchicalBlock
 from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
@@ -111,7 +111,7 @@ class PalmEVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`pixel_values` (batch_size, num_channels, image_size, image_size) -> (batch_size, num_patches, hidden_size)."""
+        """`pixel_values` (batch_size, num_channels, image_size, image_size) -> (batch_size, num_patches, width)."""
         expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
@@ -494,8 +494,9 @@ class PalmETextModel(PalmEPreTrainedModel):
             cross-attend).
         inputs_embeds (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*): embeddings in
             place of `input_ids`.
-        encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens, cross_attention_hidden_size)`,
-            *optional*): image features to cross-attend to; not needed once the cache holds their keys/values.
+        encoder_hidden_states (`torch.FloatTensor` of shape
+            `(batch_size, num_image_tokens, cross_attention_hidden_size)`, *optional*): image features to cross-attend
+            to; not needed once the cache holds their keys/values.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -508,11 +509,7 @@ class PalmETextModel(PalmEPreTrainedModel):
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if (
-            self.config.add_cross_attention
-            and cache is not None
-            and not isinstance(cache, EncoderDecoderCache)
-        ):
+        if self.config.add_cross_attention and cache is not None and not isinstance(cache, EncoderDecoderCache):
             if cache.get_seq_length() != 0:
                 raise ValueError(
                     "A decoder with cross-attention needs an `EncoderDecoderCache` (self-attention cache, "
@@ -788,7 +785,8 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): targets for the next-token loss,
             aligned with `input_ids` (shifted inside); -100 is ignored.
-        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only (0 = all).
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only
+            (0 = all).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -858,7 +856,8 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): targets for the next-token loss,
             aligned with `input_ids` (shifted inside); -100 is ignored.
-        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only (0 = all).
+        logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only
+            (0 = all).
 
         Example:
 

@@ -24,7 +24,6 @@ from transformers.processing_utils import ProcessorMixin
 
 from .configuration_palme import PalmEConfig
 
-
 # How far outside [0, 1] a floating-point image may go and still be clipped (with a warning) rather than refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
 
@@ -198,8 +197,8 @@ class PalmEImageProcessor(PilBackend):
             array = np.asarray(image)
             if np.any(array < 0) or np.any(array > 65535):
                 raise ValueError(
-                    f"{type(self).__name__}: a mode \"I\" image is read as 16-bit, 0..65535 (older Pillows open "
-                    f"16-bit files as mode \"I\"); got values in [{array.min()}, {array.max()}]."
+                    f'{type(self).__name__}: a mode "I" image is read as 16-bit, 0..65535 (older Pillows open '
+                    f'16-bit files as mode "I"); got values in [{array.min()}, {array.max()}].'
                 )
             return array.astype(np.uint16)
         if image.mode.startswith("I;16"):
@@ -239,7 +238,8 @@ class PalmEImageProcessor(PilBackend):
                 )
             warnings.warn(
                 f"{type(self).__name__}: clipped a floating-point image with values in [{low:.6g}, {high:.6g}] to "
-                f"[0, 1]."
+                f"[0, 1].",
+                stacklevel=2,
             )
             image = np.clip(image, 0, 1)
         return image.astype(np.float32)
@@ -393,7 +393,7 @@ class PalmEProcessor(ProcessorMixin):
                 counts = [sample.count(self.image_token) for sample in texts]
                 if any(count != 1 for count in counts):
                     raise ValueError(
-                        f"With `\"prefix\"` integration each text must hold the image marker {self.image_token!r} "
+                        f'With `"prefix"` integration each text must hold the image marker {self.image_token!r} '
                         f"exactly once, where its image goes; got {counts} markers in the texts."
                     )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)

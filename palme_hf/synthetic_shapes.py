@@ -21,7 +21,6 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-
 SIZES = ("small", "large")
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 90, 240), "yellow": (230, 210, 30)}
 SHAPES = ("circle", "square", "triangle")

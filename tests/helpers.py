@@ -89,4 +89,9 @@ def load_reference_case(case: str) -> dict:
         meta = json.load(handle)
     checkpoint = fixture_path(case, "checkpoint.pt")
     state_dict = torch.load(checkpoint, weights_only=True) if os.path.exists(checkpoint) else None
-    return {"kwargs": kwargs, "state_dict": state_dict, "io": load_file(fixture_path(case, "io.safetensors")), "meta": meta}
+    return {
+        "kwargs": kwargs,
+        "state_dict": state_dict,
+        "io": load_file(fixture_path(case, "io.safetensors")),
+        "meta": meta,
+    }

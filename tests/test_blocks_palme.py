@@ -52,7 +52,7 @@ def random_lora(dim: int, dim_head: int, heads: int) -> tuple[nn.Linear, ...]:
     )
 
 
-# --- reference parity -------------------------------------------------------------------------------------------------
+# --- reference parity ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -112,12 +112,15 @@ def test_reference_state_dict_problems_are_named():
         ValueError, match="missing keys \\['ff_out.1.weight'\\].*unexpected keys \\['ff_out.2.weight'\\]"
     ):
         ParallelTransformerBlock.from_reference_state_dict(
-            {("ff_out.2.weight" if key == "ff_out.1.weight" else key): value for key, value in zeta_state_dict.items()},
+            {
+                ("ff_out.2.weight" if key == "ff_out.1.weight" else key): value
+                for key, value in zeta_state_dict.items()
+            },
             **zeta_kwargs,
         )
 
 
-# --- attention implementation -----------------------------------------------------------------------------------------
+# --- attention implementation ----------------------------------------------------------------------------------------
 
 
 def test_flash_attn_selects_sdpa_with_identical_results():
@@ -152,7 +155,7 @@ def test_block_reads_a_shared_config():
     assert block(torch.randn(1, 3, 16)).shape == (1, 3, 16)
 
 
-# --- cache equivalence ------------------------------------------------------------------------------------------------
+# --- cache equivalence -----------------------------------------------------------------------------------------------
 
 
 def make_block(variant: str, attn_implementation: str) -> tuple[TransformerBlock, dict]:
@@ -206,9 +209,7 @@ def test_padding_mask_with_cache_matches_full_forward(attn_implementation):
     with torch.no_grad():
         full = block(x, attention_mask)
         cache = DynamicCache()
-        steps = torch.cat(
-            [block(x[:, i : i + 1], attention_mask[:, : i + 1], cache=cache) for i in range(8)], dim=1
-        )
+        steps = torch.cat([block(x[:, i : i + 1], attention_mask[:, : i + 1], cache=cache) for i in range(8)], dim=1)
         other_padding = x.clone()
         other_padding[1, :3] = torch.randn(3, 32)
         changed = block(other_padding, attention_mask)
@@ -242,7 +243,7 @@ def test_causal_and_non_causal_attention():
             bidirectional(x, cache=DynamicCache())
 
 
-# --- PerceiverLayer ---------------------------------------------------------------------------------------------------
+# --- PerceiverLayer --------------------------------------------------------------------------------------------------
 
 
 def test_perceiver_documented_example_shape():
@@ -317,7 +318,7 @@ def test_perceiver_bad_inputs():
         PerceiverLayer(32, 4, 0)
 
 
-# --- bad input --------------------------------------------------------------------------------------------------------
+# --- bad input -------------------------------------------------------------------------------------------------------
 
 
 def test_block_bad_inputs():

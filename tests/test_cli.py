@@ -13,6 +13,7 @@ import pytest
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
 from palme_hf.cli import DEFAULT_CAPTIONER, main
+
 from tiny_captioner import build_tokenizer, tiny_config
 
 IMAGES = os.path.join(os.path.dirname(DEFAULT_CAPTIONER), "images")
@@ -123,7 +124,10 @@ def test_command_line_entry_point_has_no_traceback(tmp_path, true_captions):
     image = os.path.join(IMAGES, "held_out_00.png")
     run = subprocess.run(
         [sys.executable, "-m", "palme_hf.cli", "caption", image, "missing.png"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": paths}, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": paths},
+        cwd=tmp_path,
     )
     assert run.returncode == 1
     assert run.stdout == f"{image}\t{true_captions['held_out_00.png']}\n"

@@ -4,6 +4,7 @@ the ids of eager decoding, for every block type and both image routes."""
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
+
 from helpers import combination_model, tiny_inputs
 from test_generation_palme import COMBINATIONS
 

@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
-from helpers import FIXTURES
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmETextConfig, PalmEVisionConfig
+
+from helpers import FIXTURES
 
 
 def test_defaults_are_the_references():
@@ -84,7 +85,9 @@ def test_invalid_values_raise(config_class, kwargs, message):
 
 
 def test_transformers_own_keys_stay_accepted():
-    config = PalmETextConfig(torch_dtype="float32", name_or_path="x", num_labels=2, max_length=20, output_attentions=True)
+    config = PalmETextConfig(
+        torch_dtype="float32", name_or_path="x", num_labels=2, max_length=20, output_attentions=True
+    )
     assert config.output_attentions
 
 
@@ -104,14 +107,19 @@ def test_transformers_own_keys_stay_accepted():
     ],
 )
 def test_options_a_block_type_does_not_have_are_refused(block_type, option, value):
-    with pytest.raises(ValueError, match=f"block_type='{block_type}'.*{option}|{option}.*{block_type}|rotates the whole head|multiple"):
+    with pytest.raises(
+        ValueError, match=f"block_type='{block_type}'.*{option}|{option}.*{block_type}|rotates the whole head|multiple"
+    ):
         PalmETextConfig(block_type=block_type, **{option: value})
 
 
 def test_block_type_defaults():
     parallel = PalmETextConfig(block_type="parallel")
     assert (parallel.alibi_num_heads, parallel.rotary_dim, parallel.hidden_act, parallel.num_key_value_heads) == (
-        0, 64, "silu", 1
+        0,
+        64,
+        "silu",
+        1,
     )
     window = PalmETextConfig(block_type="hierarchical", window_size=8)
     assert window.use_xpos is False and window.hidden_act == "gelu"  # the reference's window attention has no xpos
@@ -127,7 +135,9 @@ def test_invalid_rotary_dim_raises():
 
 
 def test_round_trip(tmp_path):
-    config = PalmEConfig.from_zeta_kwargs(decoder_dim=64, encoder_dim=32, cross_attend=False, image_size=64, patch_size=16)
+    config = PalmEConfig.from_zeta_kwargs(
+        decoder_dim=64, encoder_dim=32, cross_attend=False, image_size=64, patch_size=16
+    )
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, PalmEConfig)

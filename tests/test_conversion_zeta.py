@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fixture_path
 from safetensors.torch import load_file
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
@@ -19,6 +18,8 @@ from palme_hf.conversion_zeta import (
     load_zeta_palme,
     zeta_palme_config,
 )
+
+from helpers import fixture_path
 
 CASES = ["palme_tiny_default", "palme_tiny_abs_pos"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

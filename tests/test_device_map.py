@@ -4,9 +4,10 @@ generates, and automatic device maps never split a layer."""
 import pytest
 import torch
 from accelerate import infer_auto_device_map, init_empty_weights
-from helpers import combination_model, tiny_inputs
 
 from palme_hf import PalmEForConditionalGeneration
+
+from helpers import combination_model, tiny_inputs
 
 
 def model_size_in_bytes(model):
@@ -46,13 +47,12 @@ def test_automatic_device_map_never_splits_a_layer():
     assert {0, 1} <= set(device_map.values()), device_map
 
     def device_of(parameter_name):
-        prefix = max((key for key in device_map if parameter_name == key or parameter_name.startswith(key + ".")),
-                     key=len)
+        prefix = max(
+            (key for key in device_map if parameter_name == key or parameter_name.startswith(key + ".")), key=len
+        )
         return device_map[prefix]
 
-    unsplittable = [
-        name for name, module in empty.named_modules() if type(module).__name__ in empty._no_split_modules
-    ]
+    unsplittable = [name for name, module in empty.named_modules() if type(module).__name__ in empty._no_split_modules]
     assert unsplittable
     for module_name in unsplittable:
         devices = {

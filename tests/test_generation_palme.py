@@ -6,9 +6,10 @@ import copy
 
 import pytest
 import torch
-from helpers import BLOCK_TYPES, combination_model, tiny_inputs
 
 from palme_hf.compat_palme import CACHE_NAME
+
+from helpers import BLOCK_TYPES, combination_model, tiny_inputs
 
 COMBINATIONS = [(block_type, integration) for block_type in BLOCK_TYPES for integration in ("reference", "prefix")]
 STRATEGIES = {
@@ -78,6 +79,8 @@ def test_a_new_image_replaces_the_cached_one():
         cache = getattr(model(pixel_values=image_a, input_ids=input_ids, use_cache=True), CACHE_NAME)
         step = model(pixel_values=image_b, input_ids=input_ids[:, :1], cache=cache, use_cache=True)
         fresh = getattr(model(pixel_values=image_b, input_ids=input_ids, use_cache=True), CACHE_NAME)
-    for layer, expected in zip(getattr(step, CACHE_NAME).cross_attention_cache.layers, fresh.cross_attention_cache.layers):
+    for layer, expected in zip(
+        getattr(step, CACHE_NAME).cross_attention_cache.layers, fresh.cross_attention_cache.layers
+    ):
         torch.testing.assert_close(layer.keys, expected.keys)  # image B's keys, not image A's
         torch.testing.assert_close(layer.values, expected.values)

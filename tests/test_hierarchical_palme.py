@@ -2,11 +2,12 @@ import json
 
 import pytest
 import torch
-from helpers import fixture_path
 from safetensors.torch import load_file
 from transformers import DynamicCache, StaticCache
 
 from palme_hf import HierarchicalBlock
+
+from helpers import fixture_path
 
 FIXTURE_CASES = ["hierarchical_block_full", "hierarchical_block_window", "hierarchical_block_compress"]
 PARITY_ATOL = 1e-5

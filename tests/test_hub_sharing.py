@@ -19,8 +19,9 @@ from huggingface_hub.errors import EntryNotFoundError
 from transformers import pipeline
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
-from tiny_captioner import build_tokenizer, tiny_config
+
 from conftest import WITHOUT_PALME_HF
+from tiny_captioner import build_tokenizer, tiny_config
 
 PROMPT = "<image> a"
 
@@ -78,8 +79,15 @@ def test_push_to_hub_sends_a_complete_repo(captioner, hub, tmp_path):
     assert [commit["repo_id"] for commit in hub] == ["someone/palme-tiny-captioner"] * 2
     model_files, processor_files = hub[0]["files"], hub[1]["files"]
     expected_model_files = {
-        "model.safetensors", "config.json", "generation_config.json", "README.md", "configuration_palme.py",
-        "modeling_palme.py", "layers_palme.py", "blocks_palme.py", "hierarchical_palme.py",
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "configuration_palme.py",
+        "modeling_palme.py",
+        "layers_palme.py",
+        "blocks_palme.py",
+        "hierarchical_palme.py",
     }
     assert expected_model_files <= set(model_files)
     assert {"processor_config.json", "tokenizer.json", "tokenizer_config.json", "processing_palme.py"} <= set(
@@ -152,7 +160,10 @@ def check_loads_without_palme_hf(repo, model, processor, tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, "-c", LOADER, str(repo), str(inputs_folder)],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -165,14 +176,14 @@ def check_loads_without_palme_hf(repo, model, processor, tmp_path):
         torch.testing.assert_close(outputs["logits"], model(**inputs).logits)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(outputs["generated"], generated)
-    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
     assert outputs["captions"] == processor.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def expected_captions(model, processor, images, texts):
     inputs = processor(images=images, text=texts, padding=True)
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("cross_attend", [True, False])
@@ -189,7 +200,9 @@ def test_pipeline_captions_with_model_and_processor(cross_attend):
     [expected] = expected_captions(model, processor, images[:1], [prompt])
     assert caption["input_text"] == prompt
     # the prompt and its continuation, as Transformers pipelines return it
-    assert caption["generated_text"].startswith(prompt) and caption["generated_text"][len(prompt):].strip() == expected
+    assert (
+        caption["generated_text"].startswith(prompt) and caption["generated_text"][len(prompt) :].strip() == expected
+    )
 
     captions = captioner(images=images, text=[prompt, prompt], max_new_tokens=5, return_full_text=False)
     assert [output["generated_text"].strip() for output in captions] == expected_captions(

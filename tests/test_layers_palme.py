@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
-from helpers import tiny_config
 from transformers import DynamicCache, EncoderDecoderCache
 
 from palme_hf import HierarchicalBlock, PalmETextModel, ParallelTransformerBlock, TransformerBlock
 from palme_hf.layers_palme import PalmERotaryEmbedding
+
+from helpers import tiny_config
 
 POSITIONS = (6_000, 40_000, 64_000)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

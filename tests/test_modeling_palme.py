@@ -4,7 +4,6 @@ padding, training features, the reference document's examples and bad input."""
 import peft
 import pytest
 import torch
-from helpers import BLOCK_TYPES, VARIANTS, combination_model, tiny_inputs, tiny_model
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -17,6 +16,8 @@ from transformers import (
 from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
 from palme_hf.compat_palme import CACHE_NAME
 from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding, apply_rotary_pos_emb
+
+from helpers import BLOCK_TYPES, VARIANTS, combination_model, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -187,7 +188,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant, use_reentrant)
 def test_weight_init_and_no_split_modules():
     model = tiny_model()
     text = model.model.language_model
-    assert {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"} <= set(model._no_split_modules)
+    assert {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"} <= set(
+        model._no_split_modules
+    )
     assert torch.equal(text.layers[0].self_attn_layer_norm.weight, torch.ones(48))
     assert torch.equal(text.layers[0].self_attn.q_norm.weight, torch.ones(64))
     assert torch.equal(model.lm_head.bias, torch.zeros(97))
@@ -278,10 +281,16 @@ def test_sequence_longer_than_absolute_positions():
     with pytest.raises(ValueError, match="Position 64 is beyond `max_position_embeddings` \\(64\\)"):
         model(pixel_values=pixel_values, input_ids=torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        model.generate(pixel_values=pixel_values, input_ids=torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10,
-                       min_new_tokens=10)
+        model.generate(
+            pixel_values=pixel_values,
+            input_ids=torch.zeros(1, 60, dtype=torch.long),
+            max_new_tokens=10,
+            min_new_tokens=10,
+        )
     # rotary models are not bound to max_seq_len
-    assert tiny_model()(pixel_values=pixel_values, input_ids=torch.zeros(1, 80, dtype=torch.long)).logits.shape[1] == 80
+    assert (
+        tiny_model()(pixel_values=pixel_values, input_ids=torch.zeros(1, 80, dtype=torch.long)).logits.shape[1] == 80
+    )
 
 
 def test_prefix_placeholder_count_must_match():
@@ -382,8 +391,9 @@ def test_peft_lora_trains_and_merges(block_type):
         merged = lora_model.merge_and_unload()
         assert isinstance(merged, PalmEForConditionalGeneration)
         assert not any("lora_" in name for name, _ in merged.named_parameters())
-        torch.testing.assert_close(merged(pixel_values=pixel_values, input_ids=input_ids).logits, adapted,
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            merged(pixel_values=pixel_values, input_ids=input_ids).logits, adapted, atol=1e-5, rtol=1e-4
+        )
 
 
 def test_prefix_generation_never_emits_the_image_placeholder(tmp_path):
@@ -393,19 +403,23 @@ def test_prefix_generation_never_emits_the_image_placeholder(tmp_path):
         model.lm_head.bias[model.config.image_token_id] = 100.0  # the placeholder would win every step
     kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=5, min_new_tokens=5)
     generated = model.generate(**kwargs)
-    assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
+    assert (generated[:, input_ids.shape[1] :] != model.config.image_token_id).all()
     assert torch.equal(generated, model.generate(**kwargs, use_cache=False))
     # the suppression is the model's, not a generation-config field that a user's own options would replace
-    for options in ({"suppress_tokens": [3]}, {"generation_config": GenerationConfig(max_new_tokens=5, do_sample=True)}):
+    for options in (
+        {"suppress_tokens": [3]},
+        {"generation_config": GenerationConfig(max_new_tokens=5, do_sample=True)},
+    ):
         generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, min_new_tokens=5, **options)
-        assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
+        assert (generated[:, input_ids.shape[1] :] != model.config.image_token_id).all()
     model.save_pretrained(tmp_path)
     reloaded = PalmEForConditionalGeneration.from_pretrained(tmp_path)
     generated = reloaded.generate(**kwargs)
-    assert (generated[:, input_ids.shape[1]:] != model.config.image_token_id).all()
+    assert (generated[:, input_ids.shape[1] :] != model.config.image_token_id).all()
 
 
 # Transformers' conventions for its own models
+
 
 def test_token_ids_live_in_the_text_config_and_reach_generate():
     model = tiny_model(pad_token_id=0, bos_token_id=1)
@@ -479,7 +493,7 @@ def test_inputs_embeds_with_pixel_values(variant):
     torch.testing.assert_close(from_embeds, from_ids)
     generated = model.generate(pixel_values=pixel_values, inputs_embeds=inputs_embeds, max_new_tokens=4)
     expected = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=4)
-    assert torch.equal(generated, expected[:, input_ids.shape[1]:])
+    assert torch.equal(generated, expected[:, input_ids.shape[1] :])
 
 
 @pytest.mark.parametrize("block_type, key_value_heads", [("standard", 4), ("parallel", 1), ("hierarchical", 4)])

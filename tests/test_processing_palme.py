@@ -8,6 +8,7 @@ from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import PILImageResampling
 
 from palme_hf import PalmEForConditionalGeneration, PalmEImageProcessor, PalmEProcessor
+
 from tiny_captioner import build_tokenizer, tiny_config
 
 SIZE = {"height": 32, "width": 32}
@@ -388,7 +389,7 @@ def test_processor_feeds_model_forward_and_generate(tokenizer, cross_attend):
     assert logits.shape == (*inputs["input_ids"].shape, len(tokenizer))
 
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    new_tokens = generated[:, inputs["input_ids"].shape[1]:]
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
     assert processor.batch_decode(new_tokens) == tokenizer.batch_decode(new_tokens)
     assert processor.decode(new_tokens[0]) == tokenizer.decode(new_tokens[0])
     captions = processor.post_process_image_text_to_text(generated)

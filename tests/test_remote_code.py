@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from palme_hf import PalmEForCausalLM, PalmEForConditionalGeneration
+
 from conftest import WITHOUT_PALME_HF
 from helpers import tiny_config
 
@@ -47,7 +48,11 @@ LOADER = WITHOUT_PALME_HF + textwrap.dedent(
 
 def small_config(variant="reference", **kwargs):
     return tiny_config(
-        variant, vision=dict(patch_size=16, num_hidden_layers=1), vocab_size=50, hidden_size=32, num_attention_heads=2,
+        variant,
+        vision=dict(patch_size=16, num_hidden_layers=1),
+        vocab_size=50,
+        hidden_size=32,
+        num_attention_heads=2,
         **{"alibi_num_heads": 0 if kwargs.get("block_type") else 1, **kwargs},
     )
 

@@ -10,9 +10,10 @@ import textwrap
 
 import pytest
 import torch
-from helpers import combination_model, tiny_inputs, tiny_model
 
 import palme_hf
+
+from helpers import combination_model, tiny_inputs, tiny_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,11 +1,12 @@
 """A tiny PalmE captioner for the processing, pipeline and Hub tests: the project's word-level tokenizer (built with
 the `tokenizers` library, no downloads) and a small model configuration for it."""
 
-from helpers import tiny_config as tiny_model_config
 from transformers import PreTrainedTokenizerFast
 
 from palme_hf import PalmEConfig
 from palme_hf.synthetic_shapes import build_caption_tokenizer
+
+from helpers import tiny_config as tiny_model_config
 
 
 def build_tokenizer(image_token: str | None = "<image>") -> PreTrainedTokenizerFast:
