@@ -6,9 +6,13 @@ import inspect
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 BLOCK_TYPES = ("standard", "parallel", "hierarchical")
 VISION_INTEGRATIONS = ("cross_attention", "prefix")
+# The image-to-text projector of `"prefix"` integration: the PaLM-E paper's affine map, or Llava's 2-layer MLP.
+PROJECTOR_TYPES = ("linear", "mlp")
 
 # Keys Transformers itself writes into a config.json or passes to a config's constructor (besides the fields of
 # `PreTrainedConfig`); a config accepts them next to its own arguments.
@@ -591,25 +595,99 @@ ZETA_PALME_DEFAULTS = {
 }
 
 
+def sub_config_from(name: str, key: str, value, own_class: type[PreTrainedConfig]) -> PreTrainedConfig | dict:
+    """
+    `value` (a config, a dict or None) as a config: a dict names its class by `model_type`, as in a config.json
+    (resolved through Transformers' `CONFIG_MAPPING`, as Llava's sub-configs are); without one, or with `own_class`'s
+    `model_type`, it is `own_class`'s, which is returned as a dict for the caller to complete.
+    """
+    if value is None:
+        return {}
+    if isinstance(value, own_class):
+        return value.to_dict()
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: `{key}` must be a config, a dict or None, got {type(value).__name__}.")
+    model_type = value.get("model_type", own_class.model_type)
+    if model_type == own_class.model_type:
+        return dict(value)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"{name}: `{key}` has `model_type={model_type!r}`, which Transformers does not know.")
+    return CONFIG_MAPPING[model_type](**{k: v for k, v in value.items() if k != "model_type"})
+
+
+def check_foreign_vision_config(name: str, config: PreTrainedConfig):
+    """A Transformers vision encoder (`AutoModel` builds it) with square-patch geometry and a width."""
+    if config.model_type not in MODEL_MAPPING_NAMES:
+        raise ValueError(
+            f"{name}: `vision_config` must be the config of a Transformers vision encoder that `AutoModel` builds "
+            f"(ViTConfig, CLIPVisionConfig, SiglipVisionConfig, ...); got {type(config).__name__} "
+            f"(`model_type={config.model_type!r}`)."
+        )
+    missing = [key for key in ("hidden_size", "image_size", "patch_size") if getattr(config, key, None) is None]
+    if missing:
+        raise ValueError(
+            f"{name}: `vision_config` ({type(config).__name__}) has no {missing}: it must be a vision encoder's "
+            "config (for a dual encoder such as CLIPConfig, give its `vision_config`)."
+        )
+
+
+def check_foreign_text_config(name: str, config: PreTrainedConfig, vision_integration: str):
+    """A Transformers causal language model (`AutoModelForCausalLM`), which takes the image as a prefix."""
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or config.model_type not in MODEL_MAPPING_NAMES:
+        raise ValueError(
+            f"{name}: `text_config` must be the config of a Transformers causal language model (LlamaConfig, "
+            f"GPT2Config, Qwen2Config, GemmaConfig, ...) or a PalmETextConfig; got {type(config).__name__} "
+            f"(`model_type={config.model_type!r}`)."
+        )
+    if vision_integration != "prefix":
+        raise ValueError(
+            f"{name}: `vision_integration={vision_integration!r}` needs a decoder with cross-attention layers, which "
+            f"{type(config).__name__} does not have: use `vision_integration='prefix'` (the PaLM-E paper's "
+            "multimodal sentences), or a PalmETextConfig decoder."
+        )
+
+
+def num_patches_of(vision_config: PreTrainedConfig) -> int:
+    """Patches of one image: `(image_size / patch_size) ** 2`, or the product over height and width."""
+    if isinstance(vision_config, PalmEVisionConfig):
+        return vision_config.num_patches
+    sizes, patches = vision_config.image_size, vision_config.patch_size
+    sizes = sizes if isinstance(sizes, (list, tuple)) else (sizes, sizes)
+    patches = patches if isinstance(patches, (list, tuple)) else (patches, patches)
+    return (sizes[0] // patches[0]) * (sizes[1] // patches[1])
+
+
 class PalmEConfig(PreTrainedConfig):
     r"""
-    Configuration of a PalmE model: the image encoder (`vision_config`, [`PalmEVisionConfig`]), the text decoder
-    (`text_config`, [`PalmETextConfig`]) and how the image reaches the text. To build what zeta's `PalmE(**kwargs)`
-    builds, use [`~PalmEConfig.from_zeta_kwargs`].
+    Configuration of a PalmE model: the image encoder (`vision_config`), the text decoder (`text_config`) and how the
+    image reaches the text. To build what zeta's `PalmE(**kwargs)` builds, use [`~PalmEConfig.from_zeta_kwargs`].
+
+    As in the PaLM-E paper, either tower may be a Transformers model: `vision_config` any vision encoder's config
+    (`ViTConfig`, `CLIPVisionConfig`, `SiglipVisionConfig`, ...; the text receives its patch features, the last
+    `num_patches` tokens of its `last_hidden_state`: a class token is left out) and `text_config` any causal
+    language model's (`LlamaConfig`, `GPT2Config`, `Qwen2Config`, `GemmaConfig`, ...; with `"prefix"` integration).
+    In a dict (a saved config.json), `model_type` names the class; without it the tower is PalmE's own.
+    [`PalmEForConditionalGeneration.from_pretrained_towers`] builds a model from two pretrained towers.
 
     Args:
-        vision_config (`dict` or [`PalmEVisionConfig`], *optional*): the image encoder.
-        text_config (`dict` or [`PalmETextConfig`], *optional*): the text decoder.
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): the image encoder, [`PalmEVisionConfig`] by default.
+        text_config (`dict` or `PreTrainedConfig`, *optional*): the text decoder, [`PalmETextConfig`] by default.
         vision_integration (`str`, defaults to `"cross_attention"`): how the image reaches the text.
-            `"cross_attention"`: every decoder layer cross-attends to the image features (zeta's PalmE).
-            `"prefix"`: as in the PaLM-E paper, the image features are projected to the decoder width and replace the
-            `image_token_id` placeholder tokens of `input_ids` (one placeholder per image feature).
+            `"cross_attention"`: every decoder layer cross-attends to the image features (zeta's PalmE; PalmE's own
+            decoder only). `"prefix"`: as in the PaLM-E paper, the image features are projected to the decoder width
+            and replace `image_token_id` placeholder tokens of `input_ids` (one placeholder per image feature, any
+            number of images at any positions).
         image_token_id (`int`, *optional*): the placeholder token of `"prefix"` integration (required there): the id
             of the `<image>` token added to the tokenizer, as [`PalmEProcessor`] adds it.
         num_latents (`int`, *optional*): when set, a Perceiver resampler (learned latents cross-attending to the
             patch features, `resampler_depth` [`PerceiverLayer`]s) turns each image into `num_latents` features
             before they reach the text, with either integration.
         resampler_depth (`int`, defaults to 2): layers of the Perceiver resampler.
+        projector_type (`str`, defaults to `"linear"`): the map from image features to the decoder width with
+            `"prefix"` integration: `"linear"`, the paper's affine projection, or `"mlp"`, linear-GELU-linear (as
+            Llava's).
     """
 
     model_type = "palme"
@@ -617,12 +695,13 @@ class PalmEConfig(PreTrainedConfig):
 
     def __init__(
         self,
-        vision_config: dict | PalmEVisionConfig | None = None,
-        text_config: dict | PalmETextConfig | None = None,
+        vision_config: dict | PreTrainedConfig | None = None,
+        text_config: dict | PreTrainedConfig | None = None,
         vision_integration: str = "cross_attention",
         image_token_id: int | None = None,
         num_latents: int | None = None,
         resampler_depth: int = 2,
+        projector_type: str = "linear",
         **kwargs,
     ):
         name = type(self).__name__
@@ -638,22 +717,37 @@ class PalmEConfig(PreTrainedConfig):
             raise ValueError(
                 f"{name}: `vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
             )
+        if projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"{name}: `projector_type` must be one of {PROJECTOR_TYPES}, got {projector_type!r}.")
+        if projector_type != "linear" and vision_integration != "prefix":
+            raise ValueError(
+                f"{name}: `projector_type={projector_type!r}` needs `vision_integration='prefix'`: with "
+                "cross-attention the image features are not projected."
+            )
         if num_latents is not None:
             check_positive_ints(name, num_latents=num_latents, resampler_depth=resampler_depth)
 
+        vision_config = sub_config_from(name, "vision_config", vision_config, PalmEVisionConfig)
         if isinstance(vision_config, dict):
             vision_config = PalmEVisionConfig(**vision_config)
-        self.vision_config = PalmEVisionConfig() if vision_config is None else vision_config
-        text_kwargs = text_config.to_dict() if isinstance(text_config, PalmETextConfig) else dict(text_config or {})
-        text_kwargs = upgrade_saved_text_config(text_kwargs)
-        add_cross_attention = vision_integration == "cross_attention"
-        if text_kwargs.setdefault("add_cross_attention", add_cross_attention) != add_cross_attention:
-            raise ValueError(
-                f"{name}: `text_config.add_cross_attention={text_kwargs['add_cross_attention']}` contradicts "
-                f"`vision_integration={vision_integration!r}`, which sets it."
-            )
-        text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
-        self.text_config = PalmETextConfig(**text_kwargs)
+        else:
+            check_foreign_vision_config(name, vision_config)
+        self.vision_config = vision_config
+
+        text_config = sub_config_from(name, "text_config", text_config, PalmETextConfig)
+        if isinstance(text_config, dict):
+            text_kwargs = upgrade_saved_text_config(text_config)
+            add_cross_attention = vision_integration == "cross_attention"
+            if text_kwargs.setdefault("add_cross_attention", add_cross_attention) != add_cross_attention:
+                raise ValueError(
+                    f"{name}: `text_config.add_cross_attention={text_kwargs['add_cross_attention']}` contradicts "
+                    f"`vision_integration={vision_integration!r}`, which sets it."
+                )
+            text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
+            text_config = PalmETextConfig(**text_kwargs)
+        else:
+            check_foreign_text_config(name, text_config, vision_integration)
+        self.text_config = text_config
 
         vocab_size = self.text_config.vocab_size
         if vision_integration == "prefix" and image_token_id is None:
@@ -672,12 +766,13 @@ class PalmEConfig(PreTrainedConfig):
         self.image_token_id = image_token_id
         self.num_latents = num_latents
         self.resampler_depth = resampler_depth
+        self.projector_type = projector_type
         super().__init__(**kwargs)
 
     @property
     def num_image_tokens(self) -> int:
-        """How many image features the text receives: one per latent with a resampler, else one per patch."""
-        return self.num_latents if self.num_latents is not None else self.vision_config.num_patches
+        """How many features each image gives the text: one per latent with a resampler, else one per patch."""
+        return self.num_latents if self.num_latents is not None else num_patches_of(self.vision_config)
 
     @classmethod
     def from_zeta_kwargs(cls, **zeta_kwargs) -> "PalmEConfig":

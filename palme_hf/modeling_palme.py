@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 from torch import nn
+from transformers import AutoModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
 from transformers.generation import (
@@ -31,7 +32,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .blocks_palme import PerceiverLayer, TransformerBlock
 from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
-from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig
+from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, num_patches_of
 from .hierarchical_palme import HierarchicalBlock
 from .layers_palme import (
     PalmEAlibiBias,
@@ -45,6 +46,7 @@ from .layers_palme import (
     image_is_cached,
     split_cache,
 )
+from .towers_palme import build_projector, load_pretrained_towers, patch_features
 
 
 @dataclass
@@ -317,13 +319,14 @@ class PalmEPerceiverResampler(nn.Module):
     def __init__(self, config: PalmEConfig):
         super().__init__()
         vision_config = config.vision_config
-        self.latents = nn.Parameter(torch.zeros(config.num_latents, vision_config.hidden_size))
+        width, num_heads = vision_config.hidden_size, vision_config.num_attention_heads
+        self.latents = nn.Parameter(torch.zeros(config.num_latents, width))
         self.perceiver = PerceiverLayer(
-            vision_config.hidden_size,
-            vision_config.num_attention_heads,
+            width,
+            num_heads,
             config.resampler_depth,
-            dim_head=vision_config.head_dim,
-            dropout=vision_config.attention_dropout,
+            dim_head=getattr(vision_config, "head_dim", None) or width // num_heads,
+            dropout=getattr(vision_config, "attention_dropout", 0.0),
             ff_dropout=0.0,
             config=vision_config,
         )
@@ -358,7 +361,7 @@ class PalmEPreTrainedModel(PreTrainedModel):
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, **kwargs):
         # With a compileable cache, generate() prepares 4-D masks ahead of the forward pass; the hierarchical blocks
         # build their causal, group and window masks themselves, from the padding mask.
-        if self.config.get_text_config().block_type == "hierarchical":
+        if getattr(self.config.get_text_config(), "block_type", None) == "hierarchical":
             return attention_mask
         return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
 
@@ -583,18 +586,27 @@ class PalmETextModel(PalmEPreTrainedModel):
 
 
 class PalmEModel(PalmEPreTrainedModel):
-    """PalmE without its language-model head: the image encoder, the image-to-text bridge and the text decoder."""
+    """
+    PalmE without its language-model head: the image encoder, the image-to-text bridge and the text decoder. The
+    towers are PalmE's own ([`PalmEVisionModel`], [`PalmETextModel`]) or, for other configs, the Transformers models
+    `AutoModel` builds from `config.vision_config` and `config.text_config` (as Llava builds its towers).
+    """
 
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
-        self.vision_model = PalmEVisionModel(config.vision_config)
-        self.resampler = PalmEPerceiverResampler(config) if config.num_latents is not None else None
-        self.multi_modal_projector = (
-            nn.Linear(config.vision_config.hidden_size, config.text_config.hidden_size)
-            if config.vision_integration == "prefix"
-            else None
+        vision_config, text_config = config.vision_config, config.text_config
+        self.vision_model = (
+            PalmEVisionModel(vision_config)
+            if isinstance(vision_config, PalmEVisionConfig)
+            else AutoModel.from_config(vision_config)
         )
-        self.language_model = PalmETextModel(config.text_config)
+        self.resampler = PalmEPerceiverResampler(config) if config.num_latents is not None else None
+        self.multi_modal_projector = build_projector(config)
+        self.language_model = (
+            PalmETextModel(text_config)
+            if isinstance(text_config, PalmETextConfig)
+            else AutoModel.from_config(text_config)
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -607,13 +619,16 @@ class PalmEModel(PalmEPreTrainedModel):
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
         """
-        Encodes images. `pooler_output` holds the image features the text receives, `(batch_size, num_image_tokens,
-        width)`: the encoder's patch features, resampled into `num_latents` features when configured, projected to the
-        decoder width with `"prefix"` integration. `last_hidden_state`, `hidden_states` and `attentions` are the
-        vision encoder's.
+        Encodes images, `pixel_values` `(num_images, num_channels, height, width)`. `pooler_output` holds the image
+        features the text receives, `(num_images, num_image_tokens, width)`: the encoder's patch features (the last
+        `num_patches` tokens of its output: a class token is left out), resampled into `num_latents` features when
+        configured, projected to the decoder width with `"prefix"` integration. `last_hidden_state`, `hidden_states`
+        and `attentions` are the vision encoder's.
         """
         vision_outputs = self.vision_model(pixel_values, **kwargs)
         image_features = vision_outputs.last_hidden_state
+        if not isinstance(self.config.vision_config, PalmEVisionConfig):
+            image_features = patch_features(image_features, num_patches_of(self.config.vision_config))
         if self.resampler is not None:
             image_features = self.resampler(image_features)
         if self.multi_modal_projector is not None:
@@ -638,15 +653,21 @@ class PalmEModel(PalmEPreTrainedModel):
     def _merge_image_features(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
-        """Replaces the image placeholders of each sequence by its image's features, in order."""
+        """
+        Replaces the image placeholders by the images' features, in order: the first `num_image_tokens` placeholders
+        of the batch (read sequence by sequence) by the first image's, and so on. Each sequence may hold any number of
+        images, at any positions.
+        """
         image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        counts = image_token_mask.sum(dim=1)
-        expected = image_features.shape[1]
-        if not torch.compiler.is_compiling() and bool((counts != expected).any()):
-            raise ValueError(
-                f"Each sequence must hold exactly {expected} image placeholder tokens (id "
-                f"{self.config.image_token_id}), one per image feature; got {counts.tolist()}."
-            )
+        if not torch.compiler.is_compiling():
+            num_images, per_image = image_features.shape[:2]
+            counts = image_token_mask.sum(dim=1).tolist()
+            if sum(counts) != num_images * per_image or any(count % per_image for count in counts):
+                raise ValueError(
+                    f"The text holds {sum(counts)} image placeholder tokens (id {self.config.image_token_id}; "
+                    f"{counts} per sequence), but {num_images} images were given, which need {per_image} "
+                    f"placeholders each ({num_images * per_image} in all, a multiple of {per_image} per sequence)."
+                )
         mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
 
@@ -665,10 +686,11 @@ class PalmEModel(PalmEPreTrainedModel):
     ) -> PalmEModelOutputWithPast:
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): token ids; with `"prefix"` integration,
-            `config.num_image_tokens` placeholders (`config.image_token_id`) where the image goes.
-        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`, *optional*):
-            one image per sequence; may be omitted once the cache holds the image (cross-attention) or after the
-            placeholders were consumed (prefix).
+            `config.num_image_tokens` placeholders (`config.image_token_id`) where each image goes.
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`, *optional*):
+            with cross-attention one image per sequence; with `"prefix"` integration the images of all sequences in
+            the order of their placeholders (any number per sequence). May be omitted once the cache holds the image
+            (cross-attention) or after the placeholders were consumed (prefix).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
@@ -692,14 +714,14 @@ class PalmEModel(PalmEPreTrainedModel):
             # image, are in the cache already.
             pixel_values = None
         if pixel_values is not None:
-            if pixel_values.shape[0] != batch_size:
+            if self.config.vision_integration == "cross_attention" and pixel_values.shape[0] != batch_size:
                 raise ValueError(
-                    f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: give one image per sequence."
+                    f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: with cross-attention give "
+                    "one image per sequence."
                 )
             image_outputs = self.get_image_features(pixel_values)
             image_features = image_outputs.pooler_output
 
-        encoder_hidden_states = None
         if self.config.vision_integration == "prefix":
             if inputs_embeds is None:
                 check_token_ids(input_ids, self.config.text_config.vocab_size)
@@ -717,16 +739,15 @@ class PalmEModel(PalmEPreTrainedModel):
                 )
             input_ids = None
         else:
-            encoder_hidden_states = image_features
+            kwargs["encoder_hidden_states"] = image_features
 
         outputs = self.language_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
-            encoder_hidden_states=encoder_hidden_states,
             use_cache=use_cache,
+            **cache_field(cache),
             **kwargs,
         )
         return PalmEModelOutputWithPast(**outputs, image_outputs=image_outputs)
@@ -811,7 +832,11 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 
 
 class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
-    """PalmE with its language-model head (a biased linear layer, as the reference): captioning, VQA, training."""
+    """
+    PalmE with its language-model head: captioning, VQA, training. The head is a biased linear layer (as the
+    reference) on PalmE's own decoder, and a linear layer without bias on a Transformers language model (the heads of
+    Llama, GPT-2, Qwen2, Gemma, ...), tied to the token embeddings when `text_config.tie_word_embeddings`.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -820,8 +845,46 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
         self.model = PalmEModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
+        text_config = config.text_config
+        own_decoder = isinstance(text_config, PalmETextConfig)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
+        if not own_decoder:
+            # the token embeddings' name is the language model's own (`wte` in GPT-2)
+            embeddings = self.model.language_model.get_input_embeddings().weight
+            name = next(key for key, value in self.model.language_model.named_parameters() if value is embeddings)
+            self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}"}
         self.post_init()
+
+    @classmethod
+    def from_pretrained_towers(
+        cls, vision_model: str, text_model: str, image_token_id: int | None = None, **config_kwargs
+    ) -> "PalmEForConditionalGeneration":
+        """
+        The PaLM-E recipe: a model built from a pretrained vision encoder and a pretrained causal language model, each
+        a local folder or Hub id written by `save_pretrained` of the tower's own class (`ViTModel`,
+        `SiglipVisionModel`, `LlamaForCausalLM`, `PalmEVisionModel`, `PalmEForCausalLM`, ...), with their weights and
+        a freshly initialised projector (and resampler, with `num_latents`).
+
+        The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
+        [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
+        the head grow to hold it. `config_kwargs` go to [`PalmEConfig`] (`vision_integration` defaults to
+        `"prefix"`; `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        """
+        return load_pretrained_towers(cls, vision_model, text_model, image_token_id=image_token_id, **config_kwargs)
+
+    def freeze_towers(self, vision_model: bool = True, language_model: bool = True) -> "PalmEForConditionalGeneration":
+        """
+        Freezes the towers for training, as the PaLM-E paper's variants do: `vision_model=True` freezes the image
+        encoder, `language_model=True` the decoder with its head (token embeddings included); `False` makes that tower
+        trainable again. The projector and the resampler stay trainable: both `True` trains the projector only.
+        Returns the model.
+        """
+        for parameter in self.model.vision_model.parameters():
+            parameter.requires_grad_(not vision_model)
+        for module in (self.model.language_model, self.lm_head):
+            for parameter in module.parameters():
+                parameter.requires_grad_(not language_model)
+        return self
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

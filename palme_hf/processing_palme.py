@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import (
@@ -22,7 +23,8 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ProcessorMixin
 
-from .configuration_palme import PalmEConfig
+from .configuration_palme import PalmEConfig, num_patches_of
+from .towers_palme import IMAGE_TOKEN, add_image_token
 
 # How far outside [0, 1] a floating-point image may go and still be clipped (with a warning) rather than refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
@@ -299,14 +301,17 @@ class PalmEProcessor(ProcessorMixin):
     returns what the model's `forward` and `generate` take (`pixel_values`, `input_ids`, `attention_mask`; PyTorch
     tensors by default).
 
-    With `"prefix"` integration (`num_image_tokens` set), each text holds the marker `image_token` once, where its
-    image goes; the marker is expanded into `num_image_tokens` copies of the image placeholder token (the token
-    `image_token` itself, whose id must be the model's `config.image_token_id`), one per image feature. With
-    cross-attention (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they are.
-    Either way, each text goes with one image. [`PalmEProcessor.from_model_config`] builds one that matches a model.
+    With `"prefix"` integration (`num_image_tokens` set), texts are multimodal sentences: each marker `image_token`
+    stands where an image goes (any number per text, at any positions, e.g. `"Q: What changed between <image> and
+    <image>? A:"`), the images given in the order of their markers (a flat list, or one list per text). Each marker is
+    expanded into `num_image_tokens` copies of the image placeholder token (the token `image_token` itself, whose id
+    must be the model's `config.image_token_id`), one per image feature, and `pixel_values` holds all images in order.
+    With cross-attention (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they
+    are, each with one image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
+    [`PalmEProcessor.from_pretrained_towers`] one for a model built from two pretrained towers.
 
     Args:
-        image_processor ([`PalmEImageProcessor`]): the image processor.
+        image_processor ([`PalmEImageProcessor`] or the vision tower's image processor): the image processor.
         tokenizer ([`PreTrainedTokenizerBase`]): the tokenizer.
         image_token (`str`, defaults to `"<image>"`): the image marker and placeholder token of `"prefix"`
             integration; it must be a single token of the tokenizer (an added token, so that copies of it written
@@ -324,7 +329,7 @@ class PalmEProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        image_token: str | None = "<image>",
+        image_token: str | None = IMAGE_TOKEN,
         num_image_tokens: int | None = None,
         chat_template: str | None = None,
         **kwargs,
@@ -349,11 +354,13 @@ class PalmEProcessor(ProcessorMixin):
 
     @classmethod
     def from_model_config(
-        cls, config: PalmEConfig, tokenizer, image_token: str = "<image>", **image_processor_kwargs
+        cls, config: PalmEConfig, tokenizer, image_token: str = IMAGE_TOKEN, **image_processor_kwargs
     ) -> "PalmEProcessor":
         """
-        The processor of a model with this `config` and `tokenizer`: images resized to the model's image size and,
-        with `"prefix"` integration, `config.num_image_tokens` placeholders, checked to be `config.image_token_id`.
+        The processor of a model with this `config` and `tokenizer` (PalmE's own vision encoder): images resized to
+        the model's image size and, with `"prefix"` integration, `config.num_image_tokens` placeholders. There the
+        tokenizer gets `image_token` as an added special token when it lacks it (as Llava's tokenizers hold theirs),
+        whose id must be `config.image_token_id`.
         """
         image_size = config.vision_config.image_size
         image_processor = PalmEImageProcessor(
@@ -361,6 +368,8 @@ class PalmEProcessor(ProcessorMixin):
         )
         if config.vision_integration != "prefix":
             return cls(image_processor, tokenizer, image_token=None)
+        if image_token == IMAGE_TOKEN:
+            add_image_token(tokenizer, image_token)
         processor = cls(image_processor, tokenizer, image_token=image_token, num_image_tokens=config.num_image_tokens)
         if processor.image_token_id != config.image_token_id:
             raise ValueError(
@@ -368,6 +377,23 @@ class PalmEProcessor(ProcessorMixin):
                 f"image placeholder is `config.image_token_id` = {config.image_token_id}."
             )
         return processor
+
+    @classmethod
+    def from_pretrained_towers(
+        cls, vision_model: str, text_model: str, num_latents: int | None = None, **kwargs
+    ) -> "PalmEProcessor":
+        """
+        The processor of [`PalmEForConditionalGeneration.from_pretrained_towers`]`(vision_model, text_model)`: the
+        vision tower's image processor and the language model's tokenizer (each a local folder or Hub id), with
+        `<image>` added to the tokenizer as a special token, expanded into one placeholder per image feature (the
+        tower's patches, or `num_latents` with a resampler). `kwargs` go to `AutoImageProcessor.from_pretrained`.
+        """
+        image_processor = AutoImageProcessor.from_pretrained(vision_model, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        add_image_token(tokenizer)
+        vision_config = AutoConfig.from_pretrained(vision_model)
+        num_image_tokens = num_latents if num_latents is not None else num_patches_of(vision_config)
+        return cls(image_processor, tokenizer, image_token=IMAGE_TOKEN, num_image_tokens=num_image_tokens)
 
     @property
     def unused_input_names(self) -> list[str]:
@@ -383,19 +409,22 @@ class PalmEProcessor(ProcessorMixin):
         return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Besides the base checks: one image per text and, with `"prefix"` integration, one marker per text."""
+        """
+        Besides the base checks: with `"prefix"` integration as many images as markers in all texts; with
+        cross-attention one image per text.
+        """
         if images is not None and text is not None:
             texts = [text] if isinstance(text, str) else text
             num_images = len(images)
-            if num_images != len(texts):
-                raise ValueError(f"Got {num_images} images for {len(texts)} texts: give one image per text.")
             if self.image_token is not None:
                 counts = [sample.count(self.image_token) for sample in texts]
-                if any(count != 1 for count in counts):
+                if sum(counts) != num_images:
                     raise ValueError(
-                        f'With `"prefix"` integration each text must hold the image marker {self.image_token!r} '
-                        f"exactly once, where its image goes; got {counts} markers in the texts."
+                        f"The texts hold {sum(counts)} image markers {self.image_token!r} ({counts} per text) but "
+                        f"{num_images} images were given: give one image per marker, in order."
                     )
+            elif num_images != len(texts):
+                raise ValueError(f"Got {num_images} images for {len(texts)} texts: give one image per text.")
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

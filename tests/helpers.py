@@ -95,3 +95,81 @@ def load_reference_case(case: str) -> dict:
         "io": load_file(fixture_path(case, "io.safetensors")),
         "meta": meta,
     }
+
+
+# Tiny Transformers towers for the PaLM-E recipe with pretrained parts: vision encoders of 32x32 images in 16 patches
+# of 8x8 (ViT and CLIP add a class token), and causal language models of width 32.
+def tiny_vision_tower_config(family: str):
+    from transformers import CLIPVisionConfig, SiglipVisionConfig, ViTConfig
+
+    from palme_hf import PalmEVisionConfig
+
+    geometry = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if family == "palme":
+        return PalmEVisionConfig(**geometry, intermediate_size=64)
+    classes = {"vit": ViTConfig, "clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}
+    return classes[family](**geometry, intermediate_size=64)
+
+
+def tiny_text_tower_config(family: str, vocab_size: int, pad_token_id=0, bos_token_id=1, eos_token_id=2):
+    from transformers import GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    from palme_hf import PalmETextConfig
+
+    ids = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128, **ids)
+    if family == "palme":
+        text = {**TINY_TEXT, "alibi_num_heads": 2, "vocab_size": vocab_size}
+        return PalmETextConfig(**text, add_cross_attention=False, **ids)
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}
+    return classes[family](
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        **ids,
+    )
+
+
+def save_tiny_towers(folder, vision_family: str, text_family: str, seed: int = 0) -> tuple[str, str]:
+    """
+    Saves a tiny random vision tower (with its image processor) and causal language model (with the captioner's
+    word-level tokenizer) as their own classes' `save_pretrained` writes them; returns the two folders.
+    """
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        CLIPImageProcessorPil,
+        SiglipImageProcessorPil,
+        ViTImageProcessorPil,
+    )
+
+    from palme_hf import PalmEImageProcessor
+    from palme_hf.synthetic_shapes import build_caption_tokenizer
+
+    torch.manual_seed(seed)
+    vision_folder, text_folder = os.path.join(folder, "vision"), os.path.join(folder, "text")
+    AutoModel.from_config(tiny_vision_tower_config(vision_family)).save_pretrained(vision_folder)
+    image_processors = {
+        "vit": ViTImageProcessorPil,
+        "clip": CLIPImageProcessorPil,
+        "siglip": SiglipImageProcessorPil,
+        "palme": PalmEImageProcessor,
+    }
+    size = {"height": 32, "width": 32}
+    extra = {"crop_size": size} if vision_family == "clip" else {}
+    image_processors[vision_family](size=size, **extra).save_pretrained(vision_folder)
+    tokenizer = build_caption_tokenizer(padding_side="left")
+    ids = dict(
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    AutoModelForCausalLM.from_config(tiny_text_tower_config(text_family, len(tokenizer), **ids)).save_pretrained(
+        text_folder
+    )
+    tokenizer.save_pretrained(text_folder)
+    return vision_folder, text_folder

@@ -317,10 +317,14 @@ def test_prefix_expansion(prefix_processor, tokenizer):
 @pytest.mark.parametrize(
     "images, text, message",
     [
-        ([PIL.Image.new("RGB", (8, 8))] * 2, "<image> a", "Got 2 images for 1 texts"),
-        (PIL.Image.new("RGB", (8, 8)), ["<image> a", "<image> b"], "Got 1 images for 2 texts"),
-        ([PIL.Image.new("RGB", (8, 8))] * 2, ["a red", "<image> <image> a"], r"exactly once.*\[0, 2\]"),
-        (PIL.Image.new("RGB", (8, 8)), "a red circle", r"marker '<image>' exactly once.*\[0\]"),
+        (
+            [PIL.Image.new("RGB", (8, 8))] * 2,
+            "<image> a",
+            r"1 image markers '<image>' \(\[1\] per text\) but 2 images",
+        ),
+        (PIL.Image.new("RGB", (8, 8)), ["<image> a", "<image> b"], r"2 image markers .*\[1, 1\].* but 1 images"),
+        ([PIL.Image.new("RGB", (8, 8))] * 3, ["a red", "<image> <image> a"], r"2 image markers .*\[0, 2\].* 3 images"),
+        (PIL.Image.new("RGB", (8, 8)), "a red circle", r"0 image markers .*\[0\].* but 1 images"),
         (None, "<image> a", "Found 1 <image> tokens in the text but no images"),
     ],
 )
@@ -329,10 +333,30 @@ def test_prefix_text_image_mismatch_is_value_error(prefix_processor, images, tex
         prefix_processor(images=images, text=text)
 
 
-def test_image_token_must_be_the_models_placeholder(tokenizer):
+def test_prefix_texts_hold_any_number_of_images(prefix_processor, tokenizer):
+    red, blue, green = (PIL.Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green"))
+    image_id = prefix_processor.image_token_id
+    batch = prefix_processor(images=[[red, blue], [green]], text=["<image> a <image> red", "a <image>"], padding=True)
+    assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [8, 4]
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    flat = prefix_processor(images=[red, blue, green], text=["<image> a <image> red", "a <image>"], padding=True)
+    for key in batch:
+        assert torch.equal(batch[key], flat[key]), key
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 0.0, 0.0]  # the images in the order of their markers
+    assert batch["pixel_values"][1, 2, 0, 0] == 1.0
+
+
+def test_image_token_is_added_to_the_tokenizer(tokenizer):
     config = tiny_config(len(tokenizer), cross_attend=False)
+    bare = build_tokenizer(image_token=None)
+    processor = PalmEProcessor.from_model_config(config, bare)  # `<image>` becomes an added special token
+    assert processor.image_token_id == config.image_token_id == len(bare) - 1
+    assert "<image>" in bare.all_special_tokens and bare.convert_ids_to_tokens(config.image_token_id) == "<image>"
+    assert bare.encode("red <image><image>", add_special_tokens=False)[1:] == [config.image_token_id] * 2
     with pytest.raises(ValueError, match="must be a single token of the tokenizer"):
-        PalmEProcessor.from_model_config(config, build_tokenizer(image_token=None))
+        PalmEProcessor(
+            PalmEImageProcessor(), build_tokenizer(image_token=None), image_token="<img>", num_image_tokens=4
+        )
     with pytest.raises(ValueError, match=r"`image_token` '<bos>' is token 1 .* `config.image_token_id` = 16"):
         PalmEProcessor.from_model_config(config, tokenizer, image_token="<bos>")
     with pytest.raises(ValueError, match="`num_image_tokens` must be a positive integer"):
@@ -358,7 +382,7 @@ def test_one_channels_first_tensor_is_one_image(tokenizer, cross_attend):
     processor = PalmEProcessor.from_model_config(tiny_config(len(tokenizer), cross_attend=cross_attend), tokenizer)
     text = "" if cross_attend else "<image> a"
     assert processor(images=torch.rand(3, 32, 32), text=[text])["pixel_values"].shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="Got 1 images for 3 texts"):
+    with pytest.raises(ValueError, match="Got 1 images for 3 texts" if cross_attend else "3 image markers.* 1 images"):
         processor(images=torch.rand(3, 32, 32), text=[text] * 3)
 
 
