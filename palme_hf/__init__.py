@@ -22,6 +22,7 @@ from .modeling_palme import (
     PalmEVisionModel,
 )
 from .processing_palme import PalmEImageProcessor, PalmEProcessor
+from .towers_palme import PalmEMultiModalProjector
 
 __version__ = "0.2.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "PalmEForConditionalGeneration",
     "PalmEImageProcessor",
     "PalmEModel",
+    "PalmEMultiModalProjector",
     "PalmEPreTrainedModel",
     "PalmEProcessor",
     "PalmETextConfig",

@@ -16,7 +16,8 @@ class CaptioningCollator:
     Batches `{"image": PIL.Image, "caption": str}` items for captioning with the language-model loss: `pixel_values`
     from the processor's image processor, `input_ids` = its tokenizer's encoding of the caption (which starts with
     `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` = `input_ids` with
-    -100 on the padding and on the `<bos>` prompt.
+    -100 on the padding and on the `<bos>` prompt. With a `"prefix"` processor the caption follows the image marker,
+    expanded into the image's placeholders (`labels` -100 there too): the PaLM-E paper's `<image> caption`.
 
     With `word_dropout`, each caption token of `input_ids` (not of `labels`) is replaced by `unk_token_id` with that
     probability. A decoder that cannot count on the words before a word has to read it off the image: without it, a
@@ -39,7 +40,10 @@ class CaptioningCollator:
         tokenizer = self.processor.tokenizer
         images = [item["image"] for item in items]
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        encodings = tokenizer([item["caption"] for item in items])["input_ids"]
+        image_prefix = ""
+        if self.processor.image_token is not None:
+            image_prefix = self.processor.image_token * self.processor.num_image_tokens + " "
+        encodings = tokenizer([image_prefix + item["caption"] for item in items])["input_ids"]
         sequences = [ids + [tokenizer.eos_token_id] for ids in encodings]
         length = max(len(ids) for ids in sequences)
         input_ids = torch.full((len(items), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -49,6 +53,8 @@ class CaptioningCollator:
             attention_mask[row, : len(ids)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, 0] = -100  # the <bos> prompt is given, never predicted
+        if self.processor.image_token is not None:
+            labels = labels.masked_fill(input_ids == self.processor.image_token_id, -100)
         if self.word_dropout:
             hidden = (torch.rand(input_ids.shape) < self.word_dropout) & (labels != -100)
             input_ids = input_ids.masked_fill(hidden, tokenizer.unk_token_id)

@@ -595,6 +595,14 @@ ZETA_PALME_DEFAULTS = {
 }
 
 
+def is_own_tower(config, config_class: type[PreTrainedConfig]) -> bool:
+    """
+    Whether `config` is one of PalmE's own `config_class`, by `model_type`: with remote code the class may come from
+    two copies of this module (a pipeline loads the config and the model separately), so `isinstance` can miss it.
+    """
+    return isinstance(config, PreTrainedConfig) and config.model_type == config_class.model_type
+
+
 def sub_config_from(name: str, key: str, value, own_class: type[PreTrainedConfig]) -> PreTrainedConfig | dict:
     """
     `value` (a config, a dict or None) as a config: a dict names its class by `model_type`, as in a config.json
@@ -603,7 +611,7 @@ def sub_config_from(name: str, key: str, value, own_class: type[PreTrainedConfig
     """
     if value is None:
         return {}
-    if isinstance(value, own_class):
+    if is_own_tower(value, own_class):
         return value.to_dict()
     if isinstance(value, PreTrainedConfig):
         return value
@@ -641,6 +649,12 @@ def check_foreign_text_config(name: str, config: PreTrainedConfig, vision_integr
             f"GPT2Config, Qwen2Config, GemmaConfig, ...) or a PalmETextConfig; got {type(config).__name__} "
             f"(`model_type={config.model_type!r}`)."
         )
+    head_options = [key for key in ("final_logit_softcapping", "logit_scale") if getattr(config, key, None)]
+    if head_options:
+        raise ValueError(
+            f"{name}: {type(config).__name__} sets {head_options}, which its own head applies to the logits; PalmE's "
+            "head is a plain linear map, so this language model is not supported."
+        )
     if vision_integration != "prefix":
         raise ValueError(
             f"{name}: `vision_integration={vision_integration!r}` needs a decoder with cross-attention layers, which "
@@ -651,7 +665,7 @@ def check_foreign_text_config(name: str, config: PreTrainedConfig, vision_integr
 
 def num_patches_of(vision_config: PreTrainedConfig) -> int:
     """Patches of one image: `(image_size / patch_size) ** 2`, or the product over height and width."""
-    if isinstance(vision_config, PalmEVisionConfig):
+    if is_own_tower(vision_config, PalmEVisionConfig):
         return vision_config.num_patches
     sizes, patches = vision_config.image_size, vision_config.patch_size
     sizes = sizes if isinstance(sizes, (list, tuple)) else (sizes, sizes)

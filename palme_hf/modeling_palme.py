@@ -32,7 +32,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .blocks_palme import PerceiverLayer, TransformerBlock
 from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
-from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, num_patches_of
+from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
 from .hierarchical_palme import HierarchicalBlock
 from .layers_palme import (
     PalmEAlibiBias,
@@ -597,14 +597,14 @@ class PalmEModel(PalmEPreTrainedModel):
         vision_config, text_config = config.vision_config, config.text_config
         self.vision_model = (
             PalmEVisionModel(vision_config)
-            if isinstance(vision_config, PalmEVisionConfig)
+            if is_own_tower(vision_config, PalmEVisionConfig)
             else AutoModel.from_config(vision_config)
         )
         self.resampler = PalmEPerceiverResampler(config) if config.num_latents is not None else None
         self.multi_modal_projector = build_projector(config)
         self.language_model = (
             PalmETextModel(text_config)
-            if isinstance(text_config, PalmETextConfig)
+            if is_own_tower(text_config, PalmETextConfig)
             else AutoModel.from_config(text_config)
         )
         self.post_init()
@@ -627,7 +627,7 @@ class PalmEModel(PalmEPreTrainedModel):
         """
         vision_outputs = self.vision_model(pixel_values, **kwargs)
         image_features = vision_outputs.last_hidden_state
-        if not isinstance(self.config.vision_config, PalmEVisionConfig):
+        if not is_own_tower(self.config.vision_config, PalmEVisionConfig):
             image_features = patch_features(image_features, num_patches_of(self.config.vision_config))
         if self.resampler is not None:
             image_features = self.resampler(image_features)
@@ -846,7 +846,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = PalmEModel(config)
         text_config = config.text_config
-        own_decoder = isinstance(text_config, PalmETextConfig)
+        own_decoder = is_own_tower(text_config, PalmETextConfig)
         self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
         if not own_decoder:
             # the token embeddings' name is the language model's own (`wte` in GPT-2)

@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN
 
-from .configuration_palme import PalmEConfig, PalmETextConfig
+from .configuration_palme import PalmEConfig, PalmETextConfig, is_own_tower
 
 IMAGE_TOKEN = "<image>"
 
@@ -89,7 +89,7 @@ def load_pretrained_towers(
     )
     model = cls(config)
     load_state(model.model.vision_model, vision.state_dict(), f"the vision tower {vision_model!r}")
-    if isinstance(config.text_config, PalmETextConfig):
+    if is_own_tower(config.text_config, PalmETextConfig):
         text_base = text.model
     else:
         text_base = text.base_model

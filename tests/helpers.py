@@ -136,10 +136,14 @@ def tiny_text_tower_config(family: str, vocab_size: int, pad_token_id=0, bos_tok
     )
 
 
-def save_tiny_towers(folder, vision_family: str, text_family: str, seed: int = 0) -> tuple[str, str]:
+def save_tiny_towers(
+    folder, vision_family: str, text_family: str, seed: int = 0, pretrain_steps: int = 0
+) -> tuple[str, str]:
     """
     Saves a tiny random vision tower (with its image processor) and causal language model (with the captioner's
-    word-level tokenizer) as their own classes' `save_pretrained` writes them; returns the two folders.
+    word-level tokenizer) as their own classes' `save_pretrained` writes them; returns the two folders. With
+    `pretrain_steps`, the language model is first trained on the synthetic captions, text alone (a pretrained LM
+    that knows the captions' language but not the images).
     """
     from transformers import (
         AutoModel,
@@ -168,8 +172,31 @@ def save_tiny_towers(folder, vision_family: str, text_family: str, seed: int = 0
     ids = dict(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    AutoModelForCausalLM.from_config(tiny_text_tower_config(text_family, len(tokenizer), **ids)).save_pretrained(
-        text_folder
-    )
+    language_model = AutoModelForCausalLM.from_config(tiny_text_tower_config(text_family, len(tokenizer), **ids))
+    if pretrain_steps:
+        pretrain_on_captions(language_model, tokenizer, pretrain_steps, seed)
+    language_model.save_pretrained(text_folder)
     tokenizer.save_pretrained(text_folder)
     return vision_folder, text_folder
+
+
+def pretrain_on_captions(language_model, tokenizer, steps: int, seed: int = 0, batch_size: int = 32):
+    """Trains a causal LM on synthetic captions (`<bos> caption <eos>`, right-padded), text alone, with AdamW."""
+    import random
+
+    from palme_hf.synthetic_shapes import caption_scene, sample_scene
+
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(language_model.parameters(), lr=1e-2)
+    language_model.train()
+    for _ in range(steps):
+        captions = [caption_scene(sample_scene(rng, "train", 64)) for _ in range(batch_size)]
+        sequences = [ids + [tokenizer.eos_token_id] for ids in tokenizer(captions)["input_ids"]]
+        length = max(map(len, sequences))
+        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (length - len(ids)) for ids in sequences])
+        labels = input_ids.masked_fill(input_ids == tokenizer.pad_token_id, -100)
+        loss = language_model(input_ids=input_ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    language_model.eval()
