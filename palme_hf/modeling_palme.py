@@ -769,6 +769,11 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: PalmETextConfig | PalmEConfig):
         config = config.get_text_config()
+        if not is_own_tower(config, PalmETextConfig):
+            raise ValueError(
+                f"PalmEForCausalLM is PalmE's own text decoder; this text decoder is a {type(config).__name__}: load "
+                "it with AutoModelForCausalLM, from its own checkpoint."
+            )
         super().__init__(config)
         self.model = PalmETextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)

@@ -17,11 +17,18 @@ from transformers import (
     ViTConfig,
 )
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor, PalmETextConfig, PalmEVisionConfig
+from palme_hf import (
+    PalmEConfig,
+    PalmEForCausalLM,
+    PalmEForConditionalGeneration,
+    PalmEProcessor,
+    PalmETextConfig,
+    PalmEVisionConfig,
+)
 from palme_hf.synthetic_shapes import build_caption_tokenizer
 
 from conftest import WITHOUT_PALME_HF
-from helpers import save_tiny_towers, tiny_text_tower_config, tiny_vision_tower_config
+from helpers import TINY_TEXT, save_tiny_towers, tiny_text_tower_config, tiny_vision_tower_config
 
 VISION_FAMILIES = ["vit", "clip", "siglip", "palme"]
 TEXT_FAMILIES = ["llama", "gpt2", "qwen2", "gemma", "palme"]
@@ -115,10 +122,31 @@ def test_bad_towers_are_value_errors():
 
 
 def test_own_towers_keep_both_routes():
-    # PalmE's own decoder still cross-attends; a dict without model_type is PalmE's own tower
+    # a dict without model_type is PalmE's own tower; PalmE's own decoder still cross-attends
     config = PalmEConfig(vision_config={"image_size": 32, "patch_size": 8}, text_config={"vocab_size": 20})
     assert isinstance(config.vision_config, PalmEVisionConfig) and isinstance(config.text_config, PalmETextConfig)
     assert config.text_config.add_cross_attention and config.vision_integration == "cross_attention"
+    with pytest.raises(ValueError, match="PalmEForCausalLM is PalmE's own text decoder; .* LlamaConfig"):
+        PalmEForCausalLM(composite_config("vit", "llama"))
+
+
+@pytest.mark.parametrize("vision_family", ["vit", "siglip"])
+def test_palme_decoder_cross_attends_to_a_transformers_vision_tower(vision_family):
+    text = {**TINY_TEXT, "alibi_num_heads": 2, "vocab_size": VOCAB}  # a dict without model_type: PalmE's own
+    config = PalmEConfig(vision_config=tiny_vision_tower_config(vision_family), text_config=text)
+    assert config.text_config.cross_attention_hidden_size == 32 and config.num_image_tokens == 16
+    model = PalmEForConditionalGeneration(config).eval()
+    pixel_values, input_ids = torch.rand(2, 3, 32, 32), torch.randint(3, VOCAB, (2, 5))
+    model.set_attn_implementation("eager")  # in both towers
+    assert model.model.vision_model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values, input_ids=input_ids, output_attentions=True)
+    assert outputs.cross_attentions[0].shape == (2, 4, 5, 16)  # the patches, without ViT's class token
+    model.set_attn_implementation("sdpa")
+    kwargs = dict(pixel_values=pixel_values, input_ids=input_ids, do_sample=False, max_new_tokens=4)
+    generated = model.generate(**kwargs)
+    assert torch.equal(model.generate(**kwargs, use_cache=False), generated)
+    assert torch.equal(model.generate(**kwargs, cache_implementation="static"), generated)
 
 
 @pytest.mark.parametrize("vision_family, text_family", PAIRS)
