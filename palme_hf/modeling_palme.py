@@ -862,7 +862,12 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained_towers(
-        cls, vision_model: str, text_model: str, image_token_id: int | None = None, **config_kwargs
+        cls,
+        vision_model: str,
+        text_model: str,
+        image_token_id: int | None = None,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
     ) -> "PalmEForConditionalGeneration":
         """
         The PaLM-E recipe: a model built from a pretrained vision encoder and a pretrained causal language model, each
@@ -872,10 +877,11 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
 
         The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
         [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
-        the head grow to hold it. `config_kwargs` go to [`PalmEConfig`] (`vision_integration` defaults to
-        `"prefix"`; `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        the head grow to hold it. With `dtype` (`torch.bfloat16`, ...) the towers load and the model is built in it.
+        `config_kwargs` go to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`; `projector_type`,
+        `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
         """
-        return load_pretrained_towers(cls, vision_model, text_model, image_token_id=image_token_id, **config_kwargs)
+        return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **config_kwargs)
 
     def freeze_towers(self, vision_model: bool = True, language_model: bool = True) -> "PalmEForConditionalGeneration":
         """

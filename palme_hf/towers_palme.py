@@ -6,7 +6,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN
 
-from .configuration_palme import PalmEConfig, PalmETextConfig, is_own_tower
+from .configuration_palme import PalmEConfig
 
 IMAGE_TOKEN = "<image>"
 
@@ -67,11 +67,16 @@ def load_state(module: nn.Module, state_dict: dict, what: str):
 
 
 def load_pretrained_towers(
-    cls, vision_model: str, text_model: str, image_token_id: int | None = None, **config_kwargs
+    cls,
+    vision_model: str,
+    text_model: str,
+    image_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+    **config_kwargs,
 ):
     """The implementation of [`PalmEForConditionalGeneration.from_pretrained_towers`]."""
-    vision = AutoModel.from_pretrained(vision_model)
-    text = AutoModelForCausalLM.from_pretrained(text_model)
+    vision = AutoModel.from_pretrained(vision_model, dtype=dtype)
+    text = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
     if image_token_id is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(text_model)
@@ -87,13 +92,9 @@ def load_pretrained_towers(
     config = PalmEConfig(
         vision_config=vision.config, text_config=text.config, image_token_id=image_token_id, **config_kwargs
     )
-    model = cls(config)
+    model = cls(config) if dtype is None else cls(config).to(dtype)
     load_state(model.model.vision_model, vision.state_dict(), f"the vision tower {vision_model!r}")
-    if is_own_tower(config.text_config, PalmETextConfig):
-        text_base = text.model
-    else:
-        text_base = text.base_model
-    load_state(model.model.language_model, text_base.state_dict(), f"the language model {text_model!r}")
+    load_state(model.model.language_model, text.base_model.state_dict(), f"the language model {text_model!r}")
     load_state(model.lm_head, text.get_output_embeddings().state_dict(), f"the language-model head of {text_model!r}")
     model.tie_weights()
     return model

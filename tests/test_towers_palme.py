@@ -185,6 +185,10 @@ def test_from_pretrained_towers_options_and_errors(towers, tmp_path):
     assert model.config.projector_type == "mlp" and model.config.num_image_tokens == 4
     explicit = PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, image_token_id=3)
     assert explicit.config.image_token_id == 3 and explicit.config.text_config.vocab_size == VOCAB
+    half = PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, dtype=torch.bfloat16)
+    assert {parameter.dtype for parameter in half.parameters()} == {torch.bfloat16}
+    vision = AutoModel.from_pretrained(vision_dir, dtype=torch.bfloat16)
+    assert torch.equal(half.model.vision_model.embeddings.cls_token, vision.embeddings.cls_token)
     bare = tmp_path / "bare"
     AutoModelForCausalLM.from_pretrained(text_dir).save_pretrained(bare)  # no tokenizer
     with pytest.raises(ValueError, match="holds no tokenizer to add the `<image>` token to: give `image_token_id`"):
