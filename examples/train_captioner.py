@@ -3,7 +3,7 @@ Trains a small PalmE captioner on the synthetic shapes dataset with the Transfor
 held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, and saves model,
 processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
 
-    python examples/train_captioner.py --output-dir examples/captioner --overwrite   # replaces the committed one
+    python examples/train_captioner.py --output-dir palme_hf/captioner --overwrite   # replaces the committed one
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
 
 Two processes train data-parallel (torch.distributed, gloo on a machine without CUDA): start them with
@@ -377,8 +377,8 @@ from PIL import Image
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
 
-model = PalmEForConditionalGeneration.from_pretrained("examples/captioner")
-processor = PalmEProcessor.from_pretrained("examples/captioner")
+model = PalmEForConditionalGeneration.from_pretrained("palme_hf/captioner")
+processor = PalmEProcessor.from_pretrained("palme_hf/captioner")
 print(generate_captions(model, processor, [Image.open("examples/images/held_out_00.png")]))
 ```
 
