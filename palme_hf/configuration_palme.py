@@ -675,6 +675,16 @@ class PalmEConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def vocab_size(self) -> int:
+        """The text decoder's vocabulary, `text_config.vocab_size`, for libraries that read it on the top-level config
+        (PEFT decides from it whether a LoRA adapter saves resized embeddings). Setting it sets the decoder's."""
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.text_config.vocab_size = value
+
+    @property
     def num_image_tokens(self) -> int:
         """How many image features the text receives: one per latent with a resampler, else one per patch."""
         return self.num_latents if self.num_latents is not None else self.vision_config.num_patches
