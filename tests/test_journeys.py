@@ -2,22 +2,31 @@
 with added words (save, reload, merge), instruction-style prompts through the processor's chat template, and
 training in the PaLM-E paper's prefix mode with `CaptioningCollator`."""
 
+import json
 import os
 
 import peft
 import PIL.Image
 import pytest
 import torch
+from jinja2.exceptions import TemplateError
 from safetensors.torch import load_file
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.cli import DEFAULT_CAPTIONER
+
+from tiny_captioner import build_tokenizer, tiny_config
 
 IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
 
 
 def sample_image() -> PIL.Image.Image:
     return PIL.Image.open(os.path.join(IMAGES, "held_out_00.png"))
+
+
+def true_captions() -> dict[str, str]:
+    with open(os.path.join(IMAGES, "captions.json")) as handle:
+        return json.load(handle)
 
 
 @pytest.mark.slow  # trains, saves and loads the captioner twice
@@ -60,3 +69,63 @@ def test_lora_with_added_words_saves_reloads_and_merges(tmp_path):
         merged = reloaded.merge_and_unload()
         assert isinstance(merged, PalmEForConditionalGeneration)
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is left of the circle?"}]}]
+
+
+@pytest.mark.parametrize("cross_attend", [True, False])
+def test_chat_template_writes_instruction_prompts(cross_attend, tmp_path):
+    tokenizer = build_tokenizer()
+    processor = PalmEProcessor.from_model_config(tiny_config(len(tokenizer), cross_attend=cross_attend), tokenizer)
+    marker = "" if cross_attend else "<image> "
+    assert processor.apply_chat_template(QUESTION) == f"Q: {marker}what is left of the circle?"
+    assert processor.apply_chat_template(QUESTION, add_generation_prompt=True) == (
+        f"Q: {marker}what is left of the circle? A:"
+    )
+    conversation = [
+        {"role": "system", "content": "answer briefly"},
+        *QUESTION,
+        {"role": "assistant", "content": [{"type": "text", "text": "a square"}]},
+        {"role": "user", "content": "and right of it?"},
+    ]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        f"answer briefly Q: {marker}what is left of the circle? A: a square Q: and right of it? A:"
+    )
+    # an image alone is the captioning prompt: the bare marker, or nothing with cross-attention
+    caption = [{"role": "user", "content": [{"type": "image"}]}]
+    assert processor.apply_chat_template(caption, add_generation_prompt=True) == marker.strip()
+
+    processor.save_pretrained(tmp_path)
+    reloaded = PalmEProcessor.from_pretrained(tmp_path)
+    assert reloaded.chat_template == processor.chat_template
+    assert reloaded.apply_chat_template(QUESTION) == processor.apply_chat_template(QUESTION)
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        ([{"role": "robot", "content": "hello"}], 'roles are "system", "user" and "assistant", got robot'),
+        (
+            [{"role": "user", "content": [{"type": "video"}]}],
+            'messages hold "image" and "text" items, got a video item',
+        ),
+    ],
+)
+def test_chat_template_refuses_what_it_cannot_write(conversation, message):
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    with pytest.raises(TemplateError, match=message):
+        processor.apply_chat_template(conversation)
+
+
+def test_chat_template_prompts_the_shipped_captioner():
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    model = PalmEForConditionalGeneration.from_pretrained(DEFAULT_CAPTIONER)
+    path = os.path.join(IMAGES, "held_out_00.png")
+    conversation = [{"role": "user", "content": [{"type": "image", "path": path}]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+    assert torch.equal(inputs["input_ids"], processor(images=[sample_image()], text=[""])["input_ids"])
+    generated = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    [caption] = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+    assert caption.strip() == true_captions()["held_out_00.png"]
