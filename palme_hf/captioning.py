@@ -4,6 +4,7 @@ import collections
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 from transformers.image_utils import ImageInput
@@ -14,9 +15,11 @@ from .processing_palme import PalmEProcessor
 class CaptioningCollator:
     """
     Batches `{"image": PIL.Image, "caption": str}` items for captioning with the language-model loss: `pixel_values`
-    from the processor's image processor, `input_ids` = its tokenizer's encoding of the caption (which starts with
-    `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` = `input_ids` with
-    -100 on the padding and on the `<bos>` prompt.
+    from the processor's image processor, `input_ids` = the processor's encoding of the prompt and the caption (which
+    starts with `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` =
+    `input_ids` with -100 on the padding and on the prompt. The prompt is the one [`generate_captions`] gives: with
+    `"prefix"` integration the image marker, which the processor expands into the image placeholders (so the caption
+    follows `<bos>` and the placeholders), with cross-attention nothing (the caption follows `<bos>`).
 
     With `word_dropout`, each caption token of `input_ids` (not of `labels`) is replaced by `unk_token_id` with that
     probability. A decoder that cannot count on the words before a word has to read it off the image: without it, a
@@ -37,10 +40,11 @@ class CaptioningCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
-        images = [item["image"] for item in items]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        encodings = tokenizer([item["caption"] for item in items])["input_ids"]
-        sequences = [ids + [tokenizer.eos_token_id] for ids in encodings]
+        prompt = self.processor.image_token
+        texts = [item["caption"] if prompt is None else f"{prompt} {item['caption']}" for item in items]
+        encoded = self.processor(images=[item["image"] for item in items], text=texts, return_tensors=None)
+        pixel_values = torch.from_numpy(np.stack(encoded["pixel_values"]))
+        sequences = [ids + [tokenizer.eos_token_id] for ids in encoded["input_ids"]]
         length = max(len(ids) for ids in sequences)
         input_ids = torch.full((len(items), length), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -48,7 +52,9 @@ class CaptioningCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, 0] = -100  # the <bos> prompt is given, never predicted
+        labels[:, 0] = -100  # the prompt is given, never predicted: <bos>, and the image placeholders
+        if self.processor.image_token_id is not None:
+            labels = labels.masked_fill(input_ids == self.processor.image_token_id, -100)
         if self.word_dropout:
             hidden = (torch.rand(input_ids.shape) < self.word_dropout) & (labels != -100)
             input_ids = input_ids.masked_fill(hidden, tokenizer.unk_token_id)
