@@ -1,15 +1,89 @@
-"""Pieces for training and scoring a PalmE captioner: a data collator, greedy captioning, exact match and BLEU."""
+"""Pieces for training and scoring a PalmE captioner: a folder of captioned images, a data collator, greedy
+captioning, exact match and BLEU."""
 
 import collections
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 from transformers import PreTrainedModel
 from transformers.image_utils import ImageInput
 
 from .processing_palme import PalmEProcessor
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """
+    Captioned images in a folder, laid out as Hugging Face's `imagefolder`: the image files (in subfolders or not) and
+    `metadata.jsonl`, one JSON object a line, `{"file_name": "cat.png", "text": "a cat on a mat"}` (`file_name`
+    relative to the folder). Items are `{"image": PIL.Image, "caption": str}`, what [`CaptioningCollator`] batches.
+    A missing or malformed `metadata.jsonl`, or an entry whose image file is missing, is a `ValueError` naming it.
+    """
+
+    METADATA_FILE = "metadata.jsonl"
+
+    def __init__(self, folder: str):
+        metadata = os.path.join(folder, self.METADATA_FILE)
+        if not os.path.isfile(metadata):
+            raise ValueError(
+                f"{folder} has no {self.METADATA_FILE}: a captioned image folder holds the images and a "
+                f'{self.METADATA_FILE} of one {{"file_name": ..., "text": ...}} object a line.'
+            )
+        self.files, self.captions = [], []
+        with open(metadata, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{metadata}, line {number}"
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not JSON ({error}).") from error
+                if not isinstance(entry, dict) or not all(
+                    isinstance(entry.get(key), str) for key in ("file_name", "text")
+                ):
+                    raise ValueError(f'{where}: expected {{"file_name": str, "text": str}}, got {line.strip()[:200]}')
+                path = os.path.join(folder, entry["file_name"])
+                if not os.path.isfile(path):
+                    raise ValueError(f"{where}: there is no image file {path}.")
+                self.files.append(path)
+                self.captions.append(entry["text"])
+        if not self.files:
+            raise ValueError(f"{metadata} lists no images.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        image = PIL.Image.open(self.files[index])
+        image.load()  # reads the file and closes it
+        return {"image": image, "caption": self.captions[index]}
+
+
+def check_vocabulary(tokenizer, captions: Sequence[str]):
+    """Raises a `ValueError` naming the words of `captions` that `tokenizer` encodes as its unknown token (a
+    word-level tokenizer knows only its words), which a captioner could never learn to write."""
+    if tokenizer.unk_token_id is None:
+        return
+    unknown = sorted(
+        {
+            word
+            for caption in captions
+            for word in caption.split()
+            if tokenizer.unk_token_id in tokenizer.encode(word, add_special_tokens=False)
+        }
+    )
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+        raise ValueError(
+            f"The captions hold {len(unknown)} words the tokenizer does not know ({shown}); they would be "
+            f"{tokenizer.unk_token!r}. Add them to the tokenizer (`tokenizer.add_tokens`, then "
+            "`model.resize_token_embeddings(len(tokenizer))`) or change the captions."
+        )
 
 
 class CaptioningCollator:
@@ -144,4 +218,11 @@ def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]):
         )
 
 
-__all__ = ["CaptioningCollator", "corpus_bleu", "exact_match", "generate_captions"]
+__all__ = [
+    "CaptioningCollator",
+    "ImageCaptionFolder",
+    "check_vocabulary",
+    "corpus_bleu",
+    "exact_match",
+    "generate_captions",
+]
