@@ -536,6 +536,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         "exact_match": exact_match(references, hypotheses),
         "bleu": corpus_bleu(references, hypotheses),
         "num_samples": len(items),
+        "dataset": f"`{args.train_dir}`" if args.train_dir else "`palme_hf.synthetic_shapes.SyntheticShapesDataset`",
         "train_minutes": train_minutes,
         "train_steps": train_output.global_step,
         "final_train_loss": logged_losses[-1] if logged_losses else train_output.training_loss,

@@ -45,6 +45,7 @@ from .layers_palme import (
     image_is_cached,
     split_cache,
 )
+from .model_card_palme import write_model_card
 
 
 @dataclass
@@ -361,6 +362,11 @@ class PalmEPreTrainedModel(PreTrainedModel):
         if self.config.get_text_config().block_type == "hierarchical":
             return attention_mask
         return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` saves Transformers' empty model card just before uploading: describe this model instead.
+        write_model_card(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:

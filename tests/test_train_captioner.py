@@ -271,6 +271,7 @@ def test_fine_tunes_the_shipped_captioner_on_a_folder_and_captions_with_it(tmp_p
     )  # fmt: skip
     metrics = json.loads((output_dir / "eval_results.json").read_text())
     assert metrics["train_steps"] == 4 and metrics["num_samples"] == 8
+    assert metrics["dataset"] == f"`{tmp_path / 'mine'}`"  # what a later push_to_hub's model card names
     assert metrics["exact_match"] >= 0.75  # the shipped captioner, a little fine-tuned, still names the shapes
     card = (output_dir / "README.md").read_text()
     assert (
