@@ -1,7 +1,8 @@
 # `make caption` and `make test` set up a virtual environment in the checkout (CPU torch first, from the local wheel
 # where there is one, so that no multi-GB CUDA build is pulled); `make caption` then captions the sample images (or
-# `IMAGES="a.png b.jpg"`) with the committed captioner, `make test` runs the test suite on the newest Transformers that
-# pyproject.toml allows. `make test-floor` runs a smoke subset on the oldest one, in a second environment.
+# `IMAGES="a.png b.jpg"`) with the committed captioner (palme_hf/captioner, the CLI's default), `make test` runs the
+# test suite on the newest Transformers that pyproject.toml allows. `make test-floor` runs a smoke subset on the oldest
+# one, in a second environment.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -36,7 +37,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 caption: install
-	@$(BIN)/palme-hf caption --model examples/captioner $(IMAGES)
+	@$(BIN)/palme-hf caption $(IMAGES)
 
 test: install
 	$(BIN)/python -m pytest -q tests

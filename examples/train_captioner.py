@@ -3,7 +3,7 @@ Trains a small PalmE captioner on the synthetic shapes dataset with the Transfor
 held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, and saves model,
 processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
 
-    python examples/train_captioner.py --output-dir examples/captioner --overwrite   # replaces the committed one
+    python examples/train_captioner.py --output-dir palme_hf/captioner --overwrite   # replaces the committed one
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
 
 Two processes train data-parallel (torch.distributed, gloo on a machine without CUDA): start them with
@@ -23,6 +23,14 @@ No work is lost:
   (checkpoints included): a run that fails or is stopped leaves no half-written model.
 - `--init-from MODEL` fine-tunes a captioner folder (model and processor, as this script saves them) instead of a new
   model; architecture options that contradict it are refused.
+
+Your own images: `--train-dir DIR --eval-dir DIR` train and score on folders of captioned images laid out as Hugging
+Face's `imagefolder` (the images and a `metadata.jsonl` of one `{"file_name": "cat.png", "text": "a cat"}` a line)
+instead of the synthetic shapes, for instance to fine-tune the shipped captioner:
+
+    python examples/train_captioner.py --init-from palme_hf/captioner --train-dir my_images/train \
+        --eval-dir my_images/test --output-dir my_captioner
+    palme-hf caption --model my_captioner my_images/test/*.png
 """
 
 import argparse
@@ -42,7 +50,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
-from palme_hf.captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
+from palme_hf.captioning import (
+    CaptioningCollator,
+    ImageCaptionFolder,
+    check_vocabulary,
+    corpus_bleu,
+    exact_match,
+    generate_captions,
+)
 from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
@@ -76,7 +91,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--init-from", default=None, metavar="MODEL", help="fine-tune this captioner folder instead of a new model"
     )
-    parser.add_argument("--train-samples", type=int, default=160_000, help="length of the training split")
+    parser.add_argument(
+        "--train-dir",
+        default=None,
+        metavar="DIR",
+        help='train on this folder of images and metadata.jsonl ({"file_name", "text"} a line), not synthetic shapes',
+    )
+    parser.add_argument(
+        "--eval-dir",
+        default=None,
+        metavar="DIR",
+        help="score on this folder (laid out as --train-dir) instead of the synthetic held-out split",
+    )
+    parser.add_argument("--train-samples", type=int, default=160_000, help="length of the synthetic training split")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=64, help="per process")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -106,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--logging-steps", type=int, default=50)
     args = parser.parse_args(argv)
+    if args.train_dir is not None and args.eval_dir is None:
+        parser.error(
+            "--train-dir needs --eval-dir: the synthetic held-out split does not score a captioner of your images"
+        )
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
     if args.init_from is None:
@@ -187,6 +218,22 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         if len(values) == 1:
             setattr(args, name, next(iter(values)))
     return model, processor
+
+
+def captioning_datasets(args: argparse.Namespace, tokenizer):
+    """The training and held-out datasets: the folders of --train-dir and --eval-dir (their captions checked against
+    `tokenizer`), or the synthetic shapes."""
+    if args.train_dir is None:
+        train = SyntheticShapesDataset(args.train_samples, "train", seed=args.seed, image_size=args.image_size)
+    else:
+        train = ImageCaptionFolder(args.train_dir)
+        check_vocabulary(tokenizer, train.captions)
+    if args.eval_dir is None:
+        held_out = SyntheticShapesDataset(args.eval_samples, "held_out", seed=args.seed, image_size=args.image_size)
+    else:
+        held_out = ImageCaptionFolder(args.eval_dir)
+        check_vocabulary(tokenizer, held_out.captions)
+    return train, held_out
 
 
 def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
@@ -309,6 +356,24 @@ def write_model_card(
     # A resumed run trained as the command without --resume did.
     command = f"{launcher} examples/train_captioner.py {shlex.join(arg for arg in argv if arg != '--resume')}"
     origin = "trained from scratch" if args.init_from is None else f"fine-tuned from `{args.init_from}`"
+    training = (
+        f"{args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability\n"
+        f"{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`)"
+    )
+    if args.train_dir is None:
+        training_data = (
+            "`palme_hf.synthetic_shapes.SyntheticShapesDataset`: each image holds one to three shapes (circle, "
+            "square,\n"
+            "triangle), each small or large, red, green, blue or yellow, in distinct thirds of the image at random "
+            "heights. The\n"
+            'caption names them from left to right, joined by "left of". Training: '
+            f"{args.train_samples} images (seed\n"
+            f"{args.seed}), {training}. The training split never shows these (size, colour,\n"
+            f"shape) combinations: {combinations}; every held-out image holds at least one of them."
+        )
+    else:
+        training_data = f"The captioned images of `{args.train_dir}` (`metadata.jsonl`), {training}."
+    held_out = "every one with an unseen combination" if args.eval_dir is None else f"those of `{args.eval_dir}`"
     vision, text = config.vision_config, config.text_config
     encoder = (
         f"a ViT on {vision.image_size}x{vision.image_size} RGB images in [0, 1] cut into {vision.patch_size}x"
@@ -350,16 +415,11 @@ A small PalmE (palme_hf) {origin} to caption synthetic images of one to three co
 
 ## Training data
 
-`palme_hf.synthetic_shapes.SyntheticShapesDataset`: each image holds one to three shapes (circle, square,
-triangle), each small or large, red, green, blue or yellow, in distinct thirds of the image at random heights. The
-caption names them from left to right, joined by "left of". Training: {args.train_samples} images (seed
-{args.seed}), {args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability
-{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`). The training split never shows these (size, colour,
-shape) combinations: {combinations}; every held-out image holds at least one of them.
+{training_data}
 
 ## Metrics
 
-Greedy decoding on {metrics["num_samples"]} held-out images (every one with an unseen combination):
+Greedy decoding on {metrics["num_samples"]} held-out images ({held_out}):
 
 | metric | value |
 | --- | --- |
@@ -377,8 +437,8 @@ from PIL import Image
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
 
-model = PalmEForConditionalGeneration.from_pretrained("examples/captioner")
-processor = PalmEProcessor.from_pretrained("examples/captioner")
+model = PalmEForConditionalGeneration.from_pretrained("palme_hf/captioner")
+processor = PalmEProcessor.from_pretrained("palme_hf/captioner")
 print(generate_captions(model, processor, [Image.open("examples/images/held_out_00.png")]))
 ```
 
@@ -408,6 +468,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     set_seed(args.seed)
     try:
         model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
+        train_dataset, held_out = captioning_datasets(args, processor.tokenizer)
         training_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
             per_device_train_batch_size=args.batch_size,
@@ -438,7 +499,6 @@ def main(argv: list[str] | None = None) -> Trainer:
     if resume_from is None and training_args.should_save:
         start_checkpoints(args, training_args.world_size)
 
-    train_dataset = SyntheticShapesDataset(args.train_samples, "train", seed=args.seed, image_size=args.image_size)
     collator = StepSeededCollator(
         CaptioningCollator(processor, word_dropout=args.word_dropout), args.seed, training_args.process_index
     )
@@ -468,7 +528,6 @@ def main(argv: list[str] | None = None) -> Trainer:
         sys.exit(130)
     if not trainer.is_world_process_zero():
         return trainer
-    held_out = SyntheticShapesDataset(args.eval_samples, "held_out", seed=args.seed, image_size=args.image_size)
     items = [held_out[index] for index in range(len(held_out))]
     references = [item["caption"] for item in items]
     hypotheses = generate_captions(trainer.model, processor, [item["image"] for item in items])
@@ -477,6 +536,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         "exact_match": exact_match(references, hypotheses),
         "bleu": corpus_bleu(references, hypotheses),
         "num_samples": len(items),
+        "dataset": f"`{args.train_dir}`" if args.train_dir else "`palme_hf.synthetic_shapes.SyntheticShapesDataset`",
         "train_minutes": train_minutes,
         "train_steps": train_output.global_step,
         "final_train_loss": logged_losses[-1] if logged_losses else train_output.training_loss,

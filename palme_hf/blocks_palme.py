@@ -63,37 +63,32 @@ def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.M
     return tuple(finetune_modules)
 
 
-class TransformerBlock(GradientCheckpointingLayer):
+class ParallelTransformerBlock(GradientCheckpointingLayer):
     """
-    PaLM's parallel transformer block (the original of zeta's `TransformerBlock`: `palm_rlhf_pytorch`'s
-    `ParallelTransformerBlock`). A bias-free LayerNorm feeds, in parallel, multi-query attention (`heads` query heads,
-    one shared key/value head, rotary embeddings over the whole head with optional xpos scaling) and a SwiGLU
-    feed-forward; the block returns the sum of the two branches. The residual is added by the caller.
+    PaLM's parallel transformer block, as zeta documents it (`zeta.structs.simple_transformer`): a bias-free LayerNorm
+    feeds, in parallel, multi-query attention (`heads` query heads, one shared key/value head, rotary embeddings over
+    the whole head) and a SwiGLU feed-forward; the block returns the sum of the two branches. The residual is added by
+    the caller. The positional arguments are zeta's (causal, no xpos, no query/key normalisation, no dropout); the
+    keyword-only ones are the options of PaLM's block, which [`TransformerBlock`] exposes in zeta's order and a
+    `block_type="parallel"` model sets from its config.
 
     Args:
         dim (`int`): width of the input and output.
         dim_head (`int`): width of each attention head.
-        causal (`bool`): causal attention; xpos is only used when causal, as in the reference.
-        heads (`int`): query heads.
-        qk_rmsnorm (`bool`): l2-normalise queries and keys (with learned gains); the attention scale is then
-            `qk_scale` instead of `dim_head ** -0.5`.
-        qk_scale (`float`): attention scale with `qk_rmsnorm` (a block converted from the reference uses
-            `dim_head ** -0.5` instead, as the reference does whatever its `qk_scale`).
+        heads (`int`): query heads (one shared key/value head).
         ff_mult (`int`): the feed-forward's inner width is `dim * ff_mult`.
-        attn_dropout (`float`): dropout on attention probabilities while training.
-        ff_dropout (`float`): dropout inside the feed-forward while training.
-        use_xpos (`bool`): xpos length-extrapolation scaling of the rotated queries and keys.
-        xpos_scale_base (`int`): xpos scale base.
-        flash_attn (`bool`): use PyTorch's scaled-dot-product attention (`attn_implementation="sdpa"`); same results.
-        finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)`, registered as
-            submodules; their outputs are added to the query, key and value projections of the normalised input and
-            to the output projection of the merged heads. `forward(..., finetune_modules=...)` overrides them for a
-            call.
-        attn_implementation (`str`, *optional*, keyword-only): `"eager"` or `"sdpa"`; `"sdpa"` if `flash_attn`, else
-            `"eager"`.
+        causal (`bool`, keyword-only): causal attention; xpos is only used when causal, as in the reference.
+        qk_rmsnorm (`bool`, keyword-only): zeta's name for l2-normalising queries and keys per head (with learned
+            gains; cosine-similarity attention, not an RMSNorm); the attention scale is then `qk_scale` instead of
+            `dim_head ** -0.5`.
+        qk_scale (`float`, keyword-only): attention scale with `qk_rmsnorm`.
+        attn_dropout (`float`, keyword-only): dropout on attention probabilities while training.
+        ff_dropout (`float`, keyword-only): dropout inside the feed-forward while training.
+        use_xpos (`bool`, keyword-only): xpos length-extrapolation scaling of the rotated queries and keys.
+        xpos_scale_base (`int`, keyword-only): xpos scale base.
+        attn_implementation (`str`, *optional*, keyword-only): `"eager"` (default) or `"sdpa"`.
         config (`PreTrainedConfig`, *optional*, keyword-only): a model config whose `_attn_implementation` is read at
-            every call, for a block used as a layer of that model (then give neither `attn_implementation` nor
-            `flash_attn`).
+            every call, for a block used as a layer of that model (then do not give `attn_implementation`).
         layer_idx (`int`, keyword-only): index of this block's keys/values in a `Cache`.
         xpos_offset (`int`, keyword-only): the position at which the xpos scale is 1. It cancels in attention scores
             (outputs do not depend on it); positions further from it than `rotary_emb.max_xpos_distance(dtype)`
@@ -101,6 +96,186 @@ class TransformerBlock(GradientCheckpointingLayer):
         rope_theta (`float`, keyword-only): rotary base.
         hidden_act (`str`, keyword-only): activation of the SwiGLU gate (`"silu"`, as PaLM).
         layer_norm_eps (`float`, keyword-only): epsilon of the bias-free LayerNorm.
+
+    Example:
+        >>> block = ParallelTransformerBlock(dim=512, dim_head=64, heads=8, ff_mult=4)
+        >>> block(torch.randn(1, 10, 512)).shape
+        torch.Size([1, 10, 512])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        ff_mult: int = 4,
+        *,
+        causal: bool = True,
+        qk_rmsnorm: bool = False,
+        qk_scale: float = 8,
+        attn_dropout: float = 0.0,
+        ff_dropout: float = 0.0,
+        use_xpos: bool = False,
+        xpos_scale_base: int = 512,
+        attn_implementation: str | None = None,
+        config: PreTrainedConfig | None = None,
+        layer_idx: int = 0,
+        xpos_offset: int = 0,
+        rope_theta: float = 10000.0,
+        hidden_act: str = "silu",
+        layer_norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
+        if dim_head % 2 != 0:
+            raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
+        check_probability("attn_dropout", attn_dropout)
+        check_probability("ff_dropout", ff_dropout)
+        if use_xpos and causal and xpos_scale_base <= 0:
+            raise ValueError(f"`xpos_scale_base` must be positive, got {xpos_scale_base!r}.")
+
+        self.config = attention_config(attn_implementation, config)
+        self.hidden_size = dim
+        self.layer_idx = layer_idx
+        self.xpos_offset = xpos_offset
+        self.input_layernorm = nn.LayerNorm(dim, eps=layer_norm_eps, bias=False)
+        self.rotary_emb = PalmERotaryEmbedding(
+            dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
+        )
+        self.self_attn = PalmEAttention(
+            self.config,
+            hidden_size=dim,
+            num_heads=heads,
+            head_dim=dim_head,
+            num_key_value_heads=1,
+            is_causal=causal,
+            qk_norm=qk_rmsnorm,
+            qk_norm_scale=qk_scale,
+            attention_dropout=attn_dropout,
+            layer_idx=layer_idx,
+        )
+        self.mlp = PalmEMLP(dim, dim * ff_mult, hidden_act, bias=False, gated=True, dropout=ff_dropout)
+
+    @accept_past_key_values
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, dim)`): the input `x`.
+            attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
+                0/False for padding (the reference's `mask`), or a prepared 4-D mask (a model's causal mask).
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): rotary positions,
+                `past_len + arange(seq_len)` by default.
+            cache (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
+                at `layer_idx`; causal blocks only.
+            position_embeddings (`tuple`, *optional*): `(cos, sin, xpos_scale)` of the tokens' positions, computed
+                once per forward pass by a model whose layers share them (as in `modeling_llama.py`). The
+                `attention_mask` is then the model's prepared mask too (4-D, or `None` for causal attention without
+                padding) and `position_ids` is not read. Without them the block computes both from `attention_mask`
+                and `position_ids`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
+        """
+        check_hidden_states("hidden_states", hidden_states, self.hidden_size)
+        if cache is not None and not self.self_attn.is_causal:
+            raise ValueError("`cache` needs a causal block (`causal=True`).")
+        if position_embeddings is None:
+            attention_mask, position_ids = self.prepare_mask_and_positions(
+                hidden_states, attention_mask, position_ids, cache
+            )
+            position_embeddings = self.rotary_emb(
+                position_ids, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
+            )
+
+        normed = self.input_layernorm(hidden_states)
+        attn_output, _ = self.self_attn(
+            normed, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
+        )
+        return attn_output + self.mlp(normed)
+
+    def prepare_mask_and_positions(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache: Cache | None,
+    ) -> tuple[torch.Tensor | None, torch.LongTensor]:
+        """
+        The 4-D causal (or bidirectional) mask around a 2-D padding mask, unless the mask is already 4-D (a model's,
+        prepared once per forward pass), and default positions `past_len + arange(seq_len)`.
+        """
+        batch_size, seq_len = hidden_states.shape[:2]
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        expected_mask_shape = (batch_size, past_seen_tokens + seq_len)
+        if (
+            attention_mask is not None
+            and attention_mask.ndim == 2
+            and tuple(attention_mask.shape) != expected_mask_shape
+        ):
+            raise ValueError(
+                f"`attention_mask` must have shape (batch_size, past_len + seq_len) = {expected_mask_shape}, got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            return attention_mask, position_ids
+        if self.self_attn.is_causal:
+            attention_mask = create_causal_mask(
+                self.config,
+                hidden_states,
+                attention_mask,
+                cache,
+                position_ids=position_ids,
+                layer_idx=self.layer_idx,
+            )
+        else:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
+        return attention_mask, position_ids
+
+    @classmethod
+    def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "ParallelTransformerBlock":
+        """
+        Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
+        (`torch.save(block.state_dict())`): zeta's `ParallelTransformerBlock` for this class, palm-rlhf-pytorch's
+        `ParallelTransformerBlock` for [`TransformerBlock`]. See [`~conversion_blocks.load_parallel_block_reference`].
+
+        Raises:
+            `ValueError`: missing, unexpected or wrongly shaped keys, or a fixed buffer that differs from this block's.
+        """
+        return load_parallel_block_reference(cls, state_dict, kwargs)
+
+
+class TransformerBlock(ParallelTransformerBlock):
+    """
+    zeta's `TransformerBlock`, whose working original is palm-rlhf-pytorch's `ParallelTransformerBlock`: PaLM's
+    parallel block ([`ParallelTransformerBlock`]) with zeta's arguments, in zeta's order: causal, xpos on by default,
+    optional query/key l2-normalisation, dropout, and LoRA `finetune_modules` added to the attention projections.
+    The block returns attention branch + feed-forward branch; the residual is added by the caller.
+
+    Args:
+        dim, dim_head, causal, heads, qk_rmsnorm, qk_scale, ff_mult, attn_dropout, ff_dropout, use_xpos,
+            xpos_scale_base: as in [`ParallelTransformerBlock`] (`use_xpos` defaults to `True` here, as zeta's).
+        flash_attn (`bool`): use PyTorch's scaled-dot-product attention (`attn_implementation="sdpa"`); same results.
+        finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)`, registered as
+            submodules; their outputs are added to the query, key and value projections of the normalised input and
+            to the output projection of the merged heads. `forward(..., finetune_modules=...)` overrides them for a
+            call.
+        attn_implementation (`str`, *optional*, keyword-only): `"eager"` or `"sdpa"`; `"sdpa"` if `flash_attn`, else
+            `"eager"`.
+        config, layer_idx, xpos_offset, rope_theta, hidden_act, layer_norm_eps: as in [`ParallelTransformerBlock`]
+            (keyword-only; with `config`, give neither `attn_implementation` nor `flash_attn`).
 
     Example:
         >>> block = TransformerBlock(dim=512, dim_head=64, heads=8)
@@ -132,14 +307,6 @@ class TransformerBlock(GradientCheckpointingLayer):
         hidden_act: str = "silu",
         layer_norm_eps: float = 1e-5,
     ):
-        super().__init__()
-        check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
-        if dim_head % 2 != 0:
-            raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
-        check_probability("attn_dropout", attn_dropout)
-        check_probability("ff_dropout", ff_dropout)
-        if use_xpos and causal and xpos_scale_base <= 0:
-            raise ValueError(f"`xpos_scale_base` must be positive, got {xpos_scale_base!r}.")
         if flash_attn and config is not None:
             raise ValueError(
                 "Pass either `config` or `flash_attn=True`, not both: with `config`, the block uses "
@@ -147,28 +314,26 @@ class TransformerBlock(GradientCheckpointingLayer):
             )
         if flash_attn and attn_implementation not in (None, "sdpa"):
             raise ValueError(f"`flash_attn=True` means `attn_implementation='sdpa'`, got {attn_implementation!r}.")
-
-        self.config = attention_config(attn_implementation, config, default="sdpa" if flash_attn else "eager")
-        self.hidden_size = dim
-        self.layer_idx = layer_idx
-        self.xpos_offset = xpos_offset
-        self.input_layernorm = nn.LayerNorm(dim, eps=layer_norm_eps, bias=False)
-        self.rotary_emb = PalmERotaryEmbedding(
-            dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
-        )
-        self.self_attn = PalmEAttention(
-            self.config,
-            hidden_size=dim,
-            num_heads=heads,
-            head_dim=dim_head,
-            num_key_value_heads=1,
-            is_causal=causal,
-            qk_norm=qk_rmsnorm,
-            qk_norm_scale=qk_scale,
-            attention_dropout=attn_dropout,
+        super().__init__(
+            dim,
+            dim_head=dim_head,
+            heads=heads,
+            ff_mult=ff_mult,
+            causal=causal,
+            qk_rmsnorm=qk_rmsnorm,
+            qk_scale=qk_scale,
+            attn_dropout=attn_dropout,
+            ff_dropout=ff_dropout,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            attn_implementation="sdpa" if flash_attn else attn_implementation,
+            config=config,
             layer_idx=layer_idx,
+            xpos_offset=xpos_offset,
+            rope_theta=rope_theta,
+            hidden_act=hidden_act,
+            layer_norm_eps=layer_norm_eps,
         )
-        self.mlp = PalmEMLP(dim, dim * ff_mult, hidden_act, bias=False, gated=True, dropout=ff_dropout)
         self.finetune_modules = (
             None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
         )
@@ -193,124 +358,20 @@ class TransformerBlock(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """
         Args:
-            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, dim)`): the input `x`.
-            attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
-                0/False for padding (the reference's `mask`), or a prepared 4-D mask (a model's causal mask).
-            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*): rotary positions,
-                `past_len + arange(seq_len)` by default.
-            cache (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
-                at `layer_idx`; causal blocks only.
+            hidden_states, attention_mask, position_ids, cache: as in [`ParallelTransformerBlock.forward`].
             finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)` for this call,
                 in place of those given to the constructor.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
         """
-        check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        if cache is not None and not self.self_attn.is_causal:
-            raise ValueError("`cache` needs a causal block (`causal=True`).")
-        batch_size, seq_len = hidden_states.shape[:2]
-        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        expected_mask_shape = (batch_size, past_seen_tokens + seq_len)
-        if (
-            attention_mask is not None
-            and attention_mask.ndim == 2
-            and tuple(attention_mask.shape) != expected_mask_shape
-        ):
-            raise ValueError(
-                f"`attention_mask` must have shape (batch_size, past_len + seq_len) = {expected_mask_shape}, got "
-                f"{tuple(attention_mask.shape)}."
-            )
-
-        if position_ids is None:
-            position_ids = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
-        if self.self_attn.is_causal:
-            attention_mask = create_causal_mask(
-                self.config,
-                hidden_states,
-                attention_mask,
-                cache,
-                position_ids=position_ids,
-                layer_idx=self.layer_idx,
-            )
-        else:
-            attention_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-            )
-
-        normed = self.input_layernorm(hidden_states)
-        if finetune_modules is not None:
-            self._attach_adapters(check_finetune_modules(finetune_modules))
+        if finetune_modules is None:
+            return super().forward(hidden_states, attention_mask, position_ids, cache, **kwargs)
+        self._attach_adapters(check_finetune_modules(finetune_modules))
         try:
-            attn_output, _ = self.self_attn(
-                normed,
-                position_embeddings=self.rotary_emb(
-                    position_ids, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
-                ),
-                attention_mask=attention_mask,
-                cache=cache,
-                **kwargs,
-            )
+            return super().forward(hidden_states, attention_mask, position_ids, cache, **kwargs)
         finally:
-            if finetune_modules is not None:
-                self._attach_adapters(self.finetune_modules)
-        return attn_output + self.mlp(normed)
-
-    @classmethod
-    def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "TransformerBlock":
-        """
-        Builds the block from the reference's constructor keyword arguments and loads the reference's state dict
-        (`torch.save(block.state_dict())`): palm-rlhf-pytorch's `ParallelTransformerBlock` for this class, zeta's for
-        [`ParallelTransformerBlock`]. See [`~conversion_blocks.load_parallel_block_reference`].
-
-        Raises:
-            `ValueError`: missing, unexpected or wrongly shaped keys, or a fixed buffer that differs from this block's.
-        """
-        return load_parallel_block_reference(cls, state_dict, kwargs)
-
-
-class ParallelTransformerBlock(TransformerBlock):
-    """
-    PaLM's parallel transformer block as documented by zeta (`zeta.structs.simple_transformer`): [`TransformerBlock`]
-    with causal multi-query attention, rotary embeddings without xpos, no query/key normalisation and no dropout. A
-    bias-free LayerNorm feeds the attention and the SwiGLU feed-forward in parallel; the block returns the sum of the
-    two branches (the residual is added by the caller).
-
-    Args:
-        dim (`int`): width of the input and output.
-        dim_head (`int`): width of each attention head.
-        heads (`int`): query heads (one shared key/value head).
-        ff_mult (`int`): the feed-forward's inner width is `dim * ff_mult`.
-        attn_implementation, config, layer_idx: as in [`TransformerBlock`] (keyword-only).
-
-    Example:
-        >>> block = ParallelTransformerBlock(dim=512, dim_head=64, heads=8, ff_mult=4)
-        >>> block(torch.randn(1, 10, 512)).shape
-        torch.Size([1, 10, 512])
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        dim_head: int = 64,
-        heads: int = 8,
-        ff_mult: int = 4,
-        *,
-        attn_implementation: str | None = None,
-        config: PreTrainedConfig | None = None,
-        layer_idx: int = 0,
-    ):
-        super().__init__(
-            dim,
-            dim_head=dim_head,
-            heads=heads,
-            ff_mult=ff_mult,
-            use_xpos=False,
-            attn_implementation=attn_implementation,
-            config=config,
-            layer_idx=layer_idx,
-        )
+            self._attach_adapters(self.finetune_modules)
 
 
 class PalmEPerceiverSublayer(nn.Module):

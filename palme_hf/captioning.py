@@ -1,9 +1,14 @@
-"""Pieces for training and scoring a PalmE captioner: a data collator, greedy captioning, exact match and BLEU."""
+"""Pieces for training and scoring a PalmE captioner: a folder of captioned images, a data collator, greedy
+captioning, exact match and BLEU."""
 
 import collections
+import json
 import math
+import os
 from collections.abc import Sequence
 
+import numpy as np
+import PIL.Image
 import torch
 from transformers import PreTrainedModel
 from transformers.image_utils import ImageInput
@@ -11,13 +16,84 @@ from transformers.image_utils import ImageInput
 from .processing_palme import PalmEProcessor
 
 
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    """
+    Captioned images in a folder, laid out as Hugging Face's `imagefolder`: the image files (in subfolders or not) and
+    `metadata.jsonl`, one JSON object a line, `{"file_name": "cat.png", "text": "a cat on a mat"}` (`file_name`
+    relative to the folder). Items are `{"image": PIL.Image, "caption": str}`, what [`CaptioningCollator`] batches.
+    A missing or malformed `metadata.jsonl`, or an entry whose image file is missing, is a `ValueError` naming it.
+    """
+
+    METADATA_FILE = "metadata.jsonl"
+
+    def __init__(self, folder: str):
+        metadata = os.path.join(folder, self.METADATA_FILE)
+        if not os.path.isfile(metadata):
+            raise ValueError(
+                f"{folder} has no {self.METADATA_FILE}: a captioned image folder holds the images and a "
+                f'{self.METADATA_FILE} of one {{"file_name": ..., "text": ...}} object a line.'
+            )
+        self.files, self.captions = [], []
+        with open(metadata, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                where = f"{metadata}, line {number}"
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not JSON ({error}).") from error
+                if not isinstance(entry, dict) or not all(
+                    isinstance(entry.get(key), str) for key in ("file_name", "text")
+                ):
+                    raise ValueError(f'{where}: expected {{"file_name": str, "text": str}}, got {line.strip()[:200]}')
+                path = os.path.join(folder, entry["file_name"])
+                if not os.path.isfile(path):
+                    raise ValueError(f"{where}: there is no image file {path}.")
+                self.files.append(path)
+                self.captions.append(entry["text"])
+        if not self.files:
+            raise ValueError(f"{metadata} lists no images.")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        image = PIL.Image.open(self.files[index])
+        image.load()  # reads the file and closes it
+        return {"image": image, "caption": self.captions[index]}
+
+
+def check_vocabulary(tokenizer, captions: Sequence[str]):
+    """Raises a `ValueError` naming the words of `captions` that `tokenizer` encodes as its unknown token (a
+    word-level tokenizer knows only its words), which a captioner could never learn to write."""
+    if tokenizer.unk_token_id is None:
+        return
+    unknown = sorted(
+        {
+            word
+            for caption in captions
+            for word in caption.split()
+            if tokenizer.unk_token_id in tokenizer.encode(word, add_special_tokens=False)
+        }
+    )
+    if unknown:
+        shown = ", ".join(repr(word) for word in unknown[:20]) + (", ..." if len(unknown) > 20 else "")
+        raise ValueError(
+            f"The captions hold {len(unknown)} words the tokenizer does not know ({shown}); they would be "
+            f"{tokenizer.unk_token!r}. Add them to the tokenizer (`tokenizer.add_tokens`, then "
+            "`model.resize_token_embeddings(len(tokenizer))`) or change the captions."
+        )
+
+
 class CaptioningCollator:
     """
     Batches `{"image": PIL.Image, "caption": str}` items for captioning with the language-model loss: `pixel_values`
-    from the processor's image processor, `input_ids` = its tokenizer's encoding of the caption (which starts with
-    `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` = `input_ids` with
-    -100 on the padding and on the `<bos>` prompt. With a `"prefix"` processor the caption follows the image marker,
-    expanded into the image's placeholders (`labels` -100 there too): the PaLM-E paper's `<image> caption`.
+    from the processor's image processor, `input_ids` = the processor's encoding of the prompt and the caption (which
+    starts with `<bos>`) and `eos_token_id`, right-padded with `pad_token_id`, `attention_mask`, and `labels` =
+    `input_ids` with -100 on the padding and on the prompt. The prompt is the one [`generate_captions`] gives: with
+    `"prefix"` integration the image marker, which the processor expands into the image placeholders (so the caption
+    follows `<bos>` and the placeholders), with cross-attention nothing (the caption follows `<bos>`).
 
     With `word_dropout`, each caption token of `input_ids` (not of `labels`) is replaced by `unk_token_id` with that
     probability. A decoder that cannot count on the words before a word has to read it off the image: without it, a
@@ -38,13 +114,11 @@ class CaptioningCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
-        images = [item["image"] for item in items]
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        image_prefix = ""
-        if self.processor.image_token is not None:
-            image_prefix = self.processor.image_token * self.processor.num_image_tokens + " "
-        encodings = tokenizer([image_prefix + item["caption"] for item in items])["input_ids"]
-        sequences = [ids + [tokenizer.eos_token_id] for ids in encodings]
+        prompt = self.processor.image_token
+        texts = [item["caption"] if prompt is None else f"{prompt} {item['caption']}" for item in items]
+        encoded = self.processor(images=[item["image"] for item in items], text=texts, return_tensors=None)
+        pixel_values = torch.from_numpy(np.stack(encoded["pixel_values"]))
+        sequences = [ids + [tokenizer.eos_token_id] for ids in encoded["input_ids"]]
         length = max(len(ids) for ids in sequences)
         input_ids = torch.full((len(items), length), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -52,8 +126,8 @@ class CaptioningCollator:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, 0] = -100  # the <bos> prompt is given, never predicted
-        if self.processor.image_token is not None:
+        labels[:, 0] = -100  # the prompt is given, never predicted: <bos>, and the image placeholders
+        if self.processor.image_token_id is not None:
             labels = labels.masked_fill(input_ids == self.processor.image_token_id, -100)
         if self.word_dropout:
             hidden = (torch.rand(input_ids.shape) < self.word_dropout) & (labels != -100)
@@ -144,4 +218,11 @@ def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]):
         )
 
 
-__all__ = ["CaptioningCollator", "corpus_bleu", "exact_match", "generate_captions"]
+__all__ = [
+    "CaptioningCollator",
+    "ImageCaptionFolder",
+    "check_vocabulary",
+    "corpus_bleu",
+    "exact_match",
+    "generate_captions",
+]

@@ -3,8 +3,8 @@
     palme-hf caption [--model DIR] [--max-new-tokens N] [--batch-size N] [--json] IMAGE [IMAGE ...]
 
 captions the image files with a saved PalmE captioner (model, tokenizer and processor in one folder, as
-`examples/train_captioner.py` writes them; by default the captioner committed in this repository) and prints
-`path<TAB>caption` for each image that could be read, in the order given. With `--json` it prints one JSON list
+`examples/train_captioner.py` writes them; by default the captioner shipped with palme_hf, `palme_hf/captioner`) and
+prints `path<TAB>caption` for each image that could be read, in the order given. With `--json` it prints one JSON list
 instead, an object `{"path": ..., "caption": ..., "error": ...}` per image (`caption` or `error` null). A file that is
 missing or is not an image gets one line `palme-hf: error: PATH: reason` on stderr, and the other images are still
 captioned. Exit status: 0 when every image was captioned, 1 when one was not or the captioner could not be loaded,
@@ -24,7 +24,9 @@ from transformers.utils import logging
 
 from .captioning import generate_captions
 
-DEFAULT_CAPTIONER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "captioner")
+# The captioner committed in the repository, shipped with the package (package data), so that it is there wherever
+# palme_hf is installed.
+DEFAULT_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "captioner")
 
 
 def positive_int(value: str) -> int:

@@ -219,9 +219,9 @@ class PalmETextConfig(PreTrainedConfig):
         initializer_range (`float`, defaults to 0.02): standard deviation of the weight initialisation.
         block_type (`str`, defaults to `"standard"`): the decoder layer.
             `"standard"`: the reference layer (ALiBi, partial rotary/xpos, GELU feed-forward).
-            `"parallel"`: PaLM's parallel block ([`TransformerBlock`]): multi-query attention with rotary/xpos over
-            the whole head (query/key normalisation with `qk_norm`) in parallel with a SwiGLU feed-forward of width
-            `intermediate_size`.
+            `"parallel"`: PaLM's parallel block ([`ParallelTransformerBlock`]): multi-query attention with rotary/xpos
+            over the whole head (query/key l2-normalisation with `qk_norm`) in parallel with a SwiGLU feed-forward of
+            width `intermediate_size`.
             `"hierarchical"`: [`HierarchicalBlock`]: token shift, full or local-window (`window_size`) attention,
             axial grouping by `compress_factor // stride`, a feed-forward of width `intermediate_size`.
         window_size (`int`, *optional*): local attention window of the hierarchical block (`None`: full attention).
@@ -782,6 +782,16 @@ class PalmEConfig(PreTrainedConfig):
         self.resampler_depth = resampler_depth
         self.projector_type = projector_type
         super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self) -> int:
+        """The text decoder's vocabulary, `text_config.vocab_size`, for libraries that read it on the top-level config
+        (PEFT decides from it whether a LoRA adapter saves resized embeddings). Setting it sets the decoder's."""
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.text_config.vocab_size = value
 
     @property
     def num_image_tokens(self) -> int:

@@ -112,7 +112,7 @@ def load_parallel_block_reference(
     if attention.q_norm is not None:
         weights["self_attn.q_norm.weight"] = state_dict["q_scale"]
         weights["self_attn.k_norm.weight"] = state_dict["k_scale"]
-    if block.finetune_modules is not None:
+    if getattr(block, "finetune_modules", None) is not None:
         # The reference keeps LoRA modules outside the block: those given to the constructor stay as they are.
         weights.update(
             {f"finetune_modules.{key}": value for key, value in block.finetune_modules.state_dict().items()}

@@ -30,7 +30,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .blocks_palme import PerceiverLayer, TransformerBlock
+from .blocks_palme import ParallelTransformerBlock, PerceiverLayer
 from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
 from .hierarchical_palme import HierarchicalBlock
@@ -46,6 +46,7 @@ from .layers_palme import (
     image_is_cached,
     split_cache,
 )
+from .model_card_palme import write_model_card
 from .towers_palme import build_projector, load_pretrained_towers, patch_features
 
 
@@ -244,20 +245,21 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
 class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
     """
     A decoder layer built on one of the documented blocks (`config.block_type`): the block (PaLM's parallel
-    [`TransformerBlock`], whose branches are added to the residual here, or [`HierarchicalBlock`], which adds its
-    own), then, when `add_cross_attention`, pre-norm cross-attention to the image features with a residual.
+    [`ParallelTransformerBlock`], whose branches are added to the residual here, or [`HierarchicalBlock`], which adds
+    its own), then, when `add_cross_attention`, pre-norm cross-attention to the image features with a residual. The
+    parallel block takes the rotary embeddings and the causal mask the text model computes once per forward pass.
     """
 
     def __init__(self, config: PalmETextConfig, layer_idx: int):
         super().__init__()
         if config.block_type == "parallel":
-            self.block = TransformerBlock(
+            self.block = ParallelTransformerBlock(
                 config.hidden_size,
                 dim_head=config.head_dim,
                 heads=config.num_attention_heads,
+                ff_mult=config.intermediate_size // config.hidden_size,
                 qk_rmsnorm=config.qk_norm,
                 qk_scale=config.qk_norm_scale,
-                ff_mult=config.intermediate_size // config.hidden_size,
                 attn_dropout=config.attention_dropout,
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
@@ -298,9 +300,11 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         cross_attention_cache: EncoderDecoderCache | None = None,
-        position_embeddings: None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        if position_embeddings is not None:
+            kwargs["position_embeddings"] = position_embeddings
         block_output = self.block(
             hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
         )
@@ -364,6 +368,11 @@ class PalmEPreTrainedModel(PreTrainedModel):
         if getattr(self.config.get_text_config(), "block_type", None) == "hierarchical":
             return attention_mask
         return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` saves Transformers' empty model card just before uploading: describe this model instead.
+        write_model_card(self, working_dir, repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
@@ -445,7 +454,8 @@ class PalmETextModel(PalmEPreTrainedModel):
             if config.use_absolute_position_embeddings
             else None
         )
-        # The standard layers share one rotary embedding and ALiBi bias; the blocks bring their own.
+        # The layers share one rotary embedding (and the standard layers one ALiBi bias), computed once per forward
+        # pass; the hierarchical block rotates each group's steps itself.
         is_standard = config.block_type == "standard"
         self.rotary_emb = (
             PalmERotaryEmbedding(
@@ -455,7 +465,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 xpos_scale_base=config.xpos_scale_base,
                 rotate_values=config.rotate_values,
             )
-            if config.use_rotary and is_standard
+            if config.use_rotary and config.block_type != "hierarchical"
             else None
         )
         self.alibi = (

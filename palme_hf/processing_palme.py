@@ -1,5 +1,6 @@
 """Image processor and processor (tokenizer + images) for PalmE."""
 
+import json
 import os
 import warnings
 
@@ -295,6 +296,49 @@ class PalmEImageProcessor(PilBackend):
         return BatchFeature(data={"pixel_values": processed_images}, tensor_type=return_tensors)
 
 
+# The default chat template, for instruction-style prompts as in the PaLM-E paper ("Q: <image> What is this? A:"):
+# a user turn with text is `Q: ...`, an assistant turn `A: ...`, and the generation prompt `A:` follows a question; an
+# image item becomes the image marker (nothing with cross-attention, where the image is not in the text), so that a
+# user turn of an image alone is the captioning prompt. Parts are joined by single spaces; system turns are plain text.
+CHAT_TEMPLATE = """
+{%- set ns = namespace(parts=[], asked=false) -%}
+{%- for message in messages -%}
+    {%- set items = message['content'] -%}
+    {%- if items is string -%}{%- set items = [{'type': 'text', 'text': items}] -%}{%- endif -%}
+    {%- set turn = namespace(words=[], has_text=false) -%}
+    {%- for item in items -%}
+        {%- if item['type'] == 'image' -%}
+            {%- if image_marker -%}{%- set turn.words = turn.words + [image_marker] -%}{%- endif -%}
+        {%- elif item['type'] == 'text' -%}
+            {%- set turn.words = turn.words + [item['text'] | trim] -%}
+            {%- set turn.has_text = true -%}
+        {%- else -%}
+            {{- raise_exception('PalmE messages hold "image" and "text" items, got a ' ~ item['type'] ~ ' item.') -}}
+        {%- endif -%}
+    {%- endfor -%}
+    {%- set content = turn.words | reject('equalto', '') | join(' ') -%}
+    {%- if message['role'] == 'assistant' -%}
+        {%- set ns.parts = ns.parts + ['A: ' ~ content] -%}
+        {%- set ns.asked = false -%}
+    {%- elif message['role'] == 'user' -%}
+        {%- set ns.parts = ns.parts + [('Q: ' ~ content) if turn.has_text else content] -%}
+        {%- set ns.asked = turn.has_text -%}
+    {%- elif message['role'] == 'system' -%}
+        {%- set ns.parts = ns.parts + [content] -%}
+    {%- else -%}
+        {{- raise_exception('PalmE chat roles are "system", "user" and "assistant", got ' ~ message['role'] ~ '.') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt and ns.asked -%}{%- set ns.parts = ns.parts + ['A:'] -%}{%- endif -%}
+{{- ns.parts | reject('equalto', '') | join(' ') -}}
+"""
+
+
+def default_chat_template(image_token: str | None) -> str:
+    """`CHAT_TEMPLATE` with `image_token` as the image marker (none: cross-attention)."""
+    return "{%- set image_marker = " + json.dumps(image_token or "") + " -%}" + CHAT_TEMPLATE
+
+
 class PalmEProcessor(ProcessorMixin):
     r"""
     A PalmE processor: a [`PalmEImageProcessor`] and any Transformers tokenizer. `processor(images=..., text=...)`
@@ -318,7 +362,11 @@ class PalmEProcessor(ProcessorMixin):
             together still split into tokens). Unused with cross-attention.
         num_image_tokens (`int`, *optional*): placeholders per image, the model's `config.num_image_tokens`, for
             `"prefix"` integration; `None` for cross-attention.
-        chat_template (`str`, *optional*): a Jinja chat template.
+        chat_template (`str`, *optional*): a Jinja chat template; by default `CHAT_TEMPLATE`, the PaLM-E paper's
+            `Q: ... A:` prompts with the image marker where a message's image item is:
+            `processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+            "what is this?"}]}], add_generation_prompt=True)` is `"Q: <image> what is this? A:"` (`"Q: what is this?
+            A:"` with cross-attention).
     """
 
     # `processor(...)` output feeds the model directly
@@ -350,6 +398,8 @@ class PalmEProcessor(ProcessorMixin):
                 )
             self.image_token = image_token
             self.image_token_id = encoded[0]
+        if chat_template is None:
+            chat_template = default_chat_template(self.image_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod

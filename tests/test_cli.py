@@ -1,23 +1,30 @@
 """The `palme-hf caption` command line: captions of the sample images with the committed captioner, per-file errors,
-argument validation, `--json`; and `generate_captions`, which it shares with the training script."""
+argument validation, `--json`; and `generate_captions`, which it shares with the training script. The captioner ships
+with the package (`palme_hf/captioner`): a non-editable install captions without `--model`, and the folder loads with
+`trust_remote_code=True` where palme_hf is not installed."""
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import PIL.Image
 import pytest
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
 from palme_hf.cli import DEFAULT_CAPTIONER, main
 
+from conftest import WITHOUT_PALME_HF
 from tiny_captioner import build_tokenizer, tiny_config
 
-IMAGES = os.path.join(os.path.dirname(DEFAULT_CAPTIONER), "images")
-REPOSITORY = os.path.dirname(os.path.dirname(DEFAULT_CAPTIONER))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGES = os.path.join(REPOSITORY, "examples", "images")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +153,103 @@ def test_generate_captions_prompts_each_integration(cross_attend):
     assert captions == generate_captions(model, processor, images, batch_size=1, max_new_tokens=3)
     with pytest.raises(ValueError, match="`batch_size` must be a positive integer, got 0"):
         generate_captions(model, processor, images, batch_size=0)
+
+
+def test_the_captioner_ships_with_the_package():
+    package = os.path.dirname(os.path.abspath(sys.modules["palme_hf"].__file__))
+    assert DEFAULT_CAPTIONER == os.path.join(package, "captioner")
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(
+        os.listdir(DEFAULT_CAPTIONER)
+    )
+
+
+def test_the_captioner_links_exactly_the_modules_its_auto_map_needs():
+    """The `*_palme.py` files of the shipped captioner are links to the package's modules (no copies to keep in
+    step), and they are the modules its `auto_map` entries import, no more, no fewer."""
+    package = os.path.dirname(DEFAULT_CAPTIONER)
+    auto_map = {}
+    for name in ("config.json", "processor_config.json"):
+        with open(os.path.join(DEFAULT_CAPTIONER, name)) as handle:
+            config = json.load(handle)
+        auto_map.update(config["auto_map"])
+        auto_map.update(config.get("image_processor", {}).get("auto_map", {}))
+    needed = set()
+    for reference in auto_map.values():
+        module_file = os.path.join(package, reference.split(".")[0] + ".py")
+        needed |= {module_file, *get_relative_import_files(module_file)}
+    assert {os.path.basename(path) for path in needed} == {
+        os.path.basename(path) for path in glob.glob(os.path.join(DEFAULT_CAPTIONER, "*.py"))
+    }
+    for path in needed:
+        link = os.path.join(DEFAULT_CAPTIONER, os.path.basename(path))
+        assert os.path.islink(link) and os.readlink(link) == os.path.join("..", os.path.basename(path)), link
+
+
+REMOTE_CODE_CAPTIONER = WITHOUT_PALME_HF + textwrap.dedent(
+    """
+    import json
+    import PIL.Image
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, image = sys.argv[1], sys.argv[2]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    inputs = processor(images=[PIL.Image.open(image)], text=[""])
+    generated = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    print(json.dumps(processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])))
+    """
+)
+
+
+@pytest.mark.slow  # a Python of its own
+def test_the_shipped_captioner_loads_with_remote_code_without_palme_hf(tmp_path, true_captions):
+    image = os.path.join(IMAGES, "held_out_00.png")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_CAPTIONER, DEFAULT_CAPTIONER, image],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [caption.strip() for caption in json.loads(run.stdout)] == [true_captions["held_out_00.png"]]
+
+
+@pytest.mark.slow  # builds and installs the package
+def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_captions):
+    """`pip install --target` of a copy of the checkout (what setuptools packs, links followed), then its
+    `palme-hf caption IMAGE`, without `--model`, with nothing of the checkout on the path."""
+    source = tmp_path / "source"  # building writes build/ and *.egg-info beside the sources: not in the checkout
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(REPOSITORY, "palme_hf"), source / "palme_hf", symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+        shutil.copy(os.path.join(REPOSITORY, name), source / name)
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
+         str(source)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    shipped = target / "palme_hf" / "captioner"
+    assert (shipped / "model.safetensors").is_file() and not (shipped / "modeling_palme.py").is_symlink()
+
+    image = os.path.join(IMAGES, "held_out_00.png")
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [str(target / "bin" / "palme-hf"), "caption", image], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == f"{image}\t{true_captions['held_out_00.png']}\n"
+    where = subprocess.run(
+        [sys.executable, "-c", "import palme_hf.cli; print(palme_hf.cli.DEFAULT_CAPTIONER)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert where.stdout.strip() == str(shipped)

@@ -1,5 +1,6 @@
-"""Sharing a PalmE captioner: `push_to_hub` (captured offline) writes a complete Hub repo that loads, model and
-processor, with `trust_remote_code=True` where palme_hf is not installed; the image-text-to-text pipeline captions."""
+"""Sharing a PalmE captioner: `push_to_hub` (captured offline, into a local folder) writes a complete Hub repo that
+loads, model and processor, with `trust_remote_code=True` where palme_hf is not installed, with a model card built from
+the configuration and the evaluation; the image-text-to-text pipeline captions."""
 
 import json
 import os
@@ -15,10 +16,12 @@ import PIL.Image
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import pipeline
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf.cli import DEFAULT_CAPTIONER
 
 from conftest import WITHOUT_PALME_HF
 from tiny_captioner import build_tokenizer, tiny_config
@@ -40,14 +43,16 @@ def sample_images() -> list[PIL.Image.Image]:
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    """Stands in for the Hugging Face Hub: records the commits `push_to_hub` sends (file contents included), and
-    fails any attempt to open a network connection."""
+def hub(monkeypatch, tmp_path):
+    """Stands in for the Hugging Face Hub: records the commits `push_to_hub` sends (file contents included), writes
+    them into a local folder per repository (`tmp_path/hub/<repo_id>`, later commits overwriting earlier files), serves
+    a repository's README.md from there as the Hub would, and fails any attempt to open a network connection."""
 
     def no_network(*args, **kwargs):
         raise AssertionError("the test tried to open a network connection")
 
     commits = []
+    folders = tmp_path / "hub"
 
     def create_repo(self, repo_id, **kwargs):
         return SimpleNamespace(repo_id=repo_id)
@@ -58,16 +63,21 @@ def hub(monkeypatch):
             with operation.as_file() as file:
                 files[operation.path_in_repo] = file.read()
         commits.append({"repo_id": repo_id, "message": commit_message, "files": files})
+        for name, content in files.items():
+            (folders / repo_id / name).parent.mkdir(parents=True, exist_ok=True)
+            (folders / repo_id / name).write_bytes(content)
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    def readme_not_found(repo_id, filename, **kwargs):
+    def hub_file(repo_id, filename, **kwargs):  # huggingface_hub's hf_hub_download, as ModelCard.load calls it
+        if (folders / repo_id / filename).is_file():
+            return str(folders / repo_id / filename)
         raise EntryNotFoundError(f"{filename} is not in {repo_id} (a new repository)")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", readme_not_found)
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", hub_file)
     return commits
 
 
@@ -220,3 +230,54 @@ def test_pipeline_from_a_saved_folder(captioner, tmp_path):
     assert [output["generated_text"].strip() for output in captions] == expected_captions(
         model, processor, sample_images(), [PROMPT, PROMPT]
     )
+
+
+def test_push_to_hub_writes_a_model_card_from_the_config_and_the_evaluation(hub, tmp_path):
+    model = PalmEForConditionalGeneration.from_pretrained(DEFAULT_CAPTIONER)
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    model.push_to_hub("someone/shapes", tags=["image-captioning"])
+    processor.push_to_hub("someone/shapes")  # keeps the card the Hub holds
+    repo = tmp_path / "hub" / "someone" / "shapes"
+    with open(os.path.join(DEFAULT_CAPTIONER, "eval_results.json")) as handle:
+        evaluation = json.load(handle)
+    assert json.loads((repo / "eval_results.json").read_text()) == evaluation  # uploaded with the model
+
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert {"image-captioning", "palme", "custom_code"} <= set(card.data.tags)
+    for expected in [
+        f"- parameters: {model.num_parameters() / 1e6:.2f} M (float32)",
+        "a ViT on 64x64 images in [0, 1], 8x8 patches, 2 layers of width 128, 4 heads; 64 image features",
+        "block type `standard` (the reference PalmE layer",
+        "image route: `cross_attention`",
+        f"Greedy decoding on {evaluation['num_samples']} held-out images:",
+        f"| exact match | {evaluation['exact_match']:.4f} |",
+        f"| corpus BLEU-4 | {evaluation['bleu']:.4f} |",
+        f"Training: {evaluation['train_steps']} steps",
+        "## Intended use",
+        'The captioning prompt is the empty text `""`',
+        "## Limits",
+        "Images are resized to 64x64",
+        f"Its vocabulary has {model.config.text_config.vocab_size} tokens",
+        'AutoModelForImageTextToText.from_pretrained("someone/shapes", trust_remote_code=True)',
+    ]:
+        assert expected in card.text, expected
+
+    # a card someone wrote on the Hub keeps its text; the push adds its tags
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n\n# My captioner\n\nIt names shapes.\n")
+    model.push_to_hub("someone/shapes", tags=["shapes"])
+    card = ModelCard.load(repo / "README.md")
+    assert card.text.strip() == "# My captioner\n\nIt names shapes."
+    assert card.data.license == "mit" and {"shapes", "palme"} <= set(card.data.tags)
+
+
+def test_model_card_of_a_new_prefix_model_without_evaluation(captioner, hub, tmp_path):
+    model, _ = captioner
+    model.push_to_hub("someone/new")
+    repo = tmp_path / "hub" / "someone" / "new"
+    assert not (repo / "eval_results.json").exists()
+    card = (repo / "README.md").read_text()
+    assert "image route: `prefix`" in card and "4 image features reach the text" in card
+    assert "No evaluation was recorded with the model (`eval_results.json`)." in card
+    assert "Training data\n\nNot recorded with the model." in card
+    assert 'The captioning prompt is `"<image>"`' in card

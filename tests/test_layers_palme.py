@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 
 from palme_hf import HierarchicalBlock, PalmETextModel, ParallelTransformerBlock, TransformerBlock
-from palme_hf.layers_palme import PalmERotaryEmbedding
+from palme_hf.layers_palme import PalmERotaryEmbedding, apply_rotary_pos_emb
 
 from helpers import tiny_config
 
@@ -193,3 +193,13 @@ def test_rotary_embedding_compiles_to_one_graph():
     position_ids = torch.tensor([[6_000, 6_001]])
     for expected, actual in zip(rotary(position_ids, xpos_offset=32), compiled(position_ids, xpos_offset=32)):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_xpos_scales_stay_finite_in_half_precision():
+    rotary = PalmERotaryEmbedding(32, use_xpos=True, xpos_scale_base=512)
+    positions = torch.arange(8192)[None]
+    cos, sin, scale = rotary(positions, xpos_offset=4096)
+    states = torch.ones(1, 2, 8192, 64, dtype=torch.float16)
+    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale)).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale.reciprocal())).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states.bfloat16(), cos, sin, scale)).all()

@@ -13,9 +13,17 @@ from transformers import (
     GenerationConfig,
 )
 
-from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEModel, PalmETextConfig
+from palme_hf import (
+    PalmEConfig,
+    PalmEForCausalLM,
+    PalmEForConditionalGeneration,
+    PalmEModel,
+    PalmETextConfig,
+    blocks_palme,
+    modeling_palme,
+)
 from palme_hf.compat_palme import CACHE_NAME
-from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding, apply_rotary_pos_emb
+from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding
 
 from helpers import BLOCK_TYPES, VARIANTS, combination_model, tiny_inputs, tiny_model
 
@@ -235,14 +243,34 @@ def test_reference_document_examples():
     assert logits.shape == (1, 8, 20000) and torch.isfinite(logits).all()
 
 
-def test_xpos_scales_stay_finite_in_half_precision():
-    rotary = PalmERotaryEmbedding(32, use_xpos=True, xpos_scale_base=512)
-    positions = torch.arange(8192)[None]
-    cos, sin, scale = rotary(positions, xpos_offset=4096)
-    states = torch.ones(1, 2, 8192, 64, dtype=torch.float16)
-    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale)).all()
-    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale.reciprocal())).all()
-    assert torch.isfinite(apply_rotary_pos_emb(states.bfloat16(), cos, sin, scale)).all()
+@pytest.mark.parametrize("block_type", ["standard", "parallel"])
+def test_rotary_tables_and_masks_are_computed_once_per_forward(block_type, monkeypatch):
+    # As in modeling_llama.py: the text model computes them, every layer reuses them.
+    model = tiny_model(block_type=block_type)
+    pixel_values, input_ids = tiny_inputs(model)
+    rotary_calls = []
+    for module in model.modules():
+        if isinstance(module, PalmERotaryEmbedding):
+            module.register_forward_hook(lambda module, args, output: rotary_calls.append(module))
+    mask_calls = []
+
+    def counting(create_mask):
+        def wrapper(*args, **kwargs):
+            mask_calls.append(create_mask)
+            return create_mask(*args, **kwargs)
+
+        return wrapper
+
+    for module in (modeling_palme, blocks_palme):
+        for name in ("create_causal_mask", "create_bidirectional_mask"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counting(getattr(module, name)))
+    with torch.no_grad():
+        cached = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True)
+        assert len(rotary_calls) == 1 and len(mask_calls) == 1
+        model(input_ids=input_ids[:, :1], cache=getattr(cached, CACHE_NAME), attention_mask=torch.ones(2, 8))
+    assert len(rotary_calls) == 2 and len(mask_calls) == 2
+    assert len(model.model.language_model.layers) > 1
 
 
 # Bad input
