@@ -12,7 +12,7 @@ TORCH_VERSION ?= 2.13.0
 TRANSFORMERS_FLOOR ?= 5.23.0
 FLOOR_VENV ?= .venv-floor
 FLOOR_TESTS ?= tests/test_configuration_palme.py tests/test_modeling_palme.py tests/test_generation_palme.py tests/test_conversion_zeta.py tests/test_remote_code.py \
-	tests/test_processing_palme.py tests/test_tensor_parallel.py
+	tests/test_processing_palme.py tests/test_tensor_parallel.py tests/test_towers_palme.py
 
 IMAGES ?= $(sort $(wildcard examples/images/*.png))
 
