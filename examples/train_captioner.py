@@ -1,7 +1,13 @@
 """
 Trains a small PalmE captioner on the synthetic shapes dataset with the Transformers `Trainer`, scores it on the
-held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, and saves model,
-processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
+held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, clean and under
+photo-like corruptions (JPEG, noise, resizing, transparency, brightness: `palme_hf.captioning.ROBUSTNESS_CONDITIONS`),
+and saves model, processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
+
+The training images are augmented as photos of the scenes would differ from the renders (crops, rescaling,
+brightness, Gaussian noise, JPEG: `palme_hf.synthetic_shapes.ImageAugmentation`; `--no-augment` trains on clean
+renders), and the patch LayerNorm's epsilon is raised (`--patch-norm-eps`), so that noise on the black background
+is not scaled up to the size of a shape.
 
     python examples/train_captioner.py --output-dir examples/captioner --overwrite   # replaces the committed one
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
@@ -42,23 +48,33 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
-from palme_hf.captioning import CaptioningCollator, corpus_bleu, exact_match, generate_captions
+from palme_hf.captioning import (
+    CaptioningCollator,
+    corpus_bleu,
+    exact_match,
+    generate_captions,
+    robustness_exact_match,
+    robustness_table,
+)
 from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
     MAX_CAPTION_TOKENS,
+    ImageAugmentation,
     SyntheticShapesDataset,
     build_caption_tokenizer,
 )
 
+AUGMENTATION = ImageAugmentation()  # with --augment
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
 OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
     "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
-    "sample_images_dir", "num_sample_images",
+    "sample_images_dir", "num_sample_images", "robustness_samples",
 }  # fmt: skip
-ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2}
+# patch_norm_eps: about the variance of a [0, 1] patch holding part of a shape (PalmEVisionConfig.patch_norm_eps).
+ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "patch_norm_eps": 0.1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,8 +99,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--word-dropout", type=float, default=0.8, help="probability of hiding a caption word from the decoder's input"
     )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="change the training images as photos would (ImageAugmentation: crop, scale, brightness, noise, JPEG)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the model and the data")
     parser.add_argument("--eval-samples", type=int, default=1000, help="held-out images to caption at the end")
+    parser.add_argument(
+        "--robustness-samples",
+        type=int,
+        default=200,
+        help="held-out images (of seed --seed + 1) captioned under each corruption at the end; 0 skips this",
+    )
     parser.add_argument(
         "--sample-images-dir", default=None, help="also save the first held-out images here, with captions.json"
     )
@@ -104,10 +132,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help=f"layers of the encoder and of the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
     )
+    parser.add_argument(
+        "--patch-norm-eps",
+        type=float,
+        help=f"epsilon of the patch LayerNorm ({defaults.format(ARCHITECTURE_DEFAULTS['patch_norm_eps'])})",
+    )
     parser.add_argument("--logging-steps", type=int, default=50)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
+    if args.robustness_samples < 0:
+        parser.error(f"--robustness-samples must be 0 or more, got {args.robustness_samples}")
     if args.init_from is None:
         for name, default in ARCHITECTURE_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -127,6 +162,7 @@ def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
             "head_dim": 32,
+            "patch_norm_eps": args.patch_norm_eps,
         },
         text_config={
             "vocab_size": len(tokenizer),
@@ -172,6 +208,7 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         "patch_size": {vision.patch_size},
         "hidden_size": {vision.hidden_size, text.hidden_size},
         "num_layers": {vision.num_hidden_layers, text.num_hidden_layers},
+        "patch_norm_eps": {vision.patch_norm_eps},
     }
     contradictions = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the model has {' and '.join(map(str, sorted(values)))})"
@@ -300,6 +337,31 @@ def write_model_card(
 ):
     """Writes `README.md`: Hub metadata, architecture, training data, metrics and the command that trained it."""
     combinations = ", ".join(" ".join(combination) for combination in HELD_OUT_COMBINATIONS)
+    if args.augment:
+        augmentation = (
+            "Each training image was changed as a photo of the scene might be, each change with probability "
+            f"{AUGMENTATION.probability:g} (`palme_hf.synthetic_shapes.ImageAugmentation()`): up to "
+            f"{AUGMENTATION.max_crop:.0%} of the side cropped off each edge, resized by {AUGMENTATION.scale[0]:g} to "
+            f"{AUGMENTATION.scale[1]:g}x, brightness x{AUGMENTATION.brightness[0]:g} to "
+            f"x{AUGMENTATION.brightness[1]:g}, Gaussian noise of sigma up to "
+            f"{AUGMENTATION.noise_sigma[1] * 255:g}/255, JPEG at quality {AUGMENTATION.jpeg_quality[0]} to "
+            f"{AUGMENTATION.jpeg_quality[1]}."
+        )
+    else:
+        augmentation = "The training images were the clean renders (`--no-augment`)."
+    if "robustness" in metrics:
+        robustness = f"""
+Greedy exact match on {metrics["robustness_samples"]} other held-out images (seed {metrics["robustness_seed"]}), \
+each changed as named (`palme_hf.captioning.ROBUSTNESS_CONDITIONS`; noise on every pixel and channel, rounded to \
+8 bits; resized images are resized back by the processor; RGBA: a PNG with a transparent, white background):
+
+{robustness_table(metrics["robustness"])}
+
+`python examples/evaluate_captioner.py --model MODEL --num-samples {metrics["robustness_samples"]} --seed \
+{metrics["robustness_seed"]}` prints this table.
+"""
+    else:
+        robustness = "\nNot measured (`--robustness-samples 0`).\n"
     if metrics["num_processes"] > 1:
         launcher = f"accelerate launch --multi_gpu --num_processes {metrics['num_processes']}"
     elif "OMP_NUM_THREADS" in os.environ:
@@ -354,8 +416,8 @@ A small PalmE (palme_hf) {origin} to caption synthetic images of one to three co
 triangle), each small or large, red, green, blue or yellow, in distinct thirds of the image at random heights. The
 caption names them from left to right, joined by "left of". Training: {args.train_samples} images (seed
 {args.seed}), {args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability
-{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`). The training split never shows these (size, colour,
-shape) combinations: {combinations}; every held-out image holds at least one of them.
+{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`). {augmentation} The training split never shows
+these (size, colour, shape) combinations: {combinations}; every held-out image holds at least one of them.
 
 ## Metrics
 
@@ -365,6 +427,11 @@ Greedy decoding on {metrics["num_samples"]} held-out images (every one with an u
 | --- | --- |
 | exact match | {metrics["exact_match"]:.4f} |
 | corpus BLEU-4 | {metrics["bleu"]:.4f} |
+
+### Robustness to photo-like changes
+{robustness}
+The patch LayerNorm's epsilon is {vision.patch_norm_eps:g} (`vision_config.patch_norm_eps`; the reference's 1e-5 \
+scales noise on a flat black patch up to unit size).
 
 Training took {metrics["train_minutes"]:.1f} minutes ({metrics["train_steps"]} steps, final training loss
 {metrics["final_train_loss"]:.4f}) on {metrics["num_processes"]} process(es) of {torch.get_num_threads()} thread(s)
@@ -438,7 +505,13 @@ def main(argv: list[str] | None = None) -> Trainer:
     if resume_from is None and training_args.should_save:
         start_checkpoints(args, training_args.world_size)
 
-    train_dataset = SyntheticShapesDataset(args.train_samples, "train", seed=args.seed, image_size=args.image_size)
+    train_dataset = SyntheticShapesDataset(
+        args.train_samples,
+        "train",
+        seed=args.seed,
+        image_size=args.image_size,
+        augmentation=AUGMENTATION if args.augment else None,
+    )
     collator = StepSeededCollator(
         CaptioningCollator(processor, word_dropout=args.word_dropout), args.seed, training_args.process_index
     )
@@ -484,6 +557,17 @@ def main(argv: list[str] | None = None) -> Trainer:
         "num_processes": training_args.world_size,
         "cpu_count": os.cpu_count(),
     }
+    if args.robustness_samples:
+        # Other held-out scenes than the ones above, which --sample-images-dir shows.
+        robustness_seed = args.seed + 1
+        fresh = SyntheticShapesDataset(
+            args.robustness_samples, "held_out", seed=robustness_seed, image_size=args.image_size
+        )
+        metrics["robustness"] = robustness_exact_match(
+            trainer.model, processor, [fresh[i] for i in range(len(fresh))], max_new_tokens=MAX_CAPTION_TOKENS
+        )
+        metrics["robustness_samples"] = args.robustness_samples
+        metrics["robustness_seed"] = robustness_seed
     print(json.dumps(metrics, indent=2))
     for reference, hypothesis in list(zip(references, hypotheses))[:5]:
         print(f"true: {reference}\n  generated: {hypothesis}")

@@ -20,13 +20,14 @@ SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
 TINY_RUN = [
     "--train-samples", "96", "--eval-samples", "4", "--image-size", "32", "--patch-size", "8", "--hidden-size", "32",
     "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0", "--learning-rate", "3e-3",
+    "--robustness-samples", "2",
 ]  # fmt: skip
 # 60 steps, so that the run is still training when the test's Ctrl-C arrives; with word dropout, whose random draws a
 # resumed run must repeat as well as the data order.
 RESUMABLE_RUN = [
     "--train-samples", "480", "--batch-size", "8", "--eval-samples", "2", "--image-size", "32", "--patch-size", "8",
     "--hidden-size", "32", "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0.5",
-    "--learning-rate", "3e-3",
+    "--learning-rate", "3e-3", "--robustness-samples", "2",
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -202,12 +203,14 @@ def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
 def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_captioner):
     output_dir = tmp_path / "fine_tuned"
     argv = ["--init-from", str(uninterrupted), "--output-dir", str(output_dir), "--image-size", "32"]  # as the model
-    trainer = train_captioner.main([*argv, "--train-samples", "16", "--batch-size", "8", "--logging-steps", "1"])
+    options = ["--train-samples", "16", "--batch-size", "8", "--logging-steps", "1", "--robustness-samples", "2"]
+    trainer = train_captioner.main([*argv, *options])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trained = json.loads((uninterrupted / "eval_results.json").read_text())["train_losses"]
     assert losses[0] < 0.9 * trained[0]  # it starts from the trained weights, not from new ones
     config = json.loads((output_dir / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 32 and config["vision_config"]["image_size"] == 32
+    assert config["vision_config"]["patch_norm_eps"] == 0.1  # the model's, as the script's default
     assert (output_dir / "tokenizer.json").read_text() == (uninterrupted / "tokenizer.json").read_text()
     assert f"fine-tuned from `{uninterrupted}`" in (output_dir / "README.md").read_text()
 
@@ -229,8 +232,9 @@ def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_
         ("no config.json", [], "has no config.json, so it is not a saved model"),
         ("no processor", [], "has no processor"),
         ("contradicting options", ["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
+        ("contradicting epsilon", ["--patch-norm-eps", "1e-05"], "contradicts --patch-norm-eps 1e-05 (the model has"),
     ],
-    ids=["no config.json", "no processor", "contradicting options"],
+    ids=["no config.json", "no processor", "contradicting options", "contradicting epsilon"],
 )
 def test_init_from_refuses(case, options, message, uninterrupted, tmp_path, train_captioner):
     model_dir = tmp_path / "model"
