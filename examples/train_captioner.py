@@ -28,7 +28,8 @@ No work is lost:
 - The finished captioner is written into a temporary folder beside `--output-dir`, which then replaces it
   (checkpoints included): a run that fails or is stopped leaves no half-written model.
 - `--init-from MODEL` fine-tunes a captioner folder (model and processor, as this script saves them) instead of a new
-  model; architecture options that contradict it are refused.
+  model; architecture options that contradict it are refused. `--patch-norm-eps` may differ from the model's: the
+  model is then fine-tuned with that epsilon (to make a captioner trained with the reference's 1e-5 robust).
 """
 
 import argparse
@@ -143,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
     if args.robustness_samples < 0:
         parser.error(f"--robustness-samples must be 0 or more, got {args.robustness_samples}")
+    if args.patch_norm_eps is not None and not args.patch_norm_eps > 0:
+        parser.error(f"--patch-norm-eps must be a positive number, got {args.patch_norm_eps}")
     if args.init_from is None:
         for name, default in ARCHITECTURE_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -192,7 +195,7 @@ def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerati
 def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
     """
     The captioner in `--init-from` with its processor. Architecture options that contradict it are refused; the
-    ones not given take its values.
+    ones not given take its values. A `--patch-norm-eps` given replaces the model's.
     """
     check_model_folder(args.init_from)
     try:
@@ -201,7 +204,10 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         raise ValueError(
             f"{args.init_from} has no processor (image processor and tokenizer, as this script saves them): {error}"
         ) from error
-    model = PalmEForConditionalGeneration.from_pretrained(args.init_from)
+    config = PalmEConfig.from_pretrained(args.init_from)
+    if args.patch_norm_eps is not None:
+        config.vision_config.patch_norm_eps = args.patch_norm_eps  # checked positive by parse_args
+    model = PalmEForConditionalGeneration.from_pretrained(args.init_from, config=config)
     vision, text = model.config.vision_config, model.config.text_config
     model_values = {
         "image_size": {vision.image_size},

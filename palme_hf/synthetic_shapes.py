@@ -202,17 +202,17 @@ class ImageAugmentation:
 
     Args:
         probability (`float`, defaults to 0.5): probability of each change, independently.
-        max_crop (`float`, defaults to 0.05): largest fraction of the width (height) cropped off each side.
-        scale (`tuple[float, float]`, defaults to `(0.75, 1.5)`): range of the resize factor.
-        brightness (`tuple[float, float]`, defaults to `(0.8, 1.2)`): range of the brightness factor.
+        max_crop (`float`, defaults to 0.03): largest fraction of the width (height) cropped off each side.
+        scale (`tuple[float, float]`, defaults to `(0.85, 1.2)`): range of the resize factor.
+        brightness (`tuple[float, float]`, defaults to `(0.85, 1.15)`): range of the brightness factor.
         noise_sigma (`tuple[float, float]`, defaults to `(0, 10 / 255)`): range of the noise's standard deviation.
         jpeg_quality (`tuple[int, int]`, defaults to `(30, 95)`): range of the JPEG quality.
     """
 
     probability: float = 0.5
-    max_crop: float = 0.05
-    scale: tuple[float, float] | None = (0.75, 1.5)
-    brightness: tuple[float, float] | None = (0.8, 1.2)
+    max_crop: float = 0.03
+    scale: tuple[float, float] | None = (0.85, 1.2)
+    brightness: tuple[float, float] | None = (0.85, 1.15)
     noise_sigma: tuple[float, float] | None = (0.0, 10 / 255)
     jpeg_quality: tuple[int, int] | None = (30, 95)
 

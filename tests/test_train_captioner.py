@@ -215,6 +215,18 @@ def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_c
     assert f"fine-tuned from `{uninterrupted}`" in (output_dir / "README.md").read_text()
 
 
+def test_init_from_takes_the_models_patch_norm_eps_or_a_new_one(uninterrupted, train_captioner, capsys):
+    model, _ = train_captioner.load_captioner(train_captioner.parse_args(["--init-from", str(uninterrupted)]))
+    assert model.config.vision_config.patch_norm_eps == 0.1  # what the run saved: the script's default
+    args = train_captioner.parse_args(["--init-from", str(uninterrupted), "--patch-norm-eps", "0.02"])
+    model, _ = train_captioner.load_captioner(args)
+    assert model.config.vision_config.patch_norm_eps == 0.02 == args.patch_norm_eps
+    assert model.model.vision_model.embeddings.patch_norm.eps == 0.02
+    with pytest.raises(SystemExit):
+        train_captioner.parse_args(["--init-from", str(uninterrupted), "--patch-norm-eps", "0"])
+    assert "--patch-norm-eps must be a positive number, got 0.0" in capsys.readouterr().err
+
+
 def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_path):
     model_dir = tmp_path / "model"
     shutil.copytree(uninterrupted, model_dir)
@@ -232,9 +244,8 @@ def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_
         ("no config.json", [], "has no config.json, so it is not a saved model"),
         ("no processor", [], "has no processor"),
         ("contradicting options", ["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
-        ("contradicting epsilon", ["--patch-norm-eps", "1e-05"], "contradicts --patch-norm-eps 1e-05 (the model has"),
     ],
-    ids=["no config.json", "no processor", "contradicting options", "contradicting epsilon"],
+    ids=["no config.json", "no processor", "contradicting options"],
 )
 def test_init_from_refuses(case, options, message, uninterrupted, tmp_path, train_captioner):
     model_dir = tmp_path / "model"
