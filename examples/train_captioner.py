@@ -1,7 +1,13 @@
 """
 Trains a small PalmE captioner on the synthetic shapes dataset with the Transformers `Trainer`, scores it on the
-held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, and saves model,
-processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
+held-out split (scenes with attribute combinations never seen in training) by greedy `generate()`, clean and under
+photo-like corruptions (JPEG, noise, resizing, transparency, brightness: `palme_hf.captioning.ROBUSTNESS_CONDITIONS`),
+and saves model, processor (image processor and word-level tokenizer), metrics and a model card to `--output-dir`.
+
+The training images are augmented as photos of the scenes would differ from the renders (crops, rescaling,
+brightness, Gaussian noise, JPEG: `palme_hf.synthetic_shapes.ImageAugmentation`; `--no-augment` trains on clean
+renders), and the patch LayerNorm's epsilon is raised (`--patch-norm-eps`), so that noise on the black background
+is not scaled up to the size of a shape.
 
     python examples/train_captioner.py --output-dir palme_hf/captioner --overwrite   # replaces the committed one
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
@@ -22,7 +28,8 @@ No work is lost:
 - The finished captioner is written into a temporary folder beside `--output-dir`, which then replaces it
   (checkpoints included): a run that fails or is stopped leaves no half-written model.
 - `--init-from MODEL` fine-tunes a captioner folder (model and processor, as this script saves them) instead of a new
-  model; architecture options that contradict it are refused.
+  model; architecture options that contradict it are refused. `--patch-norm-eps` may differ from the model's: the
+  model is then fine-tuned with that epsilon (to make a captioner trained with the reference's 1e-5 robust).
 
 Your own images: `--train-dir DIR --eval-dir DIR` train and score on folders of captioned images laid out as Hugging
 Face's `imagefolder` (the images and a `metadata.jsonl` of one `{"file_name": "cat.png", "text": "a cat"}` a line)
@@ -31,6 +38,9 @@ instead of the synthetic shapes, for instance to fine-tune the shipped captioner
     python examples/train_captioner.py --init-from palme_hf/captioner --train-dir my_images/train \
         --eval-dir my_images/test --output-dir my_captioner
     palme-hf caption --model my_captioner my_images/test/*.png
+
+Your images are used as they are: augmentation and the robustness evaluation, which render shapes, are for the
+synthetic data (`--augment` and `--robustness-samples` are refused with `--train-dir`).
 """
 
 import argparse
@@ -57,23 +67,28 @@ from palme_hf.captioning import (
     corpus_bleu,
     exact_match,
     generate_captions,
+    robustness_exact_match,
+    robustness_table,
 )
 from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
     MAX_CAPTION_TOKENS,
+    ImageAugmentation,
     SyntheticShapesDataset,
     build_caption_tokenizer,
 )
 
+AUGMENTATION = ImageAugmentation()  # with --augment
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
 OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
     "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
-    "sample_images_dir", "num_sample_images",
+    "sample_images_dir", "num_sample_images", "robustness_samples",
 }  # fmt: skip
-ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2}
+# patch_norm_eps: about the variance of a [0, 1] patch holding part of a shape (PalmEVisionConfig.patch_norm_eps).
+ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "patch_norm_eps": 0.1}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,8 +125,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--word-dropout", type=float, default=0.8, help="probability of hiding a caption word from the decoder's input"
     )
+    parser.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="change the synthetic training images as photos would (ImageAugmentation: crop, scale, brightness, "
+        "noise, JPEG); on by default without --train-dir",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the model and the data")
     parser.add_argument("--eval-samples", type=int, default=1000, help="held-out images to caption at the end")
+    parser.add_argument(
+        "--robustness-samples",
+        type=int,
+        default=None,
+        help="synthetic held-out images (of seed --seed + 1) captioned under each corruption at the end; 0 skips this "
+        "(default 200; 0 with --train-dir)",
+    )
     parser.add_argument(
         "--sample-images-dir", default=None, help="also save the first held-out images here, with captions.json"
     )
@@ -131,14 +160,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help=f"layers of the encoder and of the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
     )
+    parser.add_argument(
+        "--patch-norm-eps",
+        type=float,
+        help=f"epsilon of the patch LayerNorm ({defaults.format(ARCHITECTURE_DEFAULTS['patch_norm_eps'])})",
+    )
     parser.add_argument("--logging-steps", type=int, default=50)
     args = parser.parse_args(argv)
     if args.train_dir is not None and args.eval_dir is None:
         parser.error(
             "--train-dir needs --eval-dir: the synthetic held-out split does not score a captioner of your images"
         )
+    for option, name in ((args.augment, "--augment"), (args.robustness_samples, "--robustness-samples")):
+        if args.train_dir is not None and option:
+            parser.error(f"{name} renders synthetic shapes: it does not apply to the images of --train-dir")
+    if args.augment is None:
+        args.augment = args.train_dir is None
+    if args.robustness_samples is None:
+        args.robustness_samples = 200 if args.train_dir is None else 0
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
+    if args.robustness_samples < 0:
+        parser.error(f"--robustness-samples must be 0 or more, got {args.robustness_samples}")
+    if args.patch_norm_eps is not None and not args.patch_norm_eps > 0:
+        parser.error(f"--patch-norm-eps must be a positive number, got {args.patch_norm_eps}")
     if args.init_from is None:
         for name, default in ARCHITECTURE_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -158,6 +203,7 @@ def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
             "head_dim": 32,
+            "patch_norm_eps": args.patch_norm_eps,
         },
         text_config={
             "vocab_size": len(tokenizer),
@@ -187,7 +233,7 @@ def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerati
 def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
     """
     The captioner in `--init-from` with its processor. Architecture options that contradict it are refused; the
-    ones not given take its values.
+    ones not given take its values. A `--patch-norm-eps` given replaces the model's.
     """
     check_model_folder(args.init_from)
     try:
@@ -196,13 +242,17 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         raise ValueError(
             f"{args.init_from} has no processor (image processor and tokenizer, as this script saves them): {error}"
         ) from error
-    model = PalmEForConditionalGeneration.from_pretrained(args.init_from)
+    config = PalmEConfig.from_pretrained(args.init_from)
+    if args.patch_norm_eps is not None:
+        config.vision_config.patch_norm_eps = args.patch_norm_eps  # checked positive by parse_args
+    model = PalmEForConditionalGeneration.from_pretrained(args.init_from, config=config)
     vision, text = model.config.vision_config, model.config.text_config
     model_values = {
         "image_size": {vision.image_size},
         "patch_size": {vision.patch_size},
         "hidden_size": {vision.hidden_size, text.hidden_size},
         "num_layers": {vision.num_hidden_layers, text.num_hidden_layers},
+        "patch_norm_eps": {vision.patch_norm_eps},
     }
     contradictions = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the model has {' and '.join(map(str, sorted(values)))})"
@@ -224,7 +274,13 @@ def captioning_datasets(args: argparse.Namespace, tokenizer):
     """The training and held-out datasets: the folders of --train-dir and --eval-dir (their captions checked against
     `tokenizer`), or the synthetic shapes."""
     if args.train_dir is None:
-        train = SyntheticShapesDataset(args.train_samples, "train", seed=args.seed, image_size=args.image_size)
+        train = SyntheticShapesDataset(
+            args.train_samples,
+            "train",
+            seed=args.seed,
+            image_size=args.image_size,
+            augmentation=AUGMENTATION if args.augment else None,
+        )
     else:
         train = ImageCaptionFolder(args.train_dir)
         check_vocabulary(tokenizer, train.captions)
@@ -347,6 +403,31 @@ def write_model_card(
 ):
     """Writes `README.md`: Hub metadata, architecture, training data, metrics and the command that trained it."""
     combinations = ", ".join(" ".join(combination) for combination in HELD_OUT_COMBINATIONS)
+    if args.augment:
+        augmentation = (
+            "Each training image was changed as a photo of the scene might be, each change with probability "
+            f"{AUGMENTATION.probability:g} (`palme_hf.synthetic_shapes.ImageAugmentation()`): up to "
+            f"{AUGMENTATION.max_crop:.0%} of the side cropped off each edge, resized by {AUGMENTATION.scale[0]:g} to "
+            f"{AUGMENTATION.scale[1]:g}x, brightness x{AUGMENTATION.brightness[0]:g} to "
+            f"x{AUGMENTATION.brightness[1]:g}, Gaussian noise of sigma up to "
+            f"{AUGMENTATION.noise_sigma[1] * 255:g}/255, JPEG at quality {AUGMENTATION.jpeg_quality[0]} to "
+            f"{AUGMENTATION.jpeg_quality[1]}."
+        )
+    else:
+        augmentation = "The training images were the clean renders (`--no-augment`)."
+    if "robustness" in metrics:
+        robustness = f"""
+Greedy exact match on {metrics["robustness_samples"]} other held-out images (seed {metrics["robustness_seed"]}), \
+each changed as named (`palme_hf.captioning.ROBUSTNESS_CONDITIONS`; noise on every pixel and channel, rounded to \
+8 bits; resized images are resized back by the processor; RGBA: a PNG with a transparent, white background):
+
+{robustness_table(metrics["robustness"])}
+
+`python examples/evaluate_captioner.py --model MODEL --num-samples {metrics["robustness_samples"]} --seed \
+{metrics["robustness_seed"]}` prints this table.
+"""
+    else:
+        robustness = "\nNot measured (`--robustness-samples 0`).\n"
     if metrics["num_processes"] > 1:
         launcher = f"accelerate launch --multi_gpu --num_processes {metrics['num_processes']}"
     elif "OMP_NUM_THREADS" in os.environ:
@@ -368,7 +449,7 @@ def write_model_card(
             "heights. The\n"
             'caption names them from left to right, joined by "left of". Training: '
             f"{args.train_samples} images (seed\n"
-            f"{args.seed}), {training}. The training split never shows these (size, colour,\n"
+            f"{args.seed}), {training}. {augmentation} The training split never shows these (size, colour,\n"
             f"shape) combinations: {combinations}; every held-out image holds at least one of them."
         )
     else:
@@ -425,6 +506,11 @@ Greedy decoding on {metrics["num_samples"]} held-out images ({held_out}):
 | --- | --- |
 | exact match | {metrics["exact_match"]:.4f} |
 | corpus BLEU-4 | {metrics["bleu"]:.4f} |
+
+### Robustness to photo-like changes
+{robustness}
+The patch LayerNorm's epsilon is {vision.patch_norm_eps:g} (`vision_config.patch_norm_eps`; the reference's 1e-5 \
+scales noise on a flat black patch up to unit size).
 
 Training took {metrics["train_minutes"]:.1f} minutes ({metrics["train_steps"]} steps, final training loss
 {metrics["final_train_loss"]:.4f}) on {metrics["num_processes"]} process(es) of {torch.get_num_threads()} thread(s)
@@ -544,6 +630,17 @@ def main(argv: list[str] | None = None) -> Trainer:
         "num_processes": training_args.world_size,
         "cpu_count": os.cpu_count(),
     }
+    if args.robustness_samples:
+        # Other held-out scenes than the ones above, which --sample-images-dir shows.
+        robustness_seed = args.seed + 1
+        fresh = SyntheticShapesDataset(
+            args.robustness_samples, "held_out", seed=robustness_seed, image_size=args.image_size
+        )
+        metrics["robustness"] = robustness_exact_match(
+            trainer.model, processor, [fresh[i] for i in range(len(fresh))], max_new_tokens=MAX_CAPTION_TOKENS
+        )
+        metrics["robustness_samples"] = args.robustness_samples
+        metrics["robustness_seed"] = robustness_seed
     print(json.dumps(metrics, indent=2))
     for reference, hypothesis in list(zip(references, hypotheses))[:5]:
         print(f"true: {reference}\n  generated: {hypothesis}")

@@ -1,19 +1,43 @@
 """Pieces for training and scoring a PalmE captioner: a folder of captioned images, a data collator, greedy
-captioning, exact match and BLEU."""
+captioning, exact match and BLEU, and exact match under photo-like corruptions of the images."""
 
 import collections
 import json
 import math
 import os
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
+from PIL import Image
 from transformers import PreTrainedModel
 from transformers.image_utils import ImageInput
 
 from .processing_palme import PalmEProcessor
+from .synthetic_shapes import (
+    add_gaussian_noise,
+    jpeg_compress,
+    resize_by,
+    scale_brightness,
+    with_transparent_background,
+)
+
+# How the robustness of a captioner is scored: name -> (image, rng) -> the image as a photo of it might be.
+ROBUSTNESS_CONDITIONS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
+    "clean": lambda image, rng: image,
+    "JPEG q90": lambda image, rng: jpeg_compress(image, 90),
+    "JPEG q75": lambda image, rng: jpeg_compress(image, 75),
+    "JPEG q50": lambda image, rng: jpeg_compress(image, 50),
+    "noise sigma=1/255": lambda image, rng: add_gaussian_noise(image, 1 / 255, rng),
+    "noise sigma=5/255": lambda image, rng: add_gaussian_noise(image, 5 / 255, rng),
+    "noise sigma=10/255": lambda image, rng: add_gaussian_noise(image, 10 / 255, rng),
+    "resize 0.75x": lambda image, rng: resize_by(image, 0.75),
+    "resize 1.5x": lambda image, rng: resize_by(image, 1.5),
+    "RGBA (transparent background)": lambda image, rng: with_transparent_background(image),
+    "brightness x0.9": lambda image, rng: scale_brightness(image, 0.9),
+}
 
 
 class ImageCaptionFolder(torch.utils.data.Dataset):
@@ -206,6 +230,38 @@ def corpus_bleu(references: Sequence[str], hypotheses: Sequence[str], max_order:
     return math.exp(log_precision + brevity_penalty)
 
 
+def robustness_exact_match(
+    model: PreTrainedModel,
+    processor: PalmEProcessor,
+    items: Sequence[dict],
+    conditions: Mapping[str, Callable[[Image.Image, random.Random], Image.Image]] = ROBUSTNESS_CONDITIONS,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+) -> dict[str, float]:
+    """
+    Exact match of the greedy captions (of at most `max_new_tokens` tokens) of `items` (`{"image": PIL.Image,
+    "caption": str}`) with every image changed by each of `conditions` (name -> function of the image and a
+    `random.Random`, seeded from `seed`, the condition and the item's index, so that a run is reproducible), in the
+    order of `conditions`.
+    """
+    if not items:
+        raise ValueError("`items` must hold at least one image to caption, got none.")
+    references = [item["caption"] for item in items]
+    results = {}
+    for name, corrupt in conditions.items():
+        images = [corrupt(item["image"], random.Random(f"{seed}/{name}/{index}")) for index, item in enumerate(items)]
+        captions = generate_captions(model, processor, images, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        results[name] = exact_match(references, captions)
+    return results
+
+
+def robustness_table(results: Mapping[str, float]) -> str:
+    """The results of [`robustness_exact_match`] as a Markdown table of condition and exact match."""
+    rows = [f"| {name} | {value:.3f} |" for name, value in results.items()]
+    return "\n".join(["| condition | exact match |", "| --- | --- |", *rows])
+
+
 def _ngram_counts(words: list[str], order: int) -> collections.Counter:
     return collections.Counter(tuple(words[start : start + order]) for start in range(len(words) - order + 1))
 
@@ -220,9 +276,12 @@ def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]):
 
 __all__ = [
     "CaptioningCollator",
-    "ImageCaptionFolder",
+    "ROBUSTNESS_CONDITIONS",
     "check_vocabulary",
     "corpus_bleu",
     "exact_match",
     "generate_captions",
+    "ImageCaptionFolder",
+    "robustness_exact_match",
+    "robustness_table",
 ]

@@ -99,6 +99,12 @@ class PalmEVisionConfig(PreTrainedConfig):
         intermediate_size (`int`, *optional*): feed-forward width, `4 * hidden_size` by default.
         hidden_act (`str`, defaults to `"gelu"`): feed-forward activation.
         layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon.
+        patch_norm_eps (`float`, *optional*): epsilon of the LayerNorm over each raw flattened patch,
+            `layer_norm_eps` by default (the reference's 1e-5). That LayerNorm divides a patch by its standard
+            deviation, so on a flat patch (a uniform background has variance 0) it scales any perturbation, sensor
+            noise or JPEG ringing of a pixel value or two, up to unit size. An epsilon near the variance of the
+            patches that carry content (about 0.1 for [0, 1] images with saturated colours) keeps a nearly flat patch
+            nearly zero while content patches are normalised almost as before.
         attention_dropout (`float`, defaults to 0.0): dropout on attention probabilities.
         initializer_range (`float`, defaults to 0.02): standard deviation of the weight initialisation.
     """
@@ -127,6 +133,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         intermediate_size: int | None = None,
         hidden_act: str = "gelu",
         layer_norm_eps: float = 1e-5,
+        patch_norm_eps: float | None = None,
         attention_dropout: float = 0.0,
         initializer_range: float = 0.02,
         **kwargs,
@@ -134,6 +141,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         name = type(self).__name__
         check_known_keys(self, kwargs)
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
+        patch_norm_eps = layer_norm_eps if patch_norm_eps is None else patch_norm_eps
         check_positive_ints(
             name,
             image_size=image_size,
@@ -147,7 +155,11 @@ class PalmEVisionConfig(PreTrainedConfig):
         )
         check_options(
             name,
-            positives={"layer_norm_eps": layer_norm_eps, "initializer_range": initializer_range},
+            positives={
+                "layer_norm_eps": layer_norm_eps,
+                "patch_norm_eps": patch_norm_eps,
+                "initializer_range": initializer_range,
+            },
             dropouts={"attention_dropout": attention_dropout},
         )
         check_activation(name, "hidden_act", hidden_act)
@@ -163,6 +175,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.layer_norm_eps = layer_norm_eps
+        self.patch_norm_eps = patch_norm_eps
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
         super().__init__(**kwargs)

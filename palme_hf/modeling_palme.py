@@ -100,15 +100,15 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
 
 class PalmEVisionEmbeddings(nn.Module):
     """
-    Patch embedding: each `patch_size x patch_size` patch, flattened as `(row, column, channel)`, is layer-normed,
-    projected to `hidden_size` and layer-normed again; learned positions are added.
+    Patch embedding: each `patch_size x patch_size` patch, flattened as `(row, column, channel)`, is layer-normed
+    (epsilon `config.patch_norm_eps`), projected to `hidden_size` and layer-normed again; learned positions are added.
     """
 
     def __init__(self, config: PalmEVisionConfig):
         super().__init__()
         self.config = config
         patch_dim = config.num_channels * config.patch_size**2
-        self.patch_norm = nn.LayerNorm(patch_dim, eps=config.layer_norm_eps)
+        self.patch_norm = nn.LayerNorm(patch_dim, eps=config.patch_norm_eps)
         self.patch_projection = nn.Linear(patch_dim, config.hidden_size)
         self.projection_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.position_embedding = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))

@@ -24,13 +24,14 @@ SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
 TINY_RUN = [
     "--train-samples", "96", "--eval-samples", "4", "--image-size", "32", "--patch-size", "8", "--hidden-size", "32",
     "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0", "--learning-rate", "3e-3",
+    "--robustness-samples", "2",
 ]  # fmt: skip
 # 60 steps, so that the run is still training when the test's Ctrl-C arrives; with word dropout, whose random draws a
 # resumed run must repeat as well as the data order.
 RESUMABLE_RUN = [
     "--train-samples", "480", "--batch-size", "8", "--eval-samples", "2", "--image-size", "32", "--patch-size", "8",
     "--hidden-size", "32", "--num-layers", "1", "--logging-steps", "1", "--word-dropout", "0.5",
-    "--learning-rate", "3e-3",
+    "--learning-rate", "3e-3", "--robustness-samples", "2",
 ]  # fmt: skip
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -206,14 +207,28 @@ def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
 def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_captioner):
     output_dir = tmp_path / "fine_tuned"
     argv = ["--init-from", str(uninterrupted), "--output-dir", str(output_dir), "--image-size", "32"]  # as the model
-    trainer = train_captioner.main([*argv, "--train-samples", "16", "--batch-size", "8", "--logging-steps", "1"])
+    options = ["--train-samples", "16", "--batch-size", "8", "--logging-steps", "1", "--robustness-samples", "2"]
+    trainer = train_captioner.main([*argv, *options])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trained = json.loads((uninterrupted / "eval_results.json").read_text())["train_losses"]
     assert losses[0] < 0.9 * trained[0]  # it starts from the trained weights, not from new ones
     config = json.loads((output_dir / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 32 and config["vision_config"]["image_size"] == 32
+    assert config["vision_config"]["patch_norm_eps"] == 0.1  # the model's, as the script's default
     assert (output_dir / "tokenizer.json").read_text() == (uninterrupted / "tokenizer.json").read_text()
     assert f"fine-tuned from `{uninterrupted}`" in (output_dir / "README.md").read_text()
+
+
+def test_init_from_takes_the_models_patch_norm_eps_or_a_new_one(uninterrupted, train_captioner, capsys):
+    model, _ = train_captioner.load_captioner(train_captioner.parse_args(["--init-from", str(uninterrupted)]))
+    assert model.config.vision_config.patch_norm_eps == 0.1  # what the run saved: the script's default
+    args = train_captioner.parse_args(["--init-from", str(uninterrupted), "--patch-norm-eps", "0.02"])
+    model, _ = train_captioner.load_captioner(args)
+    assert model.config.vision_config.patch_norm_eps == 0.02 == args.patch_norm_eps
+    assert model.model.vision_model.embeddings.patch_norm.eps == 0.02
+    with pytest.raises(SystemExit):
+        train_captioner.parse_args(["--init-from", str(uninterrupted), "--patch-norm-eps", "0"])
+    assert "--patch-norm-eps must be a positive number, got 0.0" in capsys.readouterr().err
 
 
 def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_path):
@@ -294,6 +309,8 @@ def test_fine_tunes_the_shipped_captioner_on_a_folder_and_captions_with_it(tmp_p
         ("no text", 'metadata.jsonl, line 1: expected {"file_name": str, "text": str}'),
         ("missing image", "metadata.jsonl, line 1: there is no image file"),
         ("unknown words", "The captions hold 2 words the tokenizer does not know ('hexagon', 'purple')"),
+        ("augment", "--augment renders synthetic shapes: it does not apply to the images of --train-dir"),
+        ("robustness", "--robustness-samples renders synthetic shapes"),
     ],
 )
 def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
@@ -312,12 +329,14 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
     elif case == "unknown words":
         metadata.write_text(json.dumps({"file_name": "images/00.png", "text": "a small purple hexagon"}) + "\n")
     eval_dir = [] if case == "no eval dir" else ["--eval-dir", str(folder)]
+    synthetic_only = {"augment": ["--augment"], "robustness": ["--robustness-samples", "10"]}.get(case, [])
     argv = [
         "--init-from",
         DEFAULT_CAPTIONER,
         "--train-dir",
         str(folder),
         *eval_dir,
+        *synthetic_only,
         "--output-dir",
         str(tmp_path / "out"),
     ]
