@@ -71,6 +71,7 @@ from palme_hf.captioning import (
     robustness_table,
 )
 from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
+from palme_hf.model_card_palme import build_model_card
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
     MAX_CAPTION_TOKENS,
@@ -438,38 +439,55 @@ each changed as named (`palme_hf.captioning.ROBUSTNESS_CONDITIONS`; noise on eve
     command = f"{launcher} examples/train_captioner.py {shlex.join(arg for arg in argv if arg != '--resume')}"
     origin = "trained from scratch" if args.init_from is None else f"fine-tuned from `{args.init_from}`"
     training = (
-        f"{args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability\n"
+        f"{args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability "
         f"{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`)"
     )
     if args.train_dir is None:
         training_data = (
             "`palme_hf.synthetic_shapes.SyntheticShapesDataset`: each image holds one to three shapes (circle, "
-            "square,\n"
-            "triangle), each small or large, red, green, blue or yellow, in distinct thirds of the image at random "
-            "heights. The\n"
-            'caption names them from left to right, joined by "left of". Training: '
-            f"{args.train_samples} images (seed\n"
-            f"{args.seed}), {training}. {augmentation} The training split never shows these (size, colour,\n"
-            f"shape) combinations: {combinations}; every held-out image holds at least one of them."
+            "square, triangle), each small or large, red, green, blue or yellow, in distinct thirds of the image at "
+            'random heights. The caption names them from left to right, joined by "left of". Training: '
+            f"{args.train_samples} images (seed {args.seed}), {training}. {augmentation} The training split never "
+            f"shows these (size, colour, shape) combinations: {combinations}; every held-out image holds at least one "
+            "of them."
         )
     else:
         training_data = f"The captioned images of `{args.train_dir}` (`metadata.jsonl`), {training}."
-    held_out = "every one with an unseen combination" if args.eval_dir is None else f"those of `{args.eval_dir}`"
+    held_out = (
+        "The held-out images each hold an unseen combination."
+        if args.eval_dir is None
+        else f"The held-out images are those of `{args.eval_dir}`."
+    )
     vision, text = config.vision_config, config.text_config
-    encoder = (
-        f"a ViT on {vision.image_size}x{vision.image_size} RGB images in [0, 1] cut into {vision.patch_size}x"
-        f"{vision.patch_size} patches ({vision.num_patches} patch features), {vision.num_hidden_layers} layers of "
-        f"width {vision.hidden_size}, {vision.num_attention_heads} heads of {vision.head_dim}"
-    )
-    decoder = (
-        f"{text.num_hidden_layers} standard PalmE layers of width {text.hidden_size}: self-attention with rotary/xpos "
-        f"(ALiBi on {text.alibi_num_heads} of {text.num_attention_heads} heads), cross-attention to the patch "
-        "features, GELU feed-forward"
-    )
     processor = (
         f"`PalmEProcessor`: images resized to {vision.image_size}x{vision.image_size} and rescaled to [0, 1]; a "
         f"word-level tokenizer (`tokenizers` WordLevel) of {text.vocab_size} tokens: `<pad>`, `<bos>`, `<eos>`, "
-        "`<unk>` and the caption words. Encoding prepends `<bos>`, so the captioning prompt is the empty text"
+        "`<unk>` and the caption words. Encoding prepends `<bos>`, so the captioning prompt is the empty text."
+    )
+    robustness += f"""
+The patch LayerNorm's epsilon is {vision.patch_norm_eps:g} (`vision_config.patch_norm_eps`; the reference's 1e-5 \
+scales noise on a flat black patch up to unit size).
+"""
+    hardware = (
+        f"{metrics['num_processes']} process(es) of {torch.get_num_threads()} thread(s) on a "
+        f"{metrics['cpu_count']}-core CPU."
+    )
+    text_of_card = build_model_card(
+        config,
+        num_parameters,
+        metrics,
+        dataset=f"{training_data} {held_out}",
+        repo_id=args.output_dir,
+        title="PalmE shapes captioner",
+        summary=f"A small PalmE (palme_hf) {origin} to caption synthetic images of one to three coloured shapes, "
+        'such as "a small red circle left of a large blue square".',
+        sections=[
+            ("Processor", processor),
+            ("Robustness to photo-like changes", robustness),
+            ("Hardware", hardware),
+            ("How to reproduce", f"```bash\n{command}\n```"),
+        ],
+        generated=False,
     )
     card = f"""---
 library_name: transformers
@@ -481,59 +499,7 @@ tags:
 - custom_code
 ---
 
-# PalmE shapes captioner
-
-A small PalmE (palme_hf) {origin} to caption synthetic images of one to three coloured shapes, such as
-"a small red circle left of a large blue square".
-
-## Architecture
-
-`PalmEForConditionalGeneration` ({num_parameters / 1e6:.2f} M parameters, float32), image through \
-`{config.vision_integration}`:
-- image encoder: {encoder};
-- text decoder: {decoder};
-- processor: {processor}.
-
-## Training data
-
-{training_data}
-
-## Metrics
-
-Greedy decoding on {metrics["num_samples"]} held-out images ({held_out}):
-
-| metric | value |
-| --- | --- |
-| exact match | {metrics["exact_match"]:.4f} |
-| corpus BLEU-4 | {metrics["bleu"]:.4f} |
-
-### Robustness to photo-like changes
-{robustness}
-The patch LayerNorm's epsilon is {vision.patch_norm_eps:g} (`vision_config.patch_norm_eps`; the reference's 1e-5 \
-scales noise on a flat black patch up to unit size).
-
-Training took {metrics["train_minutes"]:.1f} minutes ({metrics["train_steps"]} steps, final training loss
-{metrics["final_train_loss"]:.4f}) on {metrics["num_processes"]} process(es) of {torch.get_num_threads()} thread(s)
-on a {metrics["cpu_count"]}-core CPU.
-
-## Usage
-
-```python
-from PIL import Image
-from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
-from palme_hf.captioning import generate_captions
-
-model = PalmEForConditionalGeneration.from_pretrained("palme_hf/captioner")
-processor = PalmEProcessor.from_pretrained("palme_hf/captioner")
-print(generate_captions(model, processor, [Image.open("examples/images/held_out_00.png")]))
-```
-
-## How to reproduce
-
-```bash
-{command}
-```
-"""
+{text_of_card}"""
     (output_dir / "README.md").write_text(card)
 
 

@@ -5,8 +5,11 @@ type, image route), dataset, metrics, intended use and limits. `push_to_hub` wri
 import json
 import os
 import shutil
+from collections.abc import Sequence
 
 from huggingface_hub import ModelCard
+
+from .configuration_palme import PalmETextConfig, PalmEVisionConfig, is_own_tower
 
 # Marks a card this module wrote, which a later push may rewrite; a card without it that is not Transformers' empty
 # template was written by someone, and a push keeps its text.
@@ -33,12 +36,21 @@ def build_model_card(
     dataset: str | None = None,
     dtype: str = "float32",
     repo_id: str = "REPO",
+    *,
+    title: str = "PalmE model",
+    summary: str | None = None,
+    sections: Sequence[tuple[str, str]] = (),
+    generated: bool = True,
 ) -> str:
     """
     The text of the model card (Markdown, without the metadata header) of a PalmE model with `config`
     ([`PalmEConfig`]) and `num_parameters`: `metrics` is its evaluation, as `examples/train_captioner.py` writes
     `eval_results.json` (`exact_match`, `bleu`, `num_samples`; `train_steps`, `train_minutes`, `final_train_loss`),
     `dataset` what it was trained on, `repo_id` where it is shared (for the usage example).
+
+    A training script describes its model further: `title`, a `summary` paragraph in place of the generic one, and
+    `sections` of `(heading, Markdown)` after the evaluation. Without `generated`, the card lacks the marker that lets
+    a later `push_to_hub` rewrite it from the config: it is kept as written.
     """
     vision, text = config.vision_config, config.text_config
     features = config.num_image_tokens
@@ -47,23 +59,40 @@ def build_model_card(
         if config.num_latents is not None
         else ""
     )
-    lines = [
-        GENERATED_MARKER,
+    if is_own_tower(vision, PalmEVisionConfig):
+        encoder = (
+            f"a ViT on {vision.image_size}x{vision.image_size} images in [0, 1], {vision.patch_size}x"
+            f"{vision.patch_size} patches, {vision.num_hidden_layers} layers of width {vision.hidden_size}, "
+            f"{vision.num_attention_heads} heads"
+        )
+    else:
+        encoder = (
+            f"a pretrained `{vision.model_type}` vision encoder on {vision.image_size}x{vision.image_size} images, "
+            f"{vision.num_hidden_layers} layers of width {vision.hidden_size}"
+        )
+    if is_own_tower(text, PalmETextConfig):
+        decoder = (
+            f"{text.num_hidden_layers} layers of width {text.hidden_size}, {text.num_attention_heads} heads, block "
+            f"type `{text.block_type}` ({BLOCK_DESCRIPTIONS[text.block_type]})"
+        )
+    else:
+        decoder = (
+            f"a pretrained `{text.model_type}` causal language model, {text.num_hidden_layers} layers of width "
+            f"{text.hidden_size}"
+        )
+    lines = [GENERATED_MARKER, ""] if generated else []
+    lines += [
+        f"# {title}",
         "",
-        "# PalmE model",
-        "",
-        "A PaLM-E style vision-language model made with palme_hf: an image encoder and a text decoder joined as a "
+        summary
+        or "A PaLM-E style vision-language model made with palme_hf: an image encoder and a text decoder joined as a "
         "Transformers `PalmEForConditionalGeneration`.",
         "",
         "## Architecture",
         "",
         f"- parameters: {num_parameters / 1e6:.2f} M ({dtype})",
-        f"- image encoder: a ViT on {vision.image_size}x{vision.image_size} images in [0, 1], {vision.patch_size}x"
-        f"{vision.patch_size} patches, {vision.num_hidden_layers} layers of width {vision.hidden_size}, "
-        f"{vision.num_attention_heads} heads; {features} image features reach the text{resampler}",
-        f"- text decoder: {text.num_hidden_layers} layers of width {text.hidden_size}, {text.num_attention_heads} "
-        f"heads, block type `{text.block_type}` ({BLOCK_DESCRIPTIONS[text.block_type]}); a vocabulary of "
-        f"{text.vocab_size} tokens",
+        f"- image encoder: {encoder}; {features} image features reach the text{resampler}",
+        f"- text decoder: {decoder}; a vocabulary of {text.vocab_size} tokens",
         f"- image route: `{config.vision_integration}`: {IMAGE_ROUTES[config.vision_integration]}",
         "",
         "## Training data",
@@ -89,6 +118,8 @@ def build_model_card(
         minutes = f" in {metrics['train_minutes']:.1f} minutes" if "train_minutes" in metrics else ""
         loss = f", final training loss {metrics['final_train_loss']:.4f}" if "final_train_loss" in metrics else ""
         lines += ["", f"Training: {metrics['train_steps']} steps{minutes}{loss}."]
+    for heading, body in sections:
+        lines += ["", f"## {heading}", "", body.strip()]
     prompt = '`"<image>"` (the image marker)' if config.vision_integration == "prefix" else 'the empty text `""`'
     lines += [
         "",

@@ -20,10 +20,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import pipeline
 
-from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.cli import DEFAULT_CAPTIONER
 
 from conftest import WITHOUT_PALME_HF
+from helpers import tiny_text_tower_config, tiny_vision_tower_config
 from tiny_captioner import build_tokenizer, tiny_config
 
 PROMPT = "<image> a"
@@ -281,3 +282,17 @@ def test_model_card_of_a_new_prefix_model_without_evaluation(captioner, hub, tmp
     assert "No evaluation was recorded with the model (`eval_results.json`)." in card
     assert "Training data\n\nNot recorded with the model." in card
     assert 'The captioning prompt is `"<image>"`' in card
+
+
+def test_model_card_of_pretrained_towers_names_them(hub, tmp_path):
+    config = PalmEConfig(
+        vision_config=tiny_vision_tower_config("siglip"),
+        text_config=tiny_text_tower_config("gpt2", vocab_size=40),
+        vision_integration="prefix",
+        image_token_id=39,
+    )
+    PalmEForConditionalGeneration(config).push_to_hub("someone/towers")
+    card = (tmp_path / "hub" / "someone" / "towers" / "README.md").read_text()
+    encoder = "image encoder: a pretrained `siglip_vision_model` vision encoder on 32x32 images, 1 layers of width 32"
+    assert encoder in card
+    assert "text decoder: a pretrained `gpt2` causal language model, 2 layers of width 32; a vocabulary of 40" in card
