@@ -436,6 +436,20 @@ class PalmEAttention(nn.Module):
         Returns:
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
+        query, key, value = self.project(hidden_states, position_embeddings, cache)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+    def project(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The first half of [`~PalmEAttention.forward`], for callers that attend in their own way: queries
+        `(batch_size, num_heads, seq_len, head_dim)` and keys and values `(batch_size, num_key_value_heads, kv_len,
+        head_dim)`, rotated, the keys and values those the cache returns after taking the new ones.
+        """
         query = self.project_queries(hidden_states)
         key, value = self.project_keys_values(hidden_states, hidden_states)
         if position_embeddings is not None:
@@ -447,7 +461,7 @@ class PalmEAttention(nn.Module):
                 value = apply_rotary_pos_emb(value, cos, sin, key_scale)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        return self.attend(query, key, value, attention_mask, **kwargs)
+        return query, key, value
 
 
 class PalmECrossAttention(PalmEAttention):

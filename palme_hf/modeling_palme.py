@@ -283,6 +283,7 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
                 layer_norm_eps=config.layer_norm_eps,
+                own_rotary=False,
             )
         self.block_adds_residual = config.block_type == "hierarchical"
         self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
@@ -296,9 +297,12 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         cross_attention_cache: EncoderDecoderCache | None = None,
-        position_embeddings: None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        # the hierarchical blocks take the rotary embeddings the text model computes once per forward pass
+        if self.block_adds_residual:
+            kwargs["position_embeddings"] = position_embeddings
         block_output = self.block(
             hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
         )
@@ -433,6 +437,8 @@ class PalmETextModel(PalmEPreTrainedModel):
         "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
         "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn.attention"),
     }
+    # Hierarchical layers saved by palme-hf 0.1 kept rotary frequencies per block; the text model computes them now.
+    _keys_to_ignore_on_load_unexpected = [r"layers\.\d+\.block\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: PalmETextConfig):
         super().__init__(config)
@@ -442,8 +448,10 @@ class PalmETextModel(PalmEPreTrainedModel):
             if config.use_absolute_position_embeddings
             else None
         )
-        # The standard layers share one rotary embedding and ALiBi bias; the blocks bring their own.
+        # The standard and hierarchical layers share one rotary embedding (the hierarchical blocks' over steps of
+        # their groups) and ALiBi bias; the parallel blocks bring their own.
         is_standard = config.block_type == "standard"
+        self.rotary_position_divisor = config.compress_factor // config.stride
         self.rotary_emb = (
             PalmERotaryEmbedding(
                 config.rotary_dim,
@@ -452,7 +460,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 xpos_scale_base=config.xpos_scale_base,
                 rotate_values=config.rotate_values,
             )
-            if config.use_rotary and is_standard
+            if config.use_rotary and config.block_type != "parallel" and config.window_size != 0
             else None
         )
         self.alibi = (
@@ -560,7 +568,9 @@ class PalmETextModel(PalmEPreTrainedModel):
         position_embeddings = None
         if self.rotary_emb is not None:
             position_embeddings = self.rotary_emb(
-                position_ids, xpos_offset=self.config.xpos_offset, dtype=inputs_embeds.dtype
+                position_ids // self.rotary_position_divisor,
+                xpos_offset=self.config.xpos_offset,
+                dtype=inputs_embeds.dtype,
             )
 
         hidden_states = inputs_embeds
