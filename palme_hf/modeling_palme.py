@@ -37,6 +37,7 @@ from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
     PalmECrossAttention,
+    PalmELinear,
     PalmEMLP,
     PalmEQKNorm,
     PalmERotaryEmbedding,
@@ -760,7 +761,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
         config = config.get_text_config()
         super().__init__(config)
         self.model = PalmETextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = PalmELinear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 
     @classmethod
@@ -830,7 +831,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     def __init__(self, config: PalmEConfig):
         super().__init__(config)
         self.model = PalmEModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
+        self.lm_head = PalmELinear(config.text_config.hidden_size, config.text_config.vocab_size, bias=True)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
