@@ -22,8 +22,8 @@ Sections (`--sections`):
 - `memory`: self-attention cache bytes per token after a 1024-token prompt, and the peak memory that generating
   (1024-token prompt, 32 new tokens) and a `--prefill-lengths` prefill add to the model's own, each measured in a
   fresh subprocess (peak RSS on CPU, `max_memory_allocated` on CUDA).
-Every section runs in each of `--dtypes`; ratios are to Llama in the same run, and `bf16 / fp32` rows compare a model
-with itself.
+Every section runs in each of `--dtypes` (`decode` interleaves the dtypes too); ratios are to Llama in the same run,
+and the `bf16 / own fp32` and `compiled static / own eager dynamic` rows compare a model with itself.
 """
 
 import argparse
@@ -264,6 +264,8 @@ def main():
     )
     table = Table(args.models)
     decode_results = {}
+    if "decode" in args.sections:
+        benchmark_decode(args, device, max_length, table, decode_results)
     for dtype_name in args.dtypes:
         benchmark_dtype(args, dtype_name, device, max_length, table, decode_results)
     print()
@@ -275,33 +277,46 @@ def main():
             )
 
 
+def benchmark_decode(args, device: str, max_length: int, table: Table, decode_results: dict):
+    """Batch-1 decoding of every model in every dtype, all interleaved (so that `bf16 / own fp32` compares runs made
+    side by side); the rates per dtype into `decode_results`."""
+    runs = {
+        (name, dtype_name): build_model(name, DTYPES[dtype_name], device, max_length)
+        for dtype_name in args.dtypes
+        for name in args.models
+    }
+    sizes = {name: sum(p.numel() for p in runs[name, args.dtypes[0]][0].parameters()) / 1e6 for name in args.models}
+    table.add("parameters", "M", sizes)
+    inputs = {key: make(1, 8) for key, (_, make) in runs.items()}
+    with torch.inference_mode():
+        for key, (model, _) in runs.items():  # warm-up
+            decode_rate(model, inputs[key], 4, device)
+        rates = interleaved(
+            list(runs), args.repeats, lambda key: decode_rate(runs[key][0], inputs[key], args.new_tokens, device)
+        )
+    for dtype_name in args.dtypes:
+        decode_results[dtype_name] = {name: rates[name, dtype_name] for name in args.models}
+        short = "fp32" if dtype_name == "float32" else "bf16"
+        table.add(f"decode, batch 1, 8-token prompt, dynamic cache, {short}", "tokens/s", decode_results[dtype_name])
+    if "float32" in decode_results and "bfloat16" in decode_results:
+        table.add(
+            "decode, batch 1: bf16 / own fp32",
+            "tokens/s",
+            decode_results["bfloat16"],
+            reference=decode_results["float32"],
+        )
+
+
 def benchmark_dtype(args, dtype_name: str, device: str, max_length: int, table: Table, decode_results: dict):
     """Every section of `args.sections` in `dtype_name`, into `table`; batch-1 decoding rates into `decode_results`."""
     dtype = DTYPES[dtype_name]
     short = "fp32" if dtype == torch.float32 else "bf16"
     built = {name: build_model(name, dtype, device, max_length) for name in args.models}
-    if dtype_name == args.dtypes[0]:
+    if dtype_name == args.dtypes[0] and "decode" not in args.sections:
         sizes = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, (model, _) in built.items()}
         table.add("parameters", "M", sizes)
 
     with torch.inference_mode():
-        if "decode" in args.sections:
-            inputs = {name: make(1, 8) for name, (_, make) in built.items()}
-            for name, (model, _) in built.items():  # warm-up
-                decode_rate(model, inputs[name], 4, device)
-            rates = interleaved(
-                args.models, args.repeats, lambda n: decode_rate(built[n][0], inputs[n], args.new_tokens, device)
-            )
-            decode_results[dtype_name] = rates
-            table.add(f"decode, batch 1, 8-token prompt, dynamic cache, {short}", "tokens/s", rates)
-            if dtype_name == "bfloat16" and "float32" in decode_results:
-                table.add(
-                    "decode, batch 1: bf16 / own fp32",
-                    "tokens/s",
-                    rates,
-                    reference=decode_results["float32"],
-                )
-
         if "batch-decode" in args.sections:
             inputs = {name: make(8, 1024) for name, (_, make) in built.items()}
             rates = interleaved(

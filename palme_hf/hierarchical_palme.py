@@ -443,8 +443,11 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
         padding_mask = attention_mask is not None and attention_mask.ndim == 2
+        # A compiled graph keeps the dense mask: the shortcuts below branch on the cache's fill.
+        compiling = torch.compiler.is_compiling()
         if (
-            self.window_size is not None
+            not compiling
+            and self.window_size is not None
             and kv_length > self.chunk_size + self.attention_span
             and (attention_mask is None or padding_mask)
             and self.config._attn_implementation != "eager"
@@ -467,16 +470,14 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 **kwargs,
             )
 
-        keys_end_at_last_query = kv_offset + kv_length == past_seen_tokens + seq_len
         if (
-            self.group_size == 1
-            and keys_end_at_last_query
+            not compiling
+            and self.group_size == 1
+            and kv_offset + kv_length == past_seen_tokens + seq_len  # no empty static-cache slots
             # causal attention without a mask is aligned at the start: one query, or no past
             and (seq_len == 1 or kv_length == seq_len)
             and (self.window_size is None or kv_length - 1 <= self.attention_span)
-            and (
-                attention_mask is None or (padding_mask and not torch.compiler.is_compiling() and attention_mask.all())
-            )
+            and (attention_mask is None or (padding_mask and attention_mask.all()))
         ):
             mask = None  # every key the query sees, causally: what every kernel does without a mask
         else:
