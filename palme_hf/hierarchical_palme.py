@@ -195,8 +195,9 @@ def windowed_attention(
 
     def batched_windows(states: torch.Tensor) -> torch.Tensor:
         # (batch, heads, kv_len, head_dim) -> (batch * num_chunks, heads, window, head_dim)
-        windows = in_windows(states, 2).permute(0, 3, 1, 4, 2)
-        return windows.reshape(batch_size * num_chunks, states.shape[1], window, states.shape[-1])
+        # contiguous: with a strided last dimension (a view of the unfolded windows) sdpa falls back to its math kernel
+        windows = in_windows(states, 2).permute(0, 3, 1, 4, 2).contiguous()
+        return windows.view(batch_size * num_chunks, states.shape[1], window, states.shape[-1])
 
     chunked_query = nn.functional.pad(query, (0, 0, 0, padded_len - seq_len))
     chunked_query = chunked_query.unflatten(2, (num_chunks, chunk_size)).transpose(1, 2).flatten(0, 1)
