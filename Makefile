@@ -54,8 +54,11 @@ test-floor: $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)'"
 	$(FLOOR_VENV)/bin/python -m pytest -q $(FLOOR_TESTS)
 
+# `make bench` prints the whole side-by-side table (PalmE's block types against a matched Llama); a subset with e.g.
+# BENCH_ARGS="--sections decode --dtypes float32 --repeats 2".
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python benchmarks/benchmark_generation.py
+	$(BIN)/python benchmarks/benchmark_generation.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info

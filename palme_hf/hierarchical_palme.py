@@ -72,6 +72,21 @@ def token_shift(
     return torch.cat((kept, shifted), dim=-1)
 
 
+def keys_are_tokens(attention_mask: torch.Tensor, sequence_length: int, key_indices: torch.Tensor) -> torch.Tensor:
+    """
+    Which keys are tokens, `(batch_size, kv_len)`, from a 2-D padding mask `(batch_size, sequence_length)` over the
+    cached and the new tokens; keys beyond it (empty slots of a static cache) count as tokens: they are later than
+    every query.
+    """
+    if attention_mask.shape[-1] != sequence_length:
+        raise ValueError(
+            f"A 2-D `attention_mask` must cover the cached and the new tokens: length {sequence_length}, "
+            f"got shape {tuple(attention_mask.shape)}."
+        )
+    missing = max(int(key_indices[-1]) + 1 - sequence_length, 0)
+    return nn.functional.pad(attention_mask.bool(), (0, missing), value=True)[:, key_indices]
+
+
 def hierarchical_attention_mask(
     query_indices: torch.Tensor,
     key_indices: torch.Tensor,
@@ -104,16 +119,8 @@ def hierarchical_attention_mask(
 
     if attention_mask is not None:
         if attention_mask.ndim == 2:
-            expected_length = int(query_indices[-1]) + 1
-            if attention_mask.shape[-1] != expected_length:
-                raise ValueError(
-                    f"A 2-D `attention_mask` must cover the cached and the new tokens: length {expected_length}, "
-                    f"got shape {tuple(attention_mask.shape)}."
-                )
-            # Keys beyond the mask (empty slots of a static cache) are later than every query: causality masks them.
-            missing = max(int(key_indices[-1]) + 1 - expected_length, 0)
-            key_is_token = nn.functional.pad(attention_mask.bool(), (0, missing), value=True)[:, key_indices]
-            allowed = allowed & key_is_token[:, None, None, :]
+            is_token = keys_are_tokens(attention_mask, int(query_indices[-1]) + 1, key_indices)
+            allowed = allowed & is_token[:, None, None, :]
         elif attention_mask.ndim == 4:
             if tuple(attention_mask.shape[-2:]) != tuple(allowed.shape[-2:]):
                 raise ValueError(
@@ -128,6 +135,74 @@ def hierarchical_attention_mask(
             )
     # Additive, because eager attention adds the mask to the scores (sdpa takes it as well).
     return add_bias_to_mask(allowed, torch.zeros((), device=allowed.device), dtype)
+
+
+def windowed_attention(
+    attention: PalmEAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_start: int,
+    key_start: int,
+    span: int,
+    group_size: int,
+    key_is_token: torch.Tensor | None,
+    chunk_size: int,
+    **kwargs: Unpack[TransformersKwargs],
+) -> torch.Tensor:
+    """
+    Banded causal attention in time and memory linear in the sequence length: query `i` attends to key `j` when
+    `0 <= i - j <= span` and `i - j` is a multiple of `group_size` (the mask [`hierarchical_attention_mask`] builds
+    densely, for `span = window_size * group_size`). The queries are cut into chunks of `chunk_size`; each chunk sees
+    the `chunk_size + span` keys ending at its last query, and all chunks go through `attention.attend` (the registered
+    kernel and the output projection) as one batch, with one small mask.
+
+    Args:
+        query (`torch.FloatTensor` of shape `(batch_size, num_heads, seq_len, head_dim)`): at sequence indices
+            `query_start + arange(seq_len)`.
+        key, value (`torch.FloatTensor` of shape `(batch_size, num_key_value_heads, kv_len, head_dim)`): at sequence
+            indices `key_start + arange(kv_len)`, with `key_start + kv_len >= query_start + seq_len`.
+        key_is_token (`torch.BoolTensor` of shape `(batch_size, kv_len)`, *optional*): False for padding keys.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, the attention's output.
+    """
+    batch_size, _, seq_len, _ = query.shape
+    num_chunks = -(-seq_len // chunk_size)
+    padded_len = num_chunks * chunk_size
+    # keys at sequence indices `query_start - span` to `query_start + padded_len`: positions the cache does not hold
+    # are zeros and masked
+    left = key_start - (query_start - span)
+    length = span + padded_len
+    window = chunk_size + span
+
+    def in_windows(states: torch.Tensor, dim: int) -> torch.Tensor:
+        states = states.movedim(dim, -1)
+        states = nn.functional.pad(states, (left, 0)) if left > 0 else states[..., -left:]
+        states = nn.functional.pad(states[..., :length], (0, max(length - states.shape[-1], 0)))
+        return states.unfold(-1, window, chunk_size)  # (..., num_chunks, window)
+
+    held = torch.ones(key.shape[-2], dtype=torch.bool, device=query.device)
+    key_allowed = in_windows(held if key_is_token is None else held & key_is_token, -1)
+    if key_allowed.ndim == 2:
+        key_allowed = key_allowed.expand(batch_size, -1, -1)
+    distance = (
+        torch.arange(chunk_size, device=query.device)[:, None] - torch.arange(window, device=query.device) + span
+    )
+    band = (distance >= 0) & (distance <= span) & (distance % group_size == 0)
+    allowed = band & key_allowed.reshape(batch_size * num_chunks, 1, 1, window)
+    mask = add_bias_to_mask(allowed, torch.zeros((), device=query.device), query.dtype)
+
+    def batched_windows(states: torch.Tensor) -> torch.Tensor:
+        # (batch, heads, kv_len, head_dim) -> (batch * num_chunks, heads, window, head_dim)
+        # contiguous: with a strided last dimension (a view of the unfolded windows) sdpa falls back to its math kernel
+        windows = in_windows(states, 2).permute(0, 3, 1, 4, 2).contiguous()
+        return windows.view(batch_size * num_chunks, states.shape[1], window, states.shape[-1])
+
+    chunked_query = nn.functional.pad(query, (0, 0, 0, padded_len - seq_len))
+    chunked_query = chunked_query.unflatten(2, (num_chunks, chunk_size)).transpose(1, 2).flatten(0, 1)
+    output, _ = attention.attend(chunked_query, batched_windows(key), batched_windows(value), mask, **kwargs)
+    return output.reshape(batch_size, padded_len, -1)[:, :seq_len]
 
 
 class HierarchicalBlock(GradientCheckpointingLayer):
@@ -176,6 +251,16 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             full attention and off for window attention, as in the reference.
         xpos_scale_base (`int`, keyword-only): xpos scale base (512, as the reference).
         layer_norm_eps (`float`, keyword-only): epsilon of the window attention's LayerNorm.
+        own_rotary (`bool`, keyword-only): the block computes its rotary embeddings (`block.rotary_emb`, whose
+            frequencies the state dict keeps, as the reference's). A model whose layers share one rotary embedding,
+            computed once per forward pass, builds its blocks with `own_rotary=False` and passes
+            `position_embeddings`.
+
+    Attention kernels: over more keys than a window needs, window attention runs chunk by chunk
+    ([`windowed_attention`]), in time and memory linear in the length; a 4-D `attention_mask` and the eager
+    implementation (which returns attention probabilities) use the dense mask. Without groups or padding, queries
+    that see every key the cache returns (a full-attention prompt from an empty cache, a decoding step of window
+    attention from a `DynamicCache`, which keeps just the window) take plain causal attention, without a mask.
 
     Example:
         >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
@@ -202,6 +287,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         use_xpos: bool | None = None,
         xpos_scale_base: int = 512,
         layer_norm_eps: float = 1e-5,
+        own_rotary: bool = True,
     ):
         super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, compress_factor=compress_factor, stride=stride)
@@ -229,6 +315,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.xpos_offset = xpos_offset
         self.has_attention = window_size != 0
+        # distance, in tokens, from a query to the farthest key it sees; window attention runs in chunks of queries
+        self.attention_span = None if window_size is None else window_size * self.group_size
+        self.chunk_size = None if window_size is None else max(self.attention_span, 64)
         self.cache_layer_type, self.sliding_window, self.num_token_shift_states = hierarchical_cache_layout(
             window_size, compress_factor, stride
         )
@@ -249,15 +338,16 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             self.self_attn_norm = (
                 HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim, eps=layer_norm_eps)
             )
-            self.rotary_emb = PalmERotaryEmbedding(
-                dim_head,
-                base=rope_theta,
-                use_xpos=is_full_attention if use_xpos is None else use_xpos,
-                xpos_scale_base=xpos_scale_base,
-            )
-            # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer), which a
-            # checkpoint carries: keep them in the state dict.
-            self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
+            if own_rotary:
+                self.rotary_emb = PalmERotaryEmbedding(
+                    dim_head,
+                    base=rope_theta,
+                    use_xpos=is_full_attention if use_xpos is None else use_xpos,
+                    xpos_scale_base=xpos_scale_base,
+                )
+                # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer),
+                # which a checkpoint carries: keep them in the state dict.
+                self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
             self.self_attn = PalmEAttention(
                 self.config, hidden_size=dim, num_heads=heads, head_dim=dim_head, is_causal=True, layer_idx=layer_idx
             )
@@ -271,6 +361,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -286,6 +377,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 `position_ids // group_size`. Groups and the token shift follow the order of the sequence.
             cache (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at
                 `layer_idx` (see the class docstring for the layer type it needs).
+            position_embeddings (`tuple`, *optional*): `(cos, sin, xpos_scale)` of `position_ids // group_size`, from a
+                [`PalmERotaryEmbedding`] like `block.rotary_emb`, computed once for all layers of a model; required
+                with `own_rotary=False`, else computed by the block.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
@@ -313,31 +407,90 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             token_mask = attention_mask[:, -seq_len:]
 
         if self.self_attn is not None:
-            past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-            query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
-            kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
-            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
-            if position_ids is None:
-                position_ids = query_indices.unsqueeze(0).expand(batch_size, -1)
-            mask = hierarchical_attention_mask(
-                query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
-            )
-            shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
-            attn_output, _ = self.self_attn(
-                self.self_attn_norm(shifted),
-                position_embeddings=self.rotary_emb(
+            if position_embeddings is None:
+                if self.rotary_emb is None:
+                    raise ValueError(
+                        "This HierarchicalBlock was built with `own_rotary=False`: pass `position_embeddings` (of "
+                        "`position_ids // group_size`)."
+                    )
+                if position_ids is None:
+                    past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                    position_ids = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+                    position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+                position_embeddings = self.rotary_emb(
                     position_ids // self.group_size, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
-                ),
-                attention_mask=mask,
-                cache=cache,
-                **kwargs,
+                )
+            shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
+            hidden_states = hidden_states + self.self_attention(
+                self.self_attn_norm(shifted), position_embeddings, attention_mask, cache, **kwargs
             )
-            hidden_states = hidden_states + attn_output
 
         shifted = token_shift(
             hidden_states, self.group_size, token_mask, cache, self.layer_idx, self.num_token_shift_states - 1
         )
         return hidden_states + self.mlp(self.mlp_norm(shifted))
+
+    def self_attention(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """The attention branch on the normalised, shifted `hidden_states` `(batch_size, seq_len, dim)`, with the
+        kernel that fits (see the class docstring)."""
+        seq_len = hidden_states.shape[1]
+        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
+        padding_mask = attention_mask is not None and attention_mask.ndim == 2
+        # A compiled graph keeps the dense mask: the shortcuts below branch on the cache's fill.
+        compiling = torch.compiler.is_compiling()
+        if (
+            not compiling
+            and self.window_size is not None
+            and kv_length > self.chunk_size + self.attention_span
+            and (attention_mask is None or padding_mask)
+            and self.config._attn_implementation != "eager"
+        ):
+            query, key, value = self.self_attn.project(hidden_states, position_embeddings, cache)
+            key_indices = torch.arange(key.shape[-2], device=key.device) + kv_offset
+            return windowed_attention(
+                self.self_attn,
+                query,
+                key,
+                value,
+                query_start=past_seen_tokens,
+                key_start=kv_offset,
+                span=self.attention_span,
+                group_size=self.group_size,
+                key_is_token=(
+                    keys_are_tokens(attention_mask, past_seen_tokens + seq_len, key_indices) if padding_mask else None
+                ),
+                chunk_size=self.chunk_size,
+                **kwargs,
+            )
+
+        if (
+            not compiling
+            and self.group_size == 1
+            and kv_offset + kv_length == past_seen_tokens + seq_len  # no empty static-cache slots
+            # causal attention without a mask is aligned at the start: one query, or no past
+            and (seq_len == 1 or kv_length == seq_len)
+            and (self.window_size is None or kv_length - 1 <= self.attention_span)
+            and (attention_mask is None or (padding_mask and attention_mask.all()))
+        ):
+            mask = None  # every key the query sees, causally: what every kernel does without a mask
+        else:
+            query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
+            mask = hierarchical_attention_mask(
+                query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
+            )
+        attn_output, _ = self.self_attn(
+            hidden_states, position_embeddings=position_embeddings, attention_mask=mask, cache=cache, **kwargs
+        )
+        return attn_output
 
     @classmethod
     def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "HierarchicalBlock":

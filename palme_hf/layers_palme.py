@@ -296,6 +296,31 @@ def eager_attention_forward(
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
+def linear(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """
+    `nn.functional.linear`, except for a single bfloat16 row on CPU (a decoding step at batch 1), which goes through
+    `torch.mv`: there torch's matrix product reads a bfloat16 weight no faster than a float32 one, while its
+    matrix-vector product takes about half the time (README, "Speed").
+    """
+    if (
+        hidden_states.dtype == torch.bfloat16
+        and hidden_states.device.type == "cpu"
+        and hidden_states.numel() == hidden_states.shape[-1]
+        and not hasattr(weight, "to_local")  # a tensor-parallel shard keeps its own path
+    ):
+        vector = hidden_states.reshape(-1)
+        output = torch.mv(weight, vector) if bias is None else torch.addmv(bias, weight, vector)
+        return output.view(*hidden_states.shape[:-1], -1)
+    return nn.functional.linear(hidden_states, weight, bias)
+
+
+class PalmELinear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict keys) computed by [`linear`]."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return linear(hidden_states, self.weight, self.bias)
+
+
 class PalmEAdaptableLinear(nn.Linear):
     """
     A bias-free `nn.Linear` (same parameters and state-dict keys) to which an adapter can be attached as `adapter`
@@ -312,7 +337,7 @@ class PalmEAdaptableLinear(nn.Linear):
         object.__setattr__(self, "adapter", adapter)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = super().forward(hidden_states)
+        output = linear(hidden_states, self.weight, self.bias)
         return output if self.adapter is None else output + self.adapter(hidden_states)
 
 
@@ -436,6 +461,20 @@ class PalmEAttention(nn.Module):
         Returns:
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
+        query, key, value = self.project(hidden_states, position_embeddings, cache)
+        return self.attend(query, key, value, attention_mask, **kwargs)
+
+    def project(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The first half of [`~PalmEAttention.forward`], for callers that attend in their own way: queries
+        `(batch_size, num_heads, seq_len, head_dim)` and keys and values `(batch_size, num_key_value_heads, kv_len,
+        head_dim)`, rotated, the keys and values those the cache returns after taking the new ones.
+        """
         query = self.project_queries(hidden_states)
         key, value = self.project_keys_values(hidden_states, hidden_states)
         if position_embeddings is not None:
@@ -447,7 +486,7 @@ class PalmEAttention(nn.Module):
                 value = apply_rotary_pos_emb(value, cos, sin, key_scale)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-        return self.attend(query, key, value, attention_mask, **kwargs)
+        return query, key, value
 
 
 class PalmECrossAttention(PalmEAttention):
@@ -558,12 +597,12 @@ class PalmEMLP(nn.Module):
         super().__init__()
         self.gated = gated
         if gated:
-            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+            self.gate_proj = PalmELinear(hidden_size, intermediate_size, bias=bias)
+            self.up_proj = PalmELinear(hidden_size, intermediate_size, bias=bias)
+            self.down_proj = PalmELinear(intermediate_size, hidden_size, bias=bias)
         else:
-            self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
-            self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
+            self.fc1 = PalmELinear(hidden_size, intermediate_size, bias=bias)
+            self.fc2 = PalmELinear(intermediate_size, hidden_size, bias=bias)
         self.activation_fn = ACT2FN[hidden_act]
         self.dropout = nn.Dropout(dropout)
         self.output_dropout = nn.Dropout(dropout) if output_dropout else nn.Identity()

@@ -38,6 +38,7 @@ from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
     PalmECrossAttention,
+    PalmELinear,
     PalmEMLP,
     PalmEQKNorm,
     PalmERotaryEmbedding,
@@ -287,6 +288,7 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
                 layer_norm_eps=config.layer_norm_eps,
+                own_rotary=False,
             )
         self.block_adds_residual = config.block_type == "hierarchical"
         self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
@@ -445,6 +447,8 @@ class PalmETextModel(PalmEPreTrainedModel):
         "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
         "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn.attention"),
     }
+    # Hierarchical layers saved by palme-hf 0.1 kept rotary frequencies per block; the text model computes them now.
+    _keys_to_ignore_on_load_unexpected = [r"layers\.\d+\.block\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: PalmETextConfig):
         super().__init__(config)
@@ -454,9 +458,10 @@ class PalmETextModel(PalmEPreTrainedModel):
             if config.use_absolute_position_embeddings
             else None
         )
-        # The layers share one rotary embedding (and the standard layers one ALiBi bias), computed once per forward
-        # pass; the hierarchical block rotates each group's steps itself.
+        # The layers share one rotary embedding (the hierarchical blocks' over the steps of their groups) and the
+        # standard layers one ALiBi bias, computed once per forward pass.
         is_standard = config.block_type == "standard"
+        self.rotary_position_divisor = config.compress_factor // config.stride
         self.rotary_emb = (
             PalmERotaryEmbedding(
                 config.rotary_dim,
@@ -465,7 +470,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 xpos_scale_base=config.xpos_scale_base,
                 rotate_values=config.rotate_values,
             )
-            if config.use_rotary and config.block_type != "hierarchical"
+            if config.use_rotary and config.window_size != 0
             else None
         )
         self.alibi = (
@@ -573,7 +578,9 @@ class PalmETextModel(PalmEPreTrainedModel):
         position_embeddings = None
         if self.rotary_emb is not None:
             position_embeddings = self.rotary_emb(
-                position_ids, xpos_offset=self.config.xpos_offset, dtype=inputs_embeds.dtype
+                position_ids // self.rotary_position_divisor,
+                xpos_offset=self.config.xpos_offset,
+                dtype=inputs_embeds.dtype,
             )
 
         hidden_states = inputs_embeds
@@ -786,7 +793,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
             )
         super().__init__(config)
         self.model = PalmETextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = PalmELinear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 
     @classmethod
@@ -862,7 +869,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         self.model = PalmEModel(config)
         text_config = config.text_config
         own_decoder = is_own_tower(text_config, PalmETextConfig)
-        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
+        self.lm_head = PalmELinear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
         if not own_decoder:
             # the token embeddings' name is the language model's own (`wte` in GPT-2)
             embeddings = self.model.language_model.get_input_embeddings().weight

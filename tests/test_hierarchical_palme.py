@@ -1,13 +1,14 @@
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import DynamicCache, StaticCache
 
-from palme_hf import HierarchicalBlock
+from palme_hf import HierarchicalBlock, PalmEForConditionalGeneration
 
-from helpers import fixture_path
+from helpers import FIXTURES, fixture_path, tiny_inputs, tiny_model
 
 FIXTURE_CASES = ["hierarchical_block_full", "hierarchical_block_window", "hierarchical_block_compress"]
 PARITY_ATOL = 1e-5
@@ -238,3 +239,77 @@ def test_bad_reference_state_dicts():
     full_kwargs, full_state_dict, _ = load_case("hierarchical_block_full")
     with pytest.raises(ValueError, match="attn.norm.gamma"):
         HierarchicalBlock.from_reference_state_dict(full_state_dict, **full_kwargs, window_size=4)
+
+
+WINDOW_LAYOUTS = [dict(window_size=3), dict(window_size=40), dict(window_size=5, compress_factor=4, stride=2)]
+
+
+@pytest.mark.parametrize("layout", WINDOW_LAYOUTS, ids=str)
+@pytest.mark.parametrize("cache_class", [None, "dynamic", "static"])
+def test_windowed_kernel_matches_the_dense_mask(layout, cache_class):
+    # Over more keys than the window needs, sdpa runs the chunked window kernel; a 4-D mask that allows everything and
+    # the eager kernel both take the dense n x n mask, the reference.
+    block = small_block(**layout)
+    dense = small_block(**layout, attn_implementation="eager")
+    dense.load_state_dict(block.state_dict())
+    length = 3 * block.chunk_size + block.attention_span + 5
+    x = torch.randn(2, length, 32)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, :7] = 0
+    is_token = attention_mask.bool()
+    everything = torch.ones(2, 1, length, length, dtype=torch.bool)
+    with torch.no_grad():
+        if cache_class is None:
+            windowed = block(x, attention_mask=attention_mask)
+        else:
+            cache = DynamicCache(config=block.config) if cache_class == "dynamic" else None
+            if cache is None:
+                cache = StaticCache(config=block.config, max_cache_len=length)
+            # a long prompt, then a long chunk after it: both windowed, the second with keys from the cache
+            windowed = run_in_chunks(block, x, [length - 90, 1, 89], cache, attention_mask)
+        reference = dense(x, attention_mask=attention_mask)
+        dense_sdpa = block(x, attention_mask=everything)
+    torch.testing.assert_close(windowed[is_token], reference[is_token], atol=1e-5, rtol=0)
+    torch.testing.assert_close(block(x), dense_sdpa, atol=1e-5, rtol=0)
+
+
+def test_model_decoding_step_attends_over_the_window_only():
+    # A decoding step's cost follows the keys it attends to: with window attention the cache keeps the last window of
+    # every layer, however long the sequence grows, and greedy ids match recomputing the whole sequence.
+    model = tiny_model(block_type="hierarchical", window_size=3, compress_factor=2)
+    pixel_values, input_ids = tiny_inputs(model, batch_size=1, length=5)
+    with torch.no_grad():
+        output = model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            do_sample=False,
+            max_new_tokens=30,
+            min_new_tokens=30,
+            return_dict_in_generate=True,
+        )
+        uncached = model.generate(
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            do_sample=False,
+            max_new_tokens=30,
+            min_new_tokens=30,
+            use_cache=False,
+        )
+    assert torch.equal(output.sequences, uncached)
+    self_attention_cache = output.past_key_values.self_attention_cache
+    assert self_attention_cache.get_seq_length() == 34  # the last token is not fed back
+    span = 3 * 2
+    assert [layer.keys.shape[-2] for layer in self_attention_cache.layers] == [span] * 2
+
+
+def test_models_saved_with_per_block_rotary_frequencies_load_without_unexpected_keys():
+    folder = os.path.join(FIXTURES, "legacy_models", "hierarchical_window")
+    model, info = PalmEForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
+    # the text model computes the rotary embeddings once per forward pass, for every layer
+    assert model.model.language_model.rotary_emb is not None
+    assert all(layer.block.rotary_emb is None for layer in model.model.language_model.layers)
+    io = load_file(os.path.join(folder, "io.safetensors"))
+    with torch.no_grad():
+        logits = model.eval()(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
+    torch.testing.assert_close(logits, io["logits"], atol=1e-5, rtol=1e-5)

@@ -243,9 +243,11 @@ def test_reference_document_examples():
     assert logits.shape == (1, 8, 20000) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("block_type", ["standard", "parallel"])
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
 def test_rotary_tables_and_masks_are_computed_once_per_forward(block_type, monkeypatch):
-    # As in modeling_llama.py: the text model computes them, every layer reuses them.
+    # As in modeling_llama.py: the text model computes them, every layer reuses them. The hierarchical blocks build
+    # no causal mask: they attend window by window around the padding mask.
+    masks_per_forward = 0 if block_type == "hierarchical" else 1
     model = tiny_model(block_type=block_type)
     pixel_values, input_ids = tiny_inputs(model)
     rotary_calls = []
@@ -267,9 +269,9 @@ def test_rotary_tables_and_masks_are_computed_once_per_forward(block_type, monke
                 monkeypatch.setattr(module, name, counting(getattr(module, name)))
     with torch.no_grad():
         cached = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True)
-        assert len(rotary_calls) == 1 and len(mask_calls) == 1
+        assert len(rotary_calls) == 1 and len(mask_calls) == masks_per_forward
         model(input_ids=input_ids[:, :1], cache=getattr(cached, CACHE_NAME), attention_mask=torch.ones(2, 8))
-    assert len(rotary_calls) == 2 and len(mask_calls) == 2
+    assert len(rotary_calls) == 2 and len(mask_calls) == 2 * masks_per_forward
     assert len(model.model.language_model.layers) > 1
 
 
