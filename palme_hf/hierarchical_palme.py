@@ -3,6 +3,7 @@ cache-aware Transformers layer. Attention goes through [`PalmEAttention`], rotar
 [`PalmERotaryEmbedding`]."""
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -137,16 +138,76 @@ def hierarchical_attention_mask(
     return add_bias_to_mask(allowed, torch.zeros((), device=allowed.device), dtype)
 
 
+def in_windows(states: torch.Tensor, dim: int, left: int, num_chunks: int, span: int, chunk_size: int) -> torch.Tensor:
+    """
+    The windows of keys the chunks of queries of [`windowed_attention`] see: `states` along `dim` are at sequence
+    indices `left` onwards, counted from `span` before the first query; chunk `c` sees the `chunk_size + span` indices
+    from `c * chunk_size` (zeros where `states` hold nothing).
+
+    Returns:
+        `torch.Tensor` of shape `(..., num_chunks, chunk_size + span)`: `states` with `dim` moved last, in windows.
+    """
+    length = span + num_chunks * chunk_size
+    states = states.movedim(dim, -1)
+    states = nn.functional.pad(states, (left, 0)) if left > 0 else states[..., -left:]
+    states = nn.functional.pad(states[..., :length], (0, max(length - states.shape[-1], 0)))
+    return states.unfold(-1, chunk_size + span, chunk_size)
+
+
+def windowed_attention_mask(
+    batch_size: int,
+    seq_len: int,
+    kv_length: int,
+    query_start: int,
+    key_start: int,
+    span: int,
+    group_size: int,
+    chunk_size: int,
+    key_is_token: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """
+    The band mask of [`windowed_attention`]: query `i` attends to key `j` when `0 <= i - j <= span`, `i - j` is a
+    multiple of `group_size` and `j` is a token the cache holds.
+
+    Args:
+        query_start (`int`): sequence index of the first of the `seq_len` queries.
+        key_start (`int`): sequence index of the first of the `kv_length` keys the cache returns.
+        key_is_token (`torch.BoolTensor` of shape `(batch_size, kv_length)`, *optional*): False for padding keys.
+
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size * num_chunks, 1, chunk_size, chunk_size + span)` in `dtype`: 0 where
+        attending, the dtype's minimum elsewhere.
+    """
+    num_chunks = -(-seq_len // chunk_size)
+    window = chunk_size + span
+    held = torch.ones(kv_length, dtype=torch.bool, device=device)
+    key_allowed = in_windows(
+        held if key_is_token is None else held & key_is_token,
+        -1,
+        left=key_start - (query_start - span),
+        num_chunks=num_chunks,
+        span=span,
+        chunk_size=chunk_size,
+    )
+    if key_allowed.ndim == 2:
+        key_allowed = key_allowed.expand(batch_size, -1, -1)
+    distance = torch.arange(chunk_size, device=device)[:, None] - torch.arange(window, device=device) + span
+    band = (distance >= 0) & (distance <= span) & (distance % group_size == 0)
+    allowed = band & key_allowed.reshape(batch_size * num_chunks, 1, 1, window)
+    return add_bias_to_mask(allowed, torch.zeros((), device=device), dtype)
+
+
 def windowed_attention(
     attention: PalmEAttention,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    mask: torch.Tensor,
     query_start: int,
     key_start: int,
     span: int,
-    group_size: int,
-    key_is_token: torch.Tensor | None,
     chunk_size: int,
     **kwargs: Unpack[TransformersKwargs],
 ) -> torch.Tensor:
@@ -162,7 +223,8 @@ def windowed_attention(
             `query_start + arange(seq_len)`.
         key, value (`torch.FloatTensor` of shape `(batch_size, num_key_value_heads, kv_len, head_dim)`): at sequence
             indices `key_start + arange(kv_len)`, with `key_start + kv_len >= query_start + seq_len`.
-        key_is_token (`torch.BoolTensor` of shape `(batch_size, kv_len)`, *optional*): False for padding keys.
+        mask (`torch.FloatTensor` of shape `(batch_size * num_chunks, 1, chunk_size, chunk_size + span)`): from
+            [`windowed_attention_mask`].
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, the attention's output.
@@ -173,36 +235,38 @@ def windowed_attention(
     # keys at sequence indices `query_start - span` to `query_start + padded_len`: positions the cache does not hold
     # are zeros and masked
     left = key_start - (query_start - span)
-    length = span + padded_len
-    window = chunk_size + span
-
-    def in_windows(states: torch.Tensor, dim: int) -> torch.Tensor:
-        states = states.movedim(dim, -1)
-        states = nn.functional.pad(states, (left, 0)) if left > 0 else states[..., -left:]
-        states = nn.functional.pad(states[..., :length], (0, max(length - states.shape[-1], 0)))
-        return states.unfold(-1, window, chunk_size)  # (..., num_chunks, window)
-
-    held = torch.ones(key.shape[-2], dtype=torch.bool, device=query.device)
-    key_allowed = in_windows(held if key_is_token is None else held & key_is_token, -1)
-    if key_allowed.ndim == 2:
-        key_allowed = key_allowed.expand(batch_size, -1, -1)
-    distance = (
-        torch.arange(chunk_size, device=query.device)[:, None] - torch.arange(window, device=query.device) + span
-    )
-    band = (distance >= 0) & (distance <= span) & (distance % group_size == 0)
-    allowed = band & key_allowed.reshape(batch_size * num_chunks, 1, 1, window)
-    mask = add_bias_to_mask(allowed, torch.zeros((), device=query.device), query.dtype)
 
     def batched_windows(states: torch.Tensor) -> torch.Tensor:
         # (batch, heads, kv_len, head_dim) -> (batch * num_chunks, heads, window, head_dim)
         # contiguous: with a strided last dimension (a view of the unfolded windows) sdpa falls back to its math kernel
-        windows = in_windows(states, 2).permute(0, 3, 1, 4, 2).contiguous()
-        return windows.view(batch_size * num_chunks, states.shape[1], window, states.shape[-1])
+        windows = in_windows(states, 2, left, num_chunks, span, chunk_size).permute(0, 3, 1, 4, 2).contiguous()
+        return windows.view(batch_size * num_chunks, states.shape[1], chunk_size + span, states.shape[-1])
 
     chunked_query = nn.functional.pad(query, (0, 0, 0, padded_len - seq_len))
     chunked_query = chunked_query.unflatten(2, (num_chunks, chunk_size)).transpose(1, 2).flatten(0, 1)
     output, _ = attention.attend(chunked_query, batched_windows(key), batched_windows(value), mask, **kwargs)
     return output.reshape(batch_size, padded_len, -1)[:, :seq_len]
+
+
+class HierarchicalAttentionMask(NamedTuple):
+    """
+    The attention mask of one forward pass of hierarchical blocks, from [`HierarchicalBlock.prepare_attention`]. The
+    blocks of a model share window, group size and cache layout, so the model prepares it once for all its layers. A
+    named tuple, so that accelerate moves its mask to each layer's device as it moves the other inputs.
+
+    Attributes:
+        mask (`torch.FloatTensor`, *optional*): additive (0 = attend): for the dense kernel, of shape
+            `(batch_size or 1, 1, seq_len, kv_len)` over the keys the cache returns; for the windowed kernel, the band
+            mask of [`windowed_attention_mask`]; `None` for plain causal attention.
+        windowed (`bool`): whether the chunked window kernel [`windowed_attention`] runs.
+        query_start (`int`): windowed kernel: sequence index of the first query (the tokens the cache held before).
+        key_start (`int`): windowed kernel: sequence index of the first key the cache returns.
+    """
+
+    mask: torch.Tensor | None
+    windowed: bool = False
+    query_start: int = 0
+    key_start: int = 0
 
 
 class HierarchicalBlock(GradientCheckpointingLayer):
@@ -261,6 +325,8 @@ class HierarchicalBlock(GradientCheckpointingLayer):
     implementation (which returns attention probabilities) use the dense mask. Without groups or padding, queries
     that see every key the cache returns (a full-attention prompt from an empty cache, a decoding step of window
     attention from a `DynamicCache`, which keeps just the window) take plain causal attention, without a mask.
+    [`~HierarchicalBlock.prepare_attention`] makes that choice and builds the mask; a model of such blocks does it
+    once per forward pass and passes the result to every block (`hierarchical_mask`).
 
     Example:
         >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
@@ -362,6 +428,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        hierarchical_mask: HierarchicalAttentionMask | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -380,21 +447,15 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             position_embeddings (`tuple`, *optional*): `(cos, sin, xpos_scale)` of `position_ids // group_size`, from a
                 [`PalmERotaryEmbedding`] like `block.rotary_emb`, computed once for all layers of a model; required
                 with `own_rotary=False`, else computed by the block.
+            hierarchical_mask ([`HierarchicalAttentionMask`], *optional*): the attention mask
+                [`~HierarchicalBlock.prepare_attention`] builds from `hidden_states`, `attention_mask` and `cache`,
+                prepared once for all layers of a model; else the block prepares it.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
         """
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        cache_layer = None
-        if cache is not None and self.layer_idx < len(cache.layers):
-            cache_layer = cache.layers[self.layer_idx]
-        if cache is not None and not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
-            layer = "no layer" if cache_layer is None else type(cache_layer).__name__
-            raise ValueError(
-                f"HierarchicalBlock keeps token-shift state in the cache: its layer {self.layer_idx} must be of type "
-                f"{self.cache_layer_type!r} (build the cache with `DynamicCache(config=block.config)`), got {layer}."
-            )
-
+        self.check_cache(cache)
         batch_size, seq_len = hidden_states.shape[:2]
         token_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -420,9 +481,11 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 position_embeddings = self.rotary_emb(
                     position_ids // self.group_size, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
                 )
+            if hierarchical_mask is None:
+                hierarchical_mask = self.prepare_attention(hidden_states, attention_mask, cache)
             shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
             hidden_states = hidden_states + self.self_attention(
-                self.self_attn_norm(shifted), position_embeddings, attention_mask, cache, **kwargs
+                self.self_attn_norm(shifted), position_embeddings, hierarchical_mask, cache, **kwargs
             )
 
         shifted = token_shift(
@@ -430,17 +493,34 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         )
         return hidden_states + self.mlp(self.mlp_norm(shifted))
 
-    def self_attention(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
-        attention_mask: torch.Tensor | None,
-        cache: Cache | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """The attention branch on the normalised, shifted `hidden_states` `(batch_size, seq_len, dim)`, with the
-        kernel that fits (see the class docstring)."""
-        seq_len = hidden_states.shape[1]
+    def check_cache(self, cache: Cache | None):
+        """Refuses a cache whose layer `layer_idx` cannot hold the block's token-shift state."""
+        cache_layer = None
+        if cache is not None and self.layer_idx < len(cache.layers):
+            cache_layer = cache.layers[self.layer_idx]
+        if cache is not None and not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
+            layer = "no layer" if cache_layer is None else type(cache_layer).__name__
+            raise ValueError(
+                f"HierarchicalBlock keeps token-shift state in the cache: its layer {self.layer_idx} must be of type "
+                f"{self.cache_layer_type!r} (build the cache with `DynamicCache(config=block.config)`), got {layer}."
+            )
+
+    def prepare_attention(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> HierarchicalAttentionMask | None:
+        """
+        The attention mask of the kernel that fits (see the class docstring), for the block's input `hidden_states`
+        `(batch_size, seq_len, dim)` after the tokens in `cache`, with `attention_mask` as in
+        [`~HierarchicalBlock.forward`]. Blocks of one window, group size and cache layout share it: a model of such
+        blocks prepares it once per forward pass and passes it to each as `hierarchical_mask`.
+
+        Returns:
+            [`HierarchicalAttentionMask`], or `None` for a block without attention (`window_size=0`).
+        """
+        if self.self_attn is None:
+            return None
+        self.check_cache(cache)
+        batch_size, seq_len = hidden_states.shape[:2]
         past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
         padding_mask = attention_mask is not None and attention_mask.ndim == 2
@@ -453,23 +533,23 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             and (attention_mask is None or padding_mask)
             and self.config._attn_implementation != "eager"
         ):
-            query, key, value = self.self_attn.project(hidden_states, position_embeddings, cache)
-            key_indices = torch.arange(key.shape[-2], device=key.device) + kv_offset
-            return windowed_attention(
-                self.self_attn,
-                query,
-                key,
-                value,
+            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
+            mask = windowed_attention_mask(
+                batch_size,
+                seq_len,
+                kv_length,
                 query_start=past_seen_tokens,
                 key_start=kv_offset,
                 span=self.attention_span,
                 group_size=self.group_size,
+                chunk_size=self.chunk_size,
                 key_is_token=(
                     keys_are_tokens(attention_mask, past_seen_tokens + seq_len, key_indices) if padding_mask else None
                 ),
-                chunk_size=self.chunk_size,
-                **kwargs,
+                dtype=hidden_states.dtype,
+                device=hidden_states.device,
             )
+            return HierarchicalAttentionMask(mask, windowed=True, query_start=past_seen_tokens, key_start=kv_offset)
 
         if (
             not compiling
@@ -480,15 +560,44 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             and (self.window_size is None or kv_length - 1 <= self.attention_span)
             and (attention_mask is None or (padding_mask and attention_mask.all()))
         ):
-            mask = None  # every key the query sees, causally: what every kernel does without a mask
-        else:
-            query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
-            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
-            mask = hierarchical_attention_mask(
-                query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
+            return HierarchicalAttentionMask(None)  # every key the query sees, causally: what every kernel does
+        query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
+        key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
+        mask = hierarchical_attention_mask(
+            query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
+        )
+        return HierarchicalAttentionMask(mask)
+
+    def self_attention(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        hierarchical_mask: HierarchicalAttentionMask,
+        cache: Cache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """The attention branch on the normalised, shifted `hidden_states` `(batch_size, seq_len, dim)`, with the
+        kernel and mask `hierarchical_mask` prepared."""
+        if hierarchical_mask.windowed:
+            query, key, value = self.self_attn.project(hidden_states, position_embeddings, cache)
+            return windowed_attention(
+                self.self_attn,
+                query,
+                key,
+                value,
+                hierarchical_mask.mask,
+                query_start=hierarchical_mask.query_start,
+                key_start=hierarchical_mask.key_start,
+                span=self.attention_span,
+                chunk_size=self.chunk_size,
+                **kwargs,
             )
         attn_output, _ = self.self_attn(
-            hidden_states, position_embeddings=position_embeddings, attention_mask=mask, cache=cache, **kwargs
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=hierarchical_mask.mask,
+            cache=cache,
+            **kwargs,
         )
         return attn_output
 

@@ -33,7 +33,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .blocks_palme import ParallelTransformerBlock, PerceiverLayer
 from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
-from .hierarchical_palme import HierarchicalBlock
+from .hierarchical_palme import HierarchicalAttentionMask, HierarchicalBlock
 from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
@@ -248,7 +248,8 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
     A decoder layer built on one of the documented blocks (`config.block_type`): the block (PaLM's parallel
     [`ParallelTransformerBlock`], whose branches are added to the residual here, or [`HierarchicalBlock`], which adds
     its own), then, when `add_cross_attention`, pre-norm cross-attention to the image features with a residual. The
-    parallel block takes the rotary embeddings and the causal mask the text model computes once per forward pass.
+    blocks take the rotary embeddings and the attention mask the text model computes once per forward pass (the
+    causal mask of the parallel block, the [`HierarchicalAttentionMask`] of the hierarchical one).
     """
 
     def __init__(self, config: PalmETextConfig, layer_idx: int):
@@ -303,10 +304,13 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         cross_attention_cache: EncoderDecoderCache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        hierarchical_mask: HierarchicalAttentionMask | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if position_embeddings is not None:
             kwargs["position_embeddings"] = position_embeddings
+        if hierarchical_mask is not None:
+            kwargs["hierarchical_mask"] = hierarchical_mask
         block_output = self.block(
             hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
         )
@@ -559,8 +563,13 @@ class PalmETextModel(PalmEPreTrainedModel):
                 )
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids) * self.config.hidden_size**-0.5
 
+        hierarchical_mask = None
         if self.config.block_type == "hierarchical":
-            causal_mask = attention_mask  # the block builds its causal, group and window mask around the padding
+            causal_mask = attention_mask  # the padding mask, which the token shift needs as well
+            # The layers share window, group size and cache layout: the first prepares the mask for all.
+            hierarchical_mask = self.layers[0].block.prepare_attention(
+                inputs_embeds, attention_mask, self_attention_cache
+            )
         else:
             causal_mask = create_causal_mask(
                 self.config,
@@ -591,6 +600,7 @@ class PalmETextModel(PalmEPreTrainedModel):
                 encoder_hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                hierarchical_mask=hierarchical_mask,
                 position_ids=position_ids,
                 cache=self_attention_cache,
                 cross_attention_cache=cross_attention_cache,

@@ -313,3 +313,34 @@ def test_models_saved_with_per_block_rotary_frequencies_load_without_unexpected_
     with torch.no_grad():
         logits = model.eval()(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
     torch.testing.assert_close(logits, io["logits"], atol=1e-5, rtol=1e-5)
+
+
+def test_model_layers_share_the_windowed_mask_and_match_the_dense_mask():
+    # The text model prepares one mask for all its layers. Over more keys than a chunk and its window, sdpa takes the
+    # windowed kernel (a padded prompt, then a long chunk after it from the cache); eager takes the dense mask.
+    model = tiny_model(block_type="hierarchical", window_size=3, compress_factor=2)
+    block = model.model.language_model.layers[0].block
+    length = 2 * block.chunk_size + block.attention_span + 10
+    pixel_values, input_ids = tiny_inputs(model, length=length)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, :4] = 0
+    prompt_len = length - 70
+    assert prompt_len > block.chunk_size + block.attention_span
+    with torch.no_grad():
+        prepared = block.prepare_attention(torch.zeros(2, prompt_len, 48), attention_mask[:, :prompt_len])
+        assert prepared.windowed
+        prompt = model(
+            pixel_values=pixel_values,
+            input_ids=input_ids[:, :prompt_len],
+            attention_mask=attention_mask[:, :prompt_len],
+            use_cache=True,
+        )
+        cache = prompt.past_key_values
+        assert block.prepare_attention(torch.zeros(2, 70, 48), attention_mask, cache.self_attention_cache).windowed
+        rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, cache=cache)
+        windowed = torch.cat([prompt.logits, rest.logits], dim=1)
+        model.set_attn_implementation("eager")
+        assert not block.prepare_attention(torch.zeros(2, length, 48), attention_mask).windowed
+        dense = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
+    is_token = attention_mask.bool()
+    torch.testing.assert_close(windowed[is_token], dense[is_token], atol=1e-5, rtol=1e-5)

@@ -14,12 +14,14 @@ from transformers import (
 )
 
 from palme_hf import (
+    HierarchicalBlock,
     PalmEConfig,
     PalmEForCausalLM,
     PalmEForConditionalGeneration,
     PalmEModel,
     PalmETextConfig,
     blocks_palme,
+    hierarchical_palme,
     modeling_palme,
 )
 from palme_hf.compat_palme import CACHE_NAME
@@ -243,36 +245,62 @@ def test_reference_document_examples():
     assert logits.shape == (1, 8, 20000) and torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("block_type", BLOCK_TYPES)
-def test_rotary_tables_and_masks_are_computed_once_per_forward(block_type, monkeypatch):
-    # As in modeling_llama.py: the text model computes them, every layer reuses them. The hierarchical blocks build
-    # no causal mask: they attend window by window around the padding mask.
-    masks_per_forward = 0 if block_type == "hierarchical" else 1
-    model = tiny_model(block_type=block_type)
-    pixel_values, input_ids = tiny_inputs(model)
+# The hierarchical windowed case: a prompt longer than a chunk of queries (64) and its window (3 steps of 2 tokens)
+# takes the chunked window kernel, with its band mask; the others build a dense mask.
+MASK_CASES = {
+    "standard": ("standard", {}, 7, "create_causal_mask"),
+    "parallel": ("parallel", {}, 7, "create_causal_mask"),
+    "hierarchical": ("hierarchical", {}, 7, "hierarchical_attention_mask"),
+    "hierarchical_windowed": ("hierarchical", dict(window_size=3), 80, "windowed_attention_mask"),
+}
+
+
+@pytest.mark.parametrize("case", MASK_CASES)
+def test_rotary_tables_and_masks_are_computed_once_per_forward(case, monkeypatch):
+    # As in modeling_llama.py: the text model computes them, every layer reuses them. The hierarchical layers share
+    # one window, group size and cache layout, hence one mask, which the first layer's block prepares.
+    block_type, options, length, prompt_mask = MASK_CASES[case]
+    model = tiny_model(block_type=block_type, **options)
+    pixel_values, input_ids = tiny_inputs(model, length=length)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    attention_mask[1, :3] = 0
     rotary_calls = []
     for module in model.modules():
         if isinstance(module, PalmERotaryEmbedding):
             module.register_forward_hook(lambda module, args, output: rotary_calls.append(module))
     mask_calls = []
 
-    def counting(create_mask):
+    def counting(name, create_mask):
         def wrapper(*args, **kwargs):
-            mask_calls.append(create_mask)
+            mask_calls.append(name)
             return create_mask(*args, **kwargs)
 
         return wrapper
 
-    for module in (modeling_palme, blocks_palme):
-        for name in ("create_causal_mask", "create_bidirectional_mask"):
+    for module in (modeling_palme, blocks_palme, hierarchical_palme):
+        for name in (
+            "create_causal_mask",
+            "create_bidirectional_mask",
+            "hierarchical_attention_mask",
+            "windowed_attention_mask",
+        ):
             if hasattr(module, name):
-                monkeypatch.setattr(module, name, counting(getattr(module, name)))
+                monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    prepare = HierarchicalBlock.prepare_attention
+    monkeypatch.setattr(HierarchicalBlock, "prepare_attention", counting("prepare_attention", prepare))
     with torch.no_grad():
-        cached = model(pixel_values=pixel_values, input_ids=input_ids, use_cache=True)
-        assert len(rotary_calls) == 1 and len(mask_calls) == masks_per_forward
-        model(input_ids=input_ids[:, :1], cache=getattr(cached, CACHE_NAME), attention_mask=torch.ones(2, 8))
-    assert len(rotary_calls) == 2 and len(mask_calls) == 2 * masks_per_forward
-    assert len(model.model.language_model.layers) > 1
+        cached = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        builds = [name for name in mask_calls if name != "prepare_attention"]
+        assert len(rotary_calls) == 1 and builds == [prompt_mask]
+        assert mask_calls.count("prepare_attention") == (block_type == "hierarchical")
+        # a decoding step: one query over the cached window, a dense mask (the groups need one)
+        mask_calls.clear()
+        attention_mask = torch.cat([attention_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        model(input_ids=input_ids[:, :1], cache=getattr(cached, CACHE_NAME), attention_mask=attention_mask)
+    step_mask = "create_causal_mask" if block_type != "hierarchical" else "hierarchical_attention_mask"
+    assert len(rotary_calls) == 2 and [name for name in mask_calls if name != "prepare_attention"] == [step_mask]
+    assert mask_calls.count("prepare_attention") == (block_type == "hierarchical")
+    assert len(model.model.language_model.layers) == 2
 
 
 # Bad input
