@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+# The sample images of examples/images, with their true captions (captions.json).
+SAMPLE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "images")
 
 TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 TINY_TEXT = dict(vocab_size=97, max_position_embeddings=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=4)
@@ -200,3 +202,16 @@ def pretrain_on_captions(language_model, tokenizer, steps: int, seed: int = 0, b
         optimizer.step()
         optimizer.zero_grad()
     language_model.eval()
+
+
+def sample_captions() -> dict[str, str]:
+    """The true captions of the sample images in `SAMPLE_IMAGES`, by file name."""
+    with open(os.path.join(SAMPLE_IMAGES, "captions.json")) as handle:
+        return json.load(handle)
+
+
+def sample_image(name: str = "held_out_00.png"):
+    """One of the sample images, as a PIL image."""
+    import PIL.Image
+
+    return PIL.Image.open(os.path.join(SAMPLE_IMAGES, name))

@@ -21,16 +21,16 @@ from palme_hf.captioning import generate_captions
 from palme_hf.cli import DEFAULT_CAPTIONER, main
 
 from conftest import WITHOUT_PALME_HF
+from helpers import SAMPLE_IMAGES, sample_captions
 from tiny_captioner import build_tokenizer, tiny_config
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGES = os.path.join(REPOSITORY, "examples", "images")
+IMAGES = SAMPLE_IMAGES
 
 
 @pytest.fixture(scope="module")
 def true_captions():
-    with open(os.path.join(IMAGES, "captions.json")) as handle:
-        return json.load(handle)
+    return sample_captions()
 
 
 def test_caption_prints_path_and_caption_per_image(capsys, true_captions):

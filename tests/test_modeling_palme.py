@@ -4,6 +4,7 @@ padding, training features, the reference document's examples and bad input."""
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -19,15 +20,17 @@ from palme_hf import (
     PalmEForCausalLM,
     PalmEForConditionalGeneration,
     PalmEModel,
+    PalmEProcessor,
     PalmETextConfig,
     blocks_palme,
     hierarchical_palme,
     modeling_palme,
 )
+from palme_hf.cli import DEFAULT_CAPTIONER
 from palme_hf.compat_palme import CACHE_NAME
 from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding
 
-from helpers import BLOCK_TYPES, VARIANTS, combination_model, tiny_inputs, tiny_model
+from helpers import BLOCK_TYPES, VARIANTS, combination_model, sample_image, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -601,3 +604,45 @@ def test_empty_inputs_wrong_masks_and_unbatched_images_are_named():
         model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=torch.ones(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match=r"a batch of images.*\(3, 32, 32\)"):
         model(pixel_values=pixel_values[0], input_ids=input_ids[:1])
+
+
+@pytest.mark.slow  # trains, saves and loads the captioner twice
+def test_lora_with_added_words_saves_reloads_and_merges(tmp_path):
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    model = PalmEForConditionalGeneration.from_pretrained(DEFAULT_CAPTIONER)
+    old_vocab_size = model.config.vocab_size
+    assert old_vocab_size == model.config.text_config.vocab_size
+    processor.tokenizer.add_tokens(["purple", "hexagon"])
+    model.resize_token_embeddings(len(processor.tokenizer))  # new rows drawn at random around the old ones
+    assert model.config.vocab_size == model.config.text_config.vocab_size == old_vocab_size + 2
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = processor(images=[sample_image()], text=["a small purple hexagon"])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.tokenizer.pad_token_id, -100)
+    optimizer = torch.optim.AdamW([parameter for parameter in lora.parameters() if parameter.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = lora(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lora.eval()
+    with torch.no_grad():
+        expected = lora(**batch).logits
+    lora.save_pretrained(tmp_path)  # PEFT saves the resized embeddings as it sees `config.vocab_size` changed
+    processor.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved["base_model.model.model.language_model.embed_tokens.weight"].shape[0] == old_vocab_size + 2
+    assert saved["base_model.model.lm_head.weight"].shape[0] == old_vocab_size + 2
+
+    processor = PalmEProcessor.from_pretrained(tmp_path)
+    base = PalmEForConditionalGeneration.from_pretrained(DEFAULT_CAPTIONER)
+    base.resize_token_embeddings(len(processor.tokenizer))  # other random rows: the adapter's must replace them
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    assert torch.equal(
+        processor(images=[sample_image()], text=["a small purple hexagon"])["input_ids"], batch["input_ids"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected)
+        merged = reloaded.merge_and_unload()
+        assert isinstance(merged, PalmEForConditionalGeneration)
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)

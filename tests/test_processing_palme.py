@@ -1,14 +1,20 @@
-"""PalmEImageProcessor and PalmEProcessor: inputs, errors, normalisation, prefix expansion, save/load, model use."""
+"""PalmEImageProcessor and PalmEProcessor: inputs, errors, normalisation, prefix expansion, save/load, model use, the
+chat template."""
+
+import os
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from jinja2.exceptions import TemplateError
 from transformers import AutoImageProcessor, AutoProcessor
 from transformers.image_utils import PILImageResampling
 
 from palme_hf import PalmEForConditionalGeneration, PalmEImageProcessor, PalmEProcessor
+from palme_hf.cli import DEFAULT_CAPTIONER
 
+from helpers import SAMPLE_IMAGES, sample_captions, sample_image
 from tiny_captioner import build_tokenizer, tiny_config
 
 SIZE = {"height": 32, "width": 32}
@@ -420,3 +426,63 @@ def test_processor_feeds_model_forward_and_generate(tokenizer, cross_attend):
     assert len(captions) == 2 and all("<image>" not in caption for caption in captions)
     assert captions[1].startswith("a small red")
     assert processor.post_process_image_text_to_text(generated[1]) == captions[1]
+
+
+QUESTION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is left of the circle?"}]}]
+
+
+@pytest.mark.parametrize("cross_attend", [True, False])
+def test_chat_template_writes_instruction_prompts(cross_attend, tmp_path):
+    tokenizer = build_tokenizer()
+    processor = PalmEProcessor.from_model_config(tiny_config(len(tokenizer), cross_attend=cross_attend), tokenizer)
+    marker = "" if cross_attend else "<image> "
+    assert processor.apply_chat_template(QUESTION) == f"Q: {marker}what is left of the circle?"
+    assert processor.apply_chat_template(QUESTION, add_generation_prompt=True) == (
+        f"Q: {marker}what is left of the circle? A:"
+    )
+    conversation = [
+        {"role": "system", "content": "answer briefly"},
+        *QUESTION,
+        {"role": "assistant", "content": [{"type": "text", "text": "a square"}]},
+        {"role": "user", "content": "and right of it?"},
+    ]
+    assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
+        f"answer briefly Q: {marker}what is left of the circle? A: a square Q: and right of it? A:"
+    )
+    # an image alone is the captioning prompt: the bare marker, or nothing with cross-attention
+    caption = [{"role": "user", "content": [{"type": "image"}]}]
+    assert processor.apply_chat_template(caption, add_generation_prompt=True) == marker.strip()
+
+    processor.save_pretrained(tmp_path)
+    reloaded = PalmEProcessor.from_pretrained(tmp_path)
+    assert reloaded.chat_template == processor.chat_template
+    assert reloaded.apply_chat_template(QUESTION) == processor.apply_chat_template(QUESTION)
+
+
+@pytest.mark.parametrize(
+    "conversation, message",
+    [
+        ([{"role": "robot", "content": "hello"}], 'roles are "system", "user" and "assistant", got robot'),
+        (
+            [{"role": "user", "content": [{"type": "video"}]}],
+            'messages hold "image" and "text" items, got a video item',
+        ),
+    ],
+)
+def test_chat_template_refuses_what_it_cannot_write(conversation, message):
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    with pytest.raises(TemplateError, match=message):
+        processor.apply_chat_template(conversation)
+
+
+def test_chat_template_prompts_the_shipped_captioner():
+    processor = PalmEProcessor.from_pretrained(DEFAULT_CAPTIONER)
+    model = PalmEForConditionalGeneration.from_pretrained(DEFAULT_CAPTIONER)
+    path = os.path.join(SAMPLE_IMAGES, "held_out_00.png")
+    conversation = [{"role": "user", "content": [{"type": "image", "path": path}]}]
+    inputs = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert inputs["pixel_values"].shape == (1, 3, 64, 64)
+    assert torch.equal(inputs["input_ids"], processor(images=[sample_image()], text=[""])["input_ids"])
+    generated = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    [caption] = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
+    assert caption.strip() == sample_captions()["held_out_00.png"]
