@@ -96,6 +96,9 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         rope_theta (`float`, keyword-only): rotary base.
         hidden_act (`str`, keyword-only): activation of the SwiGLU gate (`"silu"`, as PaLM).
         layer_norm_eps (`float`, keyword-only): epsilon of the bias-free LayerNorm.
+        own_rotary (`bool`, keyword-only): the block computes its rotary embeddings (`block.rotary_emb`). A model whose
+            layers share one rotary embedding, computed once per forward pass, builds its blocks with
+            `own_rotary=False` and passes `position_embeddings`.
 
     Example:
         >>> block = ParallelTransformerBlock(dim=512, dim_head=64, heads=8, ff_mult=4)
@@ -124,6 +127,7 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         rope_theta: float = 10000.0,
         hidden_act: str = "silu",
         layer_norm_eps: float = 1e-5,
+        own_rotary: bool = True,
     ):
         super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
@@ -139,8 +143,12 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.xpos_offset = xpos_offset
         self.input_layernorm = nn.LayerNorm(dim, eps=layer_norm_eps, bias=False)
-        self.rotary_emb = PalmERotaryEmbedding(
-            dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
+        self.rotary_emb = (
+            PalmERotaryEmbedding(
+                dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
+            )
+            if own_rotary
+            else None
         )
         self.self_attn = PalmEAttention(
             self.config,
@@ -188,6 +196,11 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         if cache is not None and not self.self_attn.is_causal:
             raise ValueError("`cache` needs a causal block (`causal=True`).")
         if position_embeddings is None:
+            if self.rotary_emb is None:
+                raise ValueError(
+                    "This ParallelTransformerBlock was built with `own_rotary=False`: pass `position_embeddings` and "
+                    "the prepared `attention_mask`."
+                )
             attention_mask, position_ids = self.prepare_mask_and_positions(
                 hidden_states, attention_mask, position_ids, cache
             )

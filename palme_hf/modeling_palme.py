@@ -263,14 +263,11 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 qk_rmsnorm=config.qk_norm,
                 qk_scale=config.qk_norm_scale,
                 attn_dropout=config.attention_dropout,
-                use_xpos=config.use_xpos,
-                xpos_scale_base=config.xpos_scale_base,
                 config=config,
                 layer_idx=layer_idx,
-                xpos_offset=config.xpos_offset,
-                rope_theta=config.rope_theta,
                 hidden_act=config.hidden_act,
                 layer_norm_eps=config.layer_norm_eps,
+                own_rotary=False,
             )
         else:
             self.block = HierarchicalBlock(
@@ -283,11 +280,7 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
                 ff_mult=config.intermediate_size / config.hidden_size,
                 config=config,
                 layer_idx=layer_idx,
-                xpos_offset=config.xpos_offset,
-                rope_theta=config.rope_theta,
                 hidden_act=config.hidden_act,
-                use_xpos=config.use_xpos,
-                xpos_scale_base=config.xpos_scale_base,
                 layer_norm_eps=config.layer_norm_eps,
                 own_rotary=False,
             )
@@ -307,12 +300,15 @@ class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
         hierarchical_mask: HierarchicalAttentionMask | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        if position_embeddings is not None:
-            kwargs["position_embeddings"] = position_embeddings
-        if hierarchical_mask is not None:
-            kwargs["hierarchical_mask"] = hierarchical_mask
+        block_kwargs = {"hierarchical_mask": hierarchical_mask} if isinstance(self.block, HierarchicalBlock) else {}
         block_output = self.block(
-            hidden_states, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            position_embeddings=position_embeddings,
+            **block_kwargs,
+            **kwargs,
         )
         hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
         if self.cross_attn is not None:

@@ -352,3 +352,17 @@ def test_blocks_train():
     block(x, finetune_modules=lora).sum().backward()
     assert block.self_attn.q_proj.weight.grad is not None
     assert all(module.weight.grad is not None for module in lora)
+
+
+def test_a_block_without_its_own_rotary_embedding_takes_the_models():
+    # A model's parallel layers share the text model's rotary embedding and causal mask, computed once per forward.
+    block = ParallelTransformerBlock(32, dim_head=8, heads=4, own_rotary=False).eval()
+    assert block.rotary_emb is None
+    x = torch.randn(2, 5, 32)
+    with pytest.raises(ValueError, match="built with `own_rotary=False`: pass `position_embeddings`"):
+        block(x)
+    own = ParallelTransformerBlock(32, dim_head=8, heads=4).eval()
+    own.load_state_dict(block.state_dict())
+    positions = torch.arange(5).expand(2, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x, position_embeddings=own.rotary_emb(positions)), own(x))

@@ -267,6 +267,8 @@ def test_rotary_tables_and_masks_are_computed_once_per_forward(case, monkeypatch
     pixel_values, input_ids = tiny_inputs(model, length=length)
     attention_mask = torch.ones(2, length, dtype=torch.long)
     attention_mask[1, :3] = 0
+    rotary_embeddings = [module for module in model.modules() if isinstance(module, PalmERotaryEmbedding)]
+    assert rotary_embeddings == [model.model.language_model.rotary_emb]  # none of the layers holds its own
     rotary_calls = []
     for module in model.modules():
         if isinstance(module, PalmERotaryEmbedding):
