@@ -627,3 +627,8 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it
         print("Aborted.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # A process that exits with its process group alive can abort in the group's threads ("terminate called
+        # without an active exception"), and the launcher then fails the whole run.
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
