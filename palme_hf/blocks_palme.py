@@ -16,7 +16,7 @@ from transformers.utils import TransformersKwargs
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints
 from .conversion_blocks import load_parallel_block_reference
-from .layers_palme import PalmEAttention, PalmECrossAttention, PalmEMLP, PalmERotaryEmbedding
+from .layers_palme import PalmEAttention, PalmECrossAttention, PalmEMLP, PalmERotaryEmbedding, RotaryTables
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -171,7 +171,7 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        position_embeddings: RotaryTables | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -183,7 +183,7 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
                 `past_len + arange(seq_len)` by default.
             cache (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
                 at `layer_idx`; causal blocks only.
-            position_embeddings (`tuple`, *optional*): `(cos, sin, xpos_scale)` of the tokens' positions, computed
+            position_embeddings ([`RotaryTables`], *optional*): the rotary tables of the tokens' positions, computed
                 once per forward pass by a model whose layers share them (as in `modeling_llama.py`). The
                 `attention_mask` is then the model's prepared mask too (4-D, or `None` for causal attention without
                 padding) and `position_ids` is not read. Without them the block computes both from `attention_mask`

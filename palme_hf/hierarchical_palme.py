@@ -17,7 +17,7 @@ from .blocks_palme import attention_config, check_hidden_states
 from .compat_palme import accept_past_key_values
 from .configuration_palme import check_positive_ints, hierarchical_cache_layout
 from .conversion_blocks import load_hierarchical_block_reference
-from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding, add_bias_to_mask
+from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding, RotaryTables, add_bias_to_mask
 
 
 class HierarchicalRMSNorm(nn.Module):
@@ -427,7 +427,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        position_embeddings: RotaryTables | None = None,
         hierarchical_mask: HierarchicalAttentionMask | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -444,9 +444,9 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 `position_ids // group_size`. Groups and the token shift follow the order of the sequence.
             cache (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at
                 `layer_idx` (see the class docstring for the layer type it needs).
-            position_embeddings (`tuple`, *optional*): `(cos, sin, xpos_scale)` of `position_ids // group_size`, from a
-                [`PalmERotaryEmbedding`] like `block.rotary_emb`, computed once for all layers of a model; required
-                with `own_rotary=False`, else computed by the block.
+            position_embeddings ([`RotaryTables`], *optional*): the rotary tables of `position_ids // group_size`,
+                from a [`PalmERotaryEmbedding`] like `block.rotary_emb`, computed once for all layers of a model;
+                required with `own_rotary=False`, else computed by the block.
             hierarchical_mask ([`HierarchicalAttentionMask`], *optional*): the attention mask
                 [`~HierarchicalBlock.prepare_attention`] builds from `hidden_states`, `attention_mask` and `cache`,
                 prepared once for all layers of a model; else the block prepares it.
@@ -571,7 +571,7 @@ class HierarchicalBlock(GradientCheckpointingLayer):
     def self_attention(
         self,
         hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+        position_embeddings: RotaryTables,
         hierarchical_mask: HierarchicalAttentionMask,
         cache: Cache | None,
         **kwargs: Unpack[TransformersKwargs],

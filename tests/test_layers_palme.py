@@ -150,16 +150,52 @@ def test_angles_and_xpos_scales_are_exact_at_long_positions():
     xpos_offset = 50_000  # within 34561 positions of 40k and 64k, not of 6k
     with pytest.raises(ValueError, match="Rotary position 6000 is 44000 positions"):
         rotary(position_ids, xpos_offset=xpos_offset)
-    cos, sin, scale = rotary(position_ids[:, 1:], xpos_offset=xpos_offset)
-    positions = position_ids[:, 1:, None].double()
-    angles = (positions * rotary.inv_freq.double()).repeat(1, 1, 2)
-    exact_scale = (rotary.xpos_scale.double() ** ((positions - xpos_offset) / 512)).repeat(1, 1, 2)
-    assert cos.dtype == sin.dtype == scale.dtype == torch.float32
-    # rounded once, to float32: computed in float32, cos at 64k was off by up to 4e-3
-    assert (cos.double() - angles.cos()).abs().max() <= 2**-24
-    assert (sin.double() - angles.sin()).abs().max() <= 2**-24
-    assert ((scale.double() - exact_scale) / exact_scale).abs().max() <= 2**-24
-    assert rotary(position_ids[:, 1:], xpos_offset=xpos_offset, dtype=torch.float64)[0].dtype == torch.float64
+    tables = rotary(position_ids[:, 1:], xpos_offset=xpos_offset)
+    positions = position_ids[:, None, 1:, None].double()
+    angles = (positions * rotary.inv_freq.double()).repeat(1, 1, 1, 2)
+    sign = torch.ones(32, dtype=torch.float64)
+    sign[:16] = -1
+    scale = rotary.xpos_scale.double() ** ((positions - xpos_offset) / 512)
+    scale = scale.repeat(1, 1, 1, 2)
+    exact = {
+        "query_cos": angles.cos() * scale,
+        "query_sin": angles.sin() * sign * scale,
+        "key_cos": angles.cos() / scale,
+        "key_sin": angles.sin() * sign / scale,
+    }
+    for name, expected in exact.items():
+        table = getattr(tables, name)
+        assert table.dtype == torch.float32 and table.shape == (1, 1, len(POSITIONS) - 1, 32), name
+        # rounded once, to float32: computed in float32, cos at 64k was off by up to 4e-3
+        error = (table.double() - expected).abs() / expected.abs().clamp_min(scale.min())
+        assert error.max() <= 2**-24, name
+    assert rotary(position_ids[:, 1:], xpos_offset=xpos_offset, dtype=torch.float64).query_cos.dtype == torch.float64
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+@pytest.mark.parametrize("use_xpos", [False, True])
+def test_rotation_is_the_rotate_half_formula(rotary_dim, use_xpos):
+    # x * cos + rotate_half(x) * sin on the first rotary_dim features (times the xpos scale for queries, divided for
+    # keys), the rest passed through: written out here in float64
+    rotary = PalmERotaryEmbedding(rotary_dim, use_xpos=use_xpos)
+    position_ids = torch.tensor([[3, 9, 200], [0, 1, 2]])
+    tables = rotary(position_ids, xpos_offset=100)
+    states = torch.randn(2, 4, 3, 16)
+    angles = position_ids[:, None, :, None].double() * rotary.inv_freq.double()
+    angles = torch.cat((angles, angles), dim=-1)
+    scale = torch.ones_like(angles)
+    if use_xpos:
+        scale = rotary.xpos_scale.double() ** ((position_ids[:, None, :, None].double() - 100) / 512)
+        scale = torch.cat((scale, scale), dim=-1)
+    rotated, passed = states[..., :rotary_dim].double(), states[..., rotary_dim:].double()
+    first, second = rotated.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    for cos, sin, factor in ((tables.query_cos, tables.query_sin, scale), (tables.key_cos, tables.key_sin, 1 / scale)):
+        expected = torch.cat(((rotated * angles.cos() + rotated_half * angles.sin()) * factor, passed), dim=-1)
+        torch.testing.assert_close(apply_rotary_pos_emb(states, cos, sin).double(), expected, rtol=1e-6, atol=1e-6)
+    for dtype in (torch.bfloat16, torch.float64):
+        output = apply_rotary_pos_emb(states.to(dtype), tables.query_cos, tables.query_sin)
+        assert output.dtype == dtype and torch.equal(output[..., rotary_dim:], states[..., rotary_dim:].to(dtype))
 
 
 def test_autocast_dtype_bounds_xpos_positions():
@@ -198,11 +234,11 @@ def test_rotary_embedding_compiles_to_one_graph():
 def test_xpos_scales_stay_finite_in_half_precision():
     rotary = PalmERotaryEmbedding(32, use_xpos=True, xpos_scale_base=512)
     positions = torch.arange(8192)[None]
-    cos, sin, scale = rotary(positions, xpos_offset=4096)
+    tables = rotary(positions, xpos_offset=4096)
     states = torch.ones(1, 2, 8192, 64, dtype=torch.float16)
-    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale)).all()
-    assert torch.isfinite(apply_rotary_pos_emb(states, cos, sin, scale.reciprocal())).all()
-    assert torch.isfinite(apply_rotary_pos_emb(states.bfloat16(), cos, sin, scale)).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states, tables.query_cos, tables.query_sin)).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states, tables.key_cos, tables.key_sin)).all()
+    assert torch.isfinite(apply_rotary_pos_emb(states.bfloat16(), tables.query_cos, tables.query_sin)).all()
 
 
 @pytest.mark.parametrize("bias", [True, False])
