@@ -15,8 +15,9 @@ Sections (`--sections`):
 - `decode`: greedy decoding at batch 1 after an 8-token prompt, `DynamicCache`; tokens/s of the decoding steps
   (timed from the first to the last token, so without the prompt and the image).
 - `batch-decode`: the same at batch 8 after 1024-token prompts.
-- `compile`: batch 1 with `StaticCache` and the forward pass compiled by `generate()` (`torch.compile`, inductor);
-  also shown against the model's own eager `DynamicCache` decoding when `decode` ran in the same dtype.
+- `compile`: batch 1 with `StaticCache` and the forward pass compiled by `generate()` (`torch.compile`, inductor, see
+  `compile_config`); also shown against the model's own eager `DynamicCache` decoding when `decode` ran in the same
+  dtype.
 - `prefill`: one forward pass over `--prefill-lengths` tokens at batch 1 (cache filled, last logits only), tokens/s.
 - `train`: one training step (forward, backward, AdamW) at batch 8 x 256 tokens, tokens/s.
 - `memory`: self-attention cache bytes per token after a 1024-token prompt, and the peak memory that generating
@@ -123,7 +124,15 @@ def timed(function, device: str) -> float:
 
 
 def compile_config() -> CompileConfig:
-    config = CompileConfig(fullgraph=True, mode="default")
+    """
+    Inductor with its C++ wrapper (the graph's calls without a Python wrapper) and without guards on the modules'
+    attributes (they do not change between steps): each takes about 0.5 ms off a CPU decoding step at batch 1.
+    """
+    config = CompileConfig(
+        fullgraph=True,
+        mode=None,
+        options={"cpp_wrapper": True, "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe},
+    )
     # generate() compiles on accelerators only, unless told otherwise
     config._compile_all_devices = True
     return config

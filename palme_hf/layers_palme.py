@@ -314,10 +314,12 @@ def linear(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     `nn.functional.linear`, except for a single bfloat16 row on CPU (a decoding step at batch 1), which goes through
     `torch.mv`: there torch's matrix product reads a bfloat16 weight no faster than a float32 one, while its
-    matrix-vector product takes about half the time (README, "Speed").
+    matrix-vector product takes about half the time (README, "Speed"). Compiled graphs keep the matrix product, which
+    inductor lowers to oneDNN's bfloat16 kernel, where its lowering of `torch.mv` is slower.
     """
     if (
-        hidden_states.dtype == torch.bfloat16
+        not torch.compiler.is_compiling()
+        and hidden_states.dtype == torch.bfloat16
         and hidden_states.device.type == "cpu"
         and hidden_states.numel() == hidden_states.shape[-1]
         and not hasattr(weight, "to_local")  # a tensor-parallel shard keeps its own path
