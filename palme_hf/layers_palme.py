@@ -314,8 +314,8 @@ def linear(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     `nn.functional.linear`, except for a single bfloat16 row on CPU (a decoding step at batch 1), which goes through
     `torch.mv`: there torch's matrix product reads a bfloat16 weight no faster than a float32 one, while its
-    matrix-vector product takes about half the time (README, "Speed"). Compiled graphs keep the matrix product, which
-    inductor lowers to oneDNN's bfloat16 kernel, where its lowering of `torch.mv` is slower.
+    matrix-vector product takes about half the time (README, "Speed"). Compiled graphs keep the matrix product,
+    which inductor lowers better than `torch.mv`.
     """
     if (
         not torch.compiler.is_compiling()
