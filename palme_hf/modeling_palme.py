@@ -1003,6 +1003,56 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
         return processors
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        # Beams and `num_return_sequences` repeat each text `expand_size` times; with `"prefix"` integration a text
+        # may hold several images, which are repeated as its group, [a, b] -> [a, b, a, b], so that every copy of
+        # the text sees its own images (repeating them one by one, [a, a, b, b], would mix them across copies), as
+        # Transformers expands its VLMs' image features.
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            pixel_values = self._repeat_images_per_text(
+                pixel_values, input_ids, model_kwargs.get("inputs_embeds"), expand_size
+            )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    def _repeat_images_per_text(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        expand_size: int,
+    ) -> torch.FloatTensor:
+        """
+        `pixel_values` `(num_images, channels, height, width)` of a batch of texts, with each text's images repeated
+        `expand_size` times as a group: `(num_images * expand_size, channels, height, width)`, in the order of the
+        texts' copies.
+        """
+        if self.config.vision_integration != "prefix":
+            return pixel_values.repeat_interleave(expand_size, dim=0)  # one image per text
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = None  # generate() gives an empty tensor with `inputs_embeds`
+        placeholders = self.model.get_placeholder_mask(input_ids, inputs_embeds).sum(dim=1)
+        images_per_text = (placeholders // self.config.num_image_tokens).tolist()
+        if sum(images_per_text) != pixel_values.shape[0] or any(placeholders % self.config.num_image_tokens):
+            raise ValueError(
+                f"The texts hold {placeholders.tolist()} image placeholder tokens (id {self.config.image_token_id}), "
+                f"{self.config.num_image_tokens} per image, but {pixel_values.shape[0]} images were given: give one "
+                "image per placeholder run, in order."
+            )
+        groups = torch.split(pixel_values, images_per_text)
+        return torch.cat([group for group in groups for _ in range(expand_size)])
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -1010,6 +1060,18 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ):
+        cache = kwargs.get(CACHE_NAME)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if (
+            pixel_values is not None
+            and self.config.vision_integration == "prefix"
+            and 0 < past_length < input_ids.shape[1]
+            and bool((input_ids[:, past_length:] == self.config.image_token_id).any())
+        ):
+            # The cache ends inside the images' placeholders: an assistant's cache cut back into the prompt after a
+            # rejected draft. The images' features cannot be split there: read the prompt again, with its images.
+            cache.crop(-past_length)
+            kwargs["next_sequence_length"] = None
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values, **kwargs
         )
