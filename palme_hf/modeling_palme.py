@@ -890,22 +890,27 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         vision_model: str,
         text_model: str,
         image_token_id: int | None = None,
-        dtype: torch.dtype | None = None,
-        **config_kwargs,
+        dtype: torch.dtype | str | None = None,
+        **kwargs,
     ) -> "PalmEForConditionalGeneration":
         """
         The PaLM-E recipe: a model built from a pretrained vision encoder and a pretrained causal language model, each
         a local folder or Hub id written by `save_pretrained` of the tower's own class (`ViTModel`,
-        `SiglipVisionModel`, `LlamaForCausalLM`, `PalmEVisionModel`, `PalmEForCausalLM`, ...), with their weights and
-        a freshly initialised projector (and resampler, with `num_latents`).
+        `SiglipVisionModel`, `LlamaForCausalLM`, `PalmEVisionModel`, `PalmEForCausalLM`, ...; of a CLIP or SigLIP
+        dual encoder, `CLIPModel` or `SiglipModel`, the vision half is taken), with their weights and a freshly
+        initialised projector (and resampler, with `num_latents`).
 
         The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
         [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
-        the head grow to hold it. With `dtype` (`torch.bfloat16`, ...) the towers load and the model is built in it.
-        `config_kwargs` go to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`; `projector_type`,
-        `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        the head grow to hold it. `dtype` is what `from_pretrained` takes (`torch.bfloat16`, `"bfloat16"`, `"auto"`:
+        the checkpoints' own): the towers load and the model is built in it, as `from_pretrained` builds a model, so
+        that the rotary frequencies stay float32; without it the model is float32. The loading arguments of
+        `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`,
+        `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and `device_map` as one device) go
+        to the towers' loaders; the other `kwargs` to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`;
+        `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
         """
-        return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **config_kwargs)
+        return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **kwargs)
 
     def freeze_towers(self, vision_model: bool = True, language_model: bool = True) -> "PalmEForConditionalGeneration":
         """
