@@ -743,7 +743,8 @@ class PalmEModel(PalmEPreTrainedModel):
                     f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: with cross-attention give "
                     "one image per sequence."
                 )
-            image_outputs = self.get_image_features(pixel_values)
+            output_flags = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
+            image_outputs = self.get_image_features(pixel_values, **output_flags)
             image_features = image_outputs.pooler_output
 
         if self.config.vision_integration == "prefix":

@@ -557,3 +557,27 @@ def test_loading_arguments_go_to_the_loaders_and_config_arguments_to_the_config(
         PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, device_map="auto")
     with pytest.raises(ValueError, match="PalmEConfig has no option `no_such_option`"):
         PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, no_such_option=1)
+
+
+@pytest.mark.parametrize("vision_family, text_family", [("palme", "palme"), ("vit", "llama"), ("siglip", "gpt2")])
+def test_output_attentions_and_hidden_states_reach_the_image_outputs(vision_family, text_family):
+    config = composite_config(vision_family, text_family)
+    model = PalmEForConditionalGeneration(config).eval()
+    model.set_attn_implementation("eager")
+    input_ids = torch.tensor([[1, *[VOCAB] * 16, 5, 6]])
+    pixel_values = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model(
+            pixel_values=pixel_values, input_ids=input_ids, output_attentions=True, output_hidden_states=True
+        )
+        vision = model.model.vision_model(pixel_values, output_attentions=True, output_hidden_states=True)
+        plain = model(pixel_values=pixel_values, input_ids=input_ids).image_outputs
+    image_outputs = outputs.image_outputs
+    assert len(image_outputs.attentions) == len(vision.attentions) == config.vision_config.num_hidden_layers
+    assert len(image_outputs.hidden_states) == len(vision.hidden_states)
+    for got, expected in zip(
+        image_outputs.attentions + image_outputs.hidden_states, vision.attentions + vision.hidden_states
+    ):
+        torch.testing.assert_close(got, expected)
+    assert len(outputs.attentions) == config.text_config.num_hidden_layers  # the language model's, as before
+    assert plain.attentions is None and plain.hidden_states is None  # only when asked for
