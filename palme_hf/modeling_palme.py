@@ -917,14 +917,18 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         """
         Freezes the towers for training, as the PaLM-E paper's variants do: `vision_model=True` freezes the image
         encoder, `language_model=True` the decoder with its head (token embeddings included); `False` makes that tower
-        trainable again. The projector and the resampler stay trainable: both `True` trains the projector only.
-        Returns the model.
+        trainable again. What joins image and text stays trainable: the projector and the resampler, and with
+        cross-attention the decoder's cross-attention layers (as Flamingo trains them between frozen towers); both
+        `True` trains those only. Returns the model.
         """
         for parameter in self.model.vision_model.parameters():
             parameter.requires_grad_(not vision_model)
         for module in (self.model.language_model, self.lm_head):
             for parameter in module.parameters():
                 parameter.requires_grad_(not language_model)
+        for module in self.model.language_model.modules():
+            if isinstance(module, PalmETextCrossAttention):
+                module.requires_grad_(True)
         return self
 
     def get_input_embeddings(self) -> nn.Embedding:

@@ -34,7 +34,14 @@ from palme_hf import (
 from palme_hf.synthetic_shapes import build_caption_tokenizer
 
 from conftest import WITHOUT_PALME_HF
-from helpers import TINY_TEXT, save_tiny_towers, tiny_text_tower_config, tiny_vision_tower_config
+from helpers import (
+    TINY_TEXT,
+    save_tiny_towers,
+    tiny_inputs,
+    tiny_model,
+    tiny_text_tower_config,
+    tiny_vision_tower_config,
+)
 
 VISION_FAMILIES = ["vit", "clip", "siglip", "palme"]
 TEXT_FAMILIES = ["llama", "gpt2", "qwen2", "gemma", "palme"]
@@ -581,3 +588,21 @@ def test_output_attentions_and_hidden_states_reach_the_image_outputs(vision_fami
         torch.testing.assert_close(got, expected)
     assert len(outputs.attentions) == config.text_config.num_hidden_layers  # the language model's, as before
     assert plain.attentions is None and plain.hidden_states is None  # only when asked for
+
+
+@pytest.mark.parametrize("block_type", ["standard", "parallel"])
+def test_freeze_towers_keeps_the_cross_attention_layers_trainable(block_type):
+    model = tiny_model("reference", block_type=block_type, num_latents=2).train()
+    model.freeze_towers()
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    joining = {name for name in dict(model.named_parameters()) if ".cross_attn." in name or "resampler" in name}
+    assert trainable == joining and any(".cross_attn." in name for name in trainable)
+    pixel_values, input_ids = tiny_inputs(model)
+    before = {name: value.clone() for name, value in model.named_parameters()}
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-2)
+    model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    changed = {name for name, value in model.named_parameters() if not torch.equal(value, before[name])}
+    assert changed and changed <= joining
+    model.freeze_towers(language_model=False)
+    assert all(parameter.requires_grad for parameter in model.model.language_model.parameters())
