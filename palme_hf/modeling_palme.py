@@ -26,6 +26,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -930,6 +931,26 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             if isinstance(module, PalmETextCrossAttention):
                 module.requires_grad_(True)
         return self
+
+    def lora_targets(self) -> dict[str, list[str]]:
+        """
+        What a PEFT `LoraConfig` takes to put LoRA adapters on the language model while what joins image and text
+        trains in full, for any text tower (Llama, GPT-2, Qwen2, Gemma, PalmE's own, ...):
+        `get_peft_model(model, LoraConfig(r=8, **model.lora_targets()))`. `target_modules` are the full names of the
+        language model's linear layers (`nn.Linear`, and GPT-2's `Conv1D`), its cross-attention layers left out;
+        `modules_to_save` those of the projector, the resampler and the cross-attention layers that the model has.
+        """
+        joining = [module for module in (self.model.multi_modal_projector, self.model.resampler) if module is not None]
+        joining += [module for module in self.model.modules() if isinstance(module, PalmETextCrossAttention)]
+        names = {module: name for name, module in self.named_modules()}
+        modules_to_save = [names[module] for module in joining]
+        target_modules = [
+            name
+            for name, module in self.model.language_model.named_modules(prefix="model.language_model")
+            if isinstance(module, (nn.Linear, Conv1D))
+            and not any(name.startswith(f"{joined}.") for joined in modules_to_save)
+        ]
+        return {"target_modules": target_modules, "modules_to_save": modules_to_save}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()

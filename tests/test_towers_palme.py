@@ -606,3 +606,42 @@ def test_freeze_towers_keeps_the_cross_attention_layers_trainable(block_type):
     assert changed and changed <= joining
     model.freeze_towers(language_model=False)
     assert all(parameter.requires_grad for parameter in model.model.language_model.parameters())
+
+
+@pytest.mark.parametrize("text_family", [*TEXT_FAMILIES, "palme_cross_attention"])
+def test_lora_targets_adapt_every_language_model_and_keep_the_joining_layers_trainable(text_family):
+    from peft import LoraConfig, get_peft_model
+
+    if text_family == "palme_cross_attention":
+        model, joining = tiny_model("reference", num_latents=2), (".resampler.", ".cross_attn.")
+        pixel_values, input_ids = tiny_inputs(model, batch_size=1)
+    else:
+        model, joining = (
+            PalmEForConditionalGeneration(composite_config("vit", text_family)),
+            (".multi_modal_projector.",),
+        )
+        pixel_values, input_ids = torch.rand(1, 3, 32, 32), torch.tensor([[1, *[VOCAB] * 16, 5, 6, 7]])
+    targets = model.lora_targets()
+    assert targets["target_modules"] and all(
+        name.startswith("model.language_model.") for name in targets["target_modules"]
+    )
+    peft_model = get_peft_model(model.train(), LoraConfig(r=2, lora_alpha=4, **targets))
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert all("lora_" in name or "modules_to_save" in name for name in trainable)
+    for part in joining:  # trained in full
+        names = [name for name in trainable if part in name and "modules_to_save" in name]
+        assert names, part
+    assert any("language_model" in name and "lora_" in name for name in trainable)
+    assert not any("vision_model" in name for name in trainable)
+
+    optimizer = torch.optim.AdamW(
+        [parameter for parameter in peft_model.parameters() if parameter.requires_grad], lr=1e-2
+    )
+    peft_model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(pixel_values=pixel_values, input_ids=input_ids).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(pixel_values=pixel_values, input_ids=input_ids).logits, adapted)
+    assert type(merged) is PalmEForConditionalGeneration
