@@ -139,7 +139,11 @@ def test_beams_score_each_sequence_with_its_own_images(text_tower):
     uncached = generate(model, **batch, **kwargs, return_dict_in_generate=True, use_cache=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
-    new_tokens = cached.sequences[:, batch["input_ids"].shape[1] :]
+    # with `inputs_embeds` the texts' images are found by their placeholders' embeddings
+    embedded = {**batch, "inputs_embeds": model.get_input_embeddings()(batch.pop("input_ids"))}
+    from_embeddings = generate(model, **embedded, **kwargs, return_dict_in_generate=True)
+    torch.testing.assert_close(from_embeddings.sequences_scores, cached.sequences_scores)
+    new_tokens = cached.sequences[:, embedded["inputs_embeds"].shape[1] :]
     for row, score in enumerate(cached.sequences_scores):
         expected = recomputed_log_probability(model, alone[row // 3], new_tokens[row])
         torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
