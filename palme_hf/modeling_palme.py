@@ -1093,14 +1093,15 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     ):
         cache = kwargs.get(CACHE_NAME)
         past_length = cache.get_seq_length() if cache is not None else 0
+        # An assistant's cache cut back inside the prompt's image placeholders (after a rejected draft) cannot take
+        # the rest of the images' features: the prompt is read again, with its images. A one-token step is a
+        # generated token, never a placeholder, and is not looked at (that would synchronise every decoding step).
         if (
             pixel_values is not None
             and self.config.vision_integration == "prefix"
-            and 0 < past_length < input_ids.shape[1]
+            and 0 < past_length < input_ids.shape[1] - 1
             and bool((input_ids[:, past_length:] == self.config.image_token_id).any())
         ):
-            # The cache ends inside the images' placeholders: an assistant's cache cut back into the prompt after a
-            # rejected draft. The images' features cannot be split there: read the prompt again, with its images.
             cache.crop(-past_length)
             kwargs["next_sequence_length"] = None
         model_inputs = super().prepare_inputs_for_generation(

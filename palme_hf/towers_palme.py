@@ -169,8 +169,8 @@ def load_pretrained_towers(
     )
     # built as `from_pretrained` builds a model in `dtype`: under it as the default dtype, so that what a tower keeps
     # in float32 (the rotary frequencies `inv_freq`) stays float32
-    attention = {key: value for key, value in loading_kwargs.items() if key == "attn_implementation"}
-    model = cls._from_config(config, dtype=towers_dtype(dtype, vision, text), **attention)
+    attention_kwargs, _ = split_loading_arguments(loading_kwargs, ("attn_implementation",))
+    model = cls._from_config(config, dtype=towers_dtype(dtype, vision, text), **attention_kwargs)
     load_state(model.model.vision_model, vision.state_dict(), f"the vision tower {vision_model!r}")
     load_state(model.model.language_model, text.base_model.state_dict(), f"the language model {text_model!r}")
     load_state(model.lm_head, text.get_output_embeddings().state_dict(), f"the language-model head of {text_model!r}")
