@@ -369,11 +369,12 @@ class PalmEProcessor(ProcessorMixin):
 
     With `"prefix"` integration (`num_image_tokens` set), texts are multimodal sentences: each marker `image_token`
     stands where an image goes (any number per text, at any positions, e.g. `"Q: What changed between <image> and
-    <image>? A:"`), the images given in the order of their markers (a flat list, or one list per text). Each marker is
-    expanded into `num_image_tokens` copies of the image placeholder token (the token `image_token` itself, whose id
-    must be the model's `config.image_token_id`), one per image feature, and `pixel_values` holds all images in order.
-    With cross-attention (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they
-    are, each with one image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
+    <image>? A:"`), the images given in the order of their markers (a flat list, or one list per text, each holding
+    as many images as its text has markers). Each marker is expanded into `num_image_tokens` copies of the image
+    placeholder token (the token `image_token` itself, whose id must be the model's `config.image_token_id`), one per
+    image feature, and `pixel_values` holds all images in order (none: no `pixel_values`). With cross-attention
+    (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they are, each with one
+    image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
     [`PalmEProcessor.from_pretrained_towers`] one for a model built from two pretrained towers.
 
     Args:
