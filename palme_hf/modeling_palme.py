@@ -26,6 +26,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -743,7 +744,8 @@ class PalmEModel(PalmEPreTrainedModel):
                     f"Got {pixel_values.shape[0]} images for {batch_size} text sequences: with cross-attention give "
                     "one image per sequence."
                 )
-            image_outputs = self.get_image_features(pixel_values)
+            output_flags = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
+            image_outputs = self.get_image_features(pixel_values, **output_flags)
             image_features = image_outputs.pooler_output
 
         if self.config.vision_integration == "prefix":
@@ -890,36 +892,65 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         vision_model: str,
         text_model: str,
         image_token_id: int | None = None,
-        dtype: torch.dtype | None = None,
-        **config_kwargs,
+        dtype: torch.dtype | str | None = None,
+        **kwargs,
     ) -> "PalmEForConditionalGeneration":
         """
         The PaLM-E recipe: a model built from a pretrained vision encoder and a pretrained causal language model, each
         a local folder or Hub id written by `save_pretrained` of the tower's own class (`ViTModel`,
-        `SiglipVisionModel`, `LlamaForCausalLM`, `PalmEVisionModel`, `PalmEForCausalLM`, ...), with their weights and
-        a freshly initialised projector (and resampler, with `num_latents`).
+        `SiglipVisionModel`, `LlamaForCausalLM`, `PalmEVisionModel`, `PalmEForCausalLM`, ...; of a CLIP or SigLIP
+        dual encoder, `CLIPModel` or `SiglipModel`, the vision half is taken), with their weights and a freshly
+        initialised projector (and resampler, with `num_latents`).
 
         The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
         [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
-        the head grow to hold it. With `dtype` (`torch.bfloat16`, ...) the towers load and the model is built in it.
-        `config_kwargs` go to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`; `projector_type`,
-        `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        the head grow to hold it. `dtype` is what `from_pretrained` takes (`torch.bfloat16`, `"bfloat16"`, `"auto"`:
+        the checkpoints' own): the towers load and the model is built in it, as `from_pretrained` builds a model, so
+        that the rotary frequencies stay float32; without it the model is float32. The loading arguments of
+        `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`,
+        `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and `device_map` as one device) go
+        to the towers' loaders; the other `kwargs` to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`;
+        `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
         """
-        return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **config_kwargs)
+        return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **kwargs)
 
     def freeze_towers(self, vision_model: bool = True, language_model: bool = True) -> "PalmEForConditionalGeneration":
         """
         Freezes the towers for training, as the PaLM-E paper's variants do: `vision_model=True` freezes the image
         encoder, `language_model=True` the decoder with its head (token embeddings included); `False` makes that tower
-        trainable again. The projector and the resampler stay trainable: both `True` trains the projector only.
-        Returns the model.
+        trainable again. What joins image and text stays trainable: the projector and the resampler, and with
+        cross-attention the decoder's cross-attention layers (as Flamingo trains them between frozen towers); both
+        `True` trains those only. Returns the model.
         """
         for parameter in self.model.vision_model.parameters():
             parameter.requires_grad_(not vision_model)
         for module in (self.model.language_model, self.lm_head):
             for parameter in module.parameters():
                 parameter.requires_grad_(not language_model)
+        for module in self.model.language_model.modules():
+            if isinstance(module, PalmETextCrossAttention):
+                module.requires_grad_(True)
         return self
+
+    def lora_targets(self) -> dict[str, list[str]]:
+        """
+        What a PEFT `LoraConfig` takes to put LoRA adapters on the language model while what joins image and text
+        trains in full, for any text tower (Llama, GPT-2, Qwen2, Gemma, PalmE's own, ...):
+        `get_peft_model(model, LoraConfig(r=8, **model.lora_targets()))`. `target_modules` are the full names of the
+        language model's linear layers (`nn.Linear`, and GPT-2's `Conv1D`), its cross-attention layers left out;
+        `modules_to_save` those of the projector, the resampler and the cross-attention layers that the model has.
+        """
+        joining = [module for module in (self.model.multi_modal_projector, self.model.resampler) if module is not None]
+        joining += [module for module in self.model.modules() if isinstance(module, PalmETextCrossAttention)]
+        names = {module: name for name, module in self.named_modules()}
+        modules_to_save = [names[module] for module in joining]
+        target_modules = [
+            name
+            for name, module in self.model.language_model.named_modules(prefix="model.language_model")
+            if isinstance(module, (nn.Linear, Conv1D))
+            and not any(name.startswith(f"{joined}.") for joined in modules_to_save)
+        ]
+        return {"target_modules": target_modules, "modules_to_save": modules_to_save}
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
@@ -1003,6 +1034,56 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
         return processors
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        # Beams and `num_return_sequences` repeat each text `expand_size` times; with `"prefix"` integration a text
+        # may hold several images, which are repeated as its group, [a, b] -> [a, b, a, b], so that every copy of
+        # the text sees its own images (repeating them one by one, [a, a, b, b], would mix them across copies), as
+        # Transformers expands its VLMs' image features.
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            pixel_values = self._repeat_images_per_text(
+                pixel_values, input_ids, model_kwargs.get("inputs_embeds"), expand_size
+            )
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+    def _repeat_images_per_text(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        expand_size: int,
+    ) -> torch.FloatTensor:
+        """
+        `pixel_values` `(num_images, channels, height, width)` of a batch of texts, with each text's images repeated
+        `expand_size` times as a group: `(num_images * expand_size, channels, height, width)`, in the order of the
+        texts' copies.
+        """
+        if self.config.vision_integration != "prefix":
+            return pixel_values.repeat_interleave(expand_size, dim=0)  # one image per text
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = None  # generate() gives an empty tensor with `inputs_embeds`
+        placeholders = self.model.get_placeholder_mask(input_ids, inputs_embeds).sum(dim=1)
+        images_per_text = (placeholders // self.config.num_image_tokens).tolist()
+        if sum(images_per_text) != pixel_values.shape[0] or any(placeholders % self.config.num_image_tokens):
+            raise ValueError(
+                f"The texts hold {placeholders.tolist()} image placeholder tokens (id {self.config.image_token_id}), "
+                f"{self.config.num_image_tokens} per image, but {pixel_values.shape[0]} images were given: give one "
+                "image per placeholder run, in order."
+            )
+        groups = torch.split(pixel_values, images_per_text)
+        return torch.cat([group for group in groups for _ in range(expand_size)])
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -1010,6 +1091,19 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ):
+        cache = kwargs.get(CACHE_NAME)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        # An assistant's cache cut back inside the prompt's image placeholders (after a rejected draft) cannot take
+        # the rest of the images' features: the prompt is read again, with its images. A one-token step is a
+        # generated token, never a placeholder, and is not looked at (that would synchronise every decoding step).
+        if (
+            pixel_values is not None
+            and self.config.vision_integration == "prefix"
+            and 0 < past_length < input_ids.shape[1] - 1
+            and bool((input_ids[:, past_length:] == self.config.image_token_id).any())
+        ):
+            cache.crop(-past_length)
+            kwargs["next_sequence_length"] = None
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values, **kwargs
         )

@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import (
@@ -25,7 +25,13 @@ from transformers.image_utils import (
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_palme import PalmEConfig, num_patches_of
-from .towers_palme import IMAGE_TOKEN, add_image_token
+from .towers_palme import (
+    HUB_ARGUMENTS,
+    IMAGE_TOKEN,
+    add_image_token,
+    split_loading_arguments,
+    vision_tower_class_and_config,
+)
 
 # How far outside [0, 1] a floating-point image may go and still be clipped (with a warning) rather than refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
@@ -339,6 +345,22 @@ def default_chat_template(image_token: str | None) -> str:
     return "{%- set image_marker = " + json.dumps(image_token or "") + " -%}" + CHAT_TEMPLATE
 
 
+def _is_one_list_per_text(images) -> bool:
+    """Whether `images` is a list of lists (or tuples) of images, the form that gives each text its own images."""
+    return (
+        isinstance(images, (list, tuple))
+        and len(images) > 0
+        and all(isinstance(item, (list, tuple)) for item in images)
+    )
+
+
+def _count_images(image_processor, images) -> list:
+    """`images` as the flat list of images the image processor reads (a `(height, width)` array is one image)."""
+    if isinstance(images, (list, tuple)) and len(images) == 0:
+        return []
+    return image_processor._prepare_images_structure(images)
+
+
 class PalmEProcessor(ProcessorMixin):
     r"""
     A PalmE processor: a [`PalmEImageProcessor`] and any Transformers tokenizer. `processor(images=..., text=...)`
@@ -347,11 +369,12 @@ class PalmEProcessor(ProcessorMixin):
 
     With `"prefix"` integration (`num_image_tokens` set), texts are multimodal sentences: each marker `image_token`
     stands where an image goes (any number per text, at any positions, e.g. `"Q: What changed between <image> and
-    <image>? A:"`), the images given in the order of their markers (a flat list, or one list per text). Each marker is
-    expanded into `num_image_tokens` copies of the image placeholder token (the token `image_token` itself, whose id
-    must be the model's `config.image_token_id`), one per image feature, and `pixel_values` holds all images in order.
-    With cross-attention (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they
-    are, each with one image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
+    <image>? A:"`), the images given in the order of their markers (a flat list, or one list per text, each holding
+    as many images as its text has markers). Each marker is expanded into `num_image_tokens` copies of the image
+    placeholder token (the token `image_token` itself, whose id must be the model's `config.image_token_id`), one per
+    image feature, and `pixel_values` holds all images in order (none: no `pixel_values`). With cross-attention
+    (`num_image_tokens=None`) the image does not appear in the text: texts are tokenized as they are, each with one
+    image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
     [`PalmEProcessor.from_pretrained_towers`] one for a model built from two pretrained towers.
 
     Args:
@@ -434,14 +457,17 @@ class PalmEProcessor(ProcessorMixin):
     ) -> "PalmEProcessor":
         """
         The processor of [`PalmEForConditionalGeneration.from_pretrained_towers`]`(vision_model, text_model)`: the
-        vision tower's image processor and the language model's tokenizer (each a local folder or Hub id), with
-        `<image>` added to the tokenizer as a special token, expanded into one placeholder per image feature (the
-        tower's patches, or `num_latents` with a resampler). `kwargs` go to `AutoImageProcessor.from_pretrained`.
+        vision tower's image processor and the language model's tokenizer (each a local folder or Hub id; the vision
+        half of a CLIP or SigLIP dual encoder), with `<image>` added to the tokenizer as a special token, expanded into
+        one placeholder per image feature (the tower's patches, or `num_latents` with a resampler). The arguments that
+        say where to read from (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`, ...) go to
+        every loader; the other `kwargs` to `AutoImageProcessor.from_pretrained`.
         """
+        hub_kwargs, _ = split_loading_arguments(kwargs, HUB_ARGUMENTS)
         image_processor = AutoImageProcessor.from_pretrained(vision_model, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(text_model)
+        tokenizer = AutoTokenizer.from_pretrained(text_model, **hub_kwargs)
         add_image_token(tokenizer)
-        vision_config = AutoConfig.from_pretrained(vision_model)
+        _, vision_config = vision_tower_class_and_config(vision_model, **hub_kwargs)
         num_image_tokens = num_latents if num_latents is not None else num_patches_of(vision_config)
         return cls(image_processor, tokenizer, image_token=IMAGE_TOKEN, num_image_tokens=num_image_tokens)
 
@@ -453,10 +479,32 @@ class PalmEProcessor(ProcessorMixin):
         images, text, videos, audio = super().prepare_inputs_layout(
             images=images, text=text, videos=videos, audio=audio, **kwargs
         )
+        if images is not None and text is not None and _is_one_list_per_text(images):
+            self._check_images_of_each_text(images, [text] if isinstance(text, str) else text)
         if images is not None:
             # one flat list, in which images are counted as the image processor reads them ((height, width) arrays too)
-            images = self.image_processor._prepare_images_structure(images)
+            images = _count_images(self.image_processor, images)
+            # no images (`images=[]`) is no `pixel_values`, as for a text-only call
+            images = images or None
         return images, text, videos, audio
+
+    def _check_images_of_each_text(self, images: list, texts: list[str]):
+        """Images given as one list per text: as many lists as texts, each with as many images as its text takes."""
+        if len(images) != len(texts):
+            raise ValueError(f"Got {len(images)} lists of images for {len(texts)} texts: give one list per text.")
+        for index, (text_images, text) in enumerate(zip(images, texts)):
+            num_images = len(_count_images(self.image_processor, text_images))
+            wanted = text.count(self.image_token) if self.image_token is not None else 1
+            if num_images != wanted:
+                takes = (
+                    f"holds {wanted} image markers {self.image_token!r}"
+                    if self.image_token is not None
+                    else "takes one image (cross-attention)"
+                )
+                raise ValueError(
+                    f"Text {index} ({text[:80]!r}) {takes}, but its list holds {num_images} images: give each text "
+                    "its own images, in the order of its markers."
+                )
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """

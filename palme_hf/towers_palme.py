@@ -3,8 +3,9 @@ the projector between them, and loading the towers' own checkpoints."""
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .configuration_palme import PalmEConfig
 
@@ -66,20 +67,94 @@ def load_state(module: nn.Module, state_dict: dict, what: str):
         raise ValueError(f"The weights of {what} do not fit the tower PalmE built from its config: {error}") from error
 
 
+# Arguments of `from_pretrained` that say where a checkpoint is read from: they go to every loader of a tower (model,
+# config, tokenizer, image processor).
+HUB_ARGUMENTS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "proxies",
+    "revision",
+    "token",
+    "trust_remote_code",
+)
+# Arguments of a model's `from_pretrained` that say how its weights load: they go to both towers' model loaders.
+WEIGHT_ARGUMENTS = ("attn_implementation", "low_cpu_mem_usage", "use_safetensors", "variant")
+
+
+def split_loading_arguments(kwargs: dict, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """`kwargs` split into those named in `names` and the rest."""
+    chosen = {key: value for key, value in kwargs.items() if key in names}
+    return chosen, {key: value for key, value in kwargs.items() if key not in names}
+
+
+def vision_tower_class_and_config(vision_model: str, **hub_kwargs):
+    """
+    The model class and config of the vision encoder in `vision_model`: the checkpoint's own or, for a dual encoder
+    (a `CLIPModel` or `SiglipModel` folder, with a `vision_config`), those of its vision half, as
+    `CLIPVisionModel.from_pretrained` reads the same folder.
+    """
+    config = AutoConfig.from_pretrained(vision_model, **hub_kwargs)
+    vision_config = getattr(config, "vision_config", None)
+    if vision_config is not None and type(config) in MODEL_MAPPING and type(vision_config) in MODEL_MAPPING:
+        config = vision_config
+    if type(config) not in MODEL_MAPPING:
+        return AutoModel, config  # a checkpoint with custom code (`trust_remote_code`): AutoModel resolves it
+    return MODEL_MAPPING[type(config)], config
+
+
+def load_vision_tower(vision_model: str, dtype, **loading_kwargs) -> PreTrainedModel:
+    """The vision encoder of `vision_model` (the vision half of a dual encoder), with every weight read from it."""
+    hub_kwargs, _ = split_loading_arguments(loading_kwargs, HUB_ARGUMENTS)
+    model_class, _ = vision_tower_class_and_config(vision_model, **hub_kwargs)
+    vision, loading_info = model_class.from_pretrained(
+        vision_model, dtype=dtype, output_loading_info=True, **loading_kwargs
+    )
+    if loading_info["missing_keys"]:
+        raise ValueError(
+            f"{vision_model!r} does not hold the weights of its vision encoder ({type(vision).__name__}): "
+            f"{sorted(loading_info['missing_keys'])[:5]} are missing."
+        )
+    return vision
+
+
+def towers_dtype(dtype, vision: PreTrainedModel, text: PreTrainedModel) -> torch.dtype | None:
+    """
+    The dtype to build PalmE in: `None` (the default dtype, float32) without `dtype`; else the dtype the towers loaded
+    in (`dtype="auto"`: each checkpoint's own, which must agree).
+    """
+    if dtype is None:
+        return None
+    if vision.dtype != text.dtype:
+        raise ValueError(
+            f"With `dtype={dtype!r}` the vision tower loaded in {vision.dtype} and the language model in "
+            f'{text.dtype}: give one dtype (`torch.bfloat16`, `"float32"`, ...).'
+        )
+    return text.dtype
+
+
 def load_pretrained_towers(
     cls,
     vision_model: str,
     text_model: str,
     image_token_id: int | None = None,
-    dtype: torch.dtype | None = None,
-    **config_kwargs,
+    dtype: torch.dtype | str | None = None,
+    **kwargs,
 ):
     """The implementation of [`PalmEForConditionalGeneration.from_pretrained_towers`]."""
-    vision = AutoModel.from_pretrained(vision_model, dtype=dtype)
-    text = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype)
+    device_map = kwargs.pop("device_map", None)
+    if isinstance(device_map, dict) or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise ValueError(
+            f"`from_pretrained_towers` builds the model on one device; `device_map={device_map!r}` spreads a saved "
+            "model: `save_pretrained` this one and load it with `from_pretrained(folder, device_map=...)`."
+        )
+    loading_kwargs, config_kwargs = split_loading_arguments(kwargs, HUB_ARGUMENTS + WEIGHT_ARGUMENTS)
+    hub_kwargs, _ = split_loading_arguments(loading_kwargs, HUB_ARGUMENTS)
+    vision = load_vision_tower(vision_model, dtype, **loading_kwargs)
+    text = AutoModelForCausalLM.from_pretrained(text_model, dtype=dtype, **loading_kwargs)
     if image_token_id is None:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(text_model)
+            tokenizer = AutoTokenizer.from_pretrained(text_model, **hub_kwargs)
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"{text_model!r} holds no tokenizer to add the `{IMAGE_TOKEN}` token to: give `image_token_id` "
@@ -92,12 +167,15 @@ def load_pretrained_towers(
     config = PalmEConfig(
         vision_config=vision.config, text_config=text.config, image_token_id=image_token_id, **config_kwargs
     )
-    model = cls(config) if dtype is None else cls(config).to(dtype)
+    # built as `from_pretrained` builds a model in `dtype`: under it as the default dtype, so that what a tower keeps
+    # in float32 (the rotary frequencies `inv_freq`) stays float32
+    attention_kwargs, _ = split_loading_arguments(loading_kwargs, ("attn_implementation",))
+    model = cls._from_config(config, dtype=towers_dtype(dtype, vision, text), **attention_kwargs)
     load_state(model.model.vision_model, vision.state_dict(), f"the vision tower {vision_model!r}")
     load_state(model.model.language_model, text.base_model.state_dict(), f"the language model {text_model!r}")
     load_state(model.lm_head, text.get_output_embeddings().state_dict(), f"the language-model head of {text_model!r}")
     model.tie_weights()
-    return model
+    return model if device_map is None else model.to(device_map)
 
 
 __all__ = ["PalmEMultiModalProjector", "add_image_token"]

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration
 from palme_hf.compat_palme import CACHE_NAME
 
-from helpers import BLOCK_TYPES, combination_model, tiny_inputs
+from helpers import BLOCK_TYPES, combination_model, tiny_inputs, tiny_text_tower_config, tiny_vision_tower_config
 
 COMBINATIONS = [(block_type, integration) for block_type in BLOCK_TYPES for integration in ("reference", "prefix")]
 STRATEGIES = {
@@ -84,3 +85,93 @@ def test_a_new_image_replaces_the_cached_one():
     ):
         torch.testing.assert_close(layer.keys, expected.keys)  # image B's keys, not image A's
         torch.testing.assert_close(layer.values, expected.values)
+
+
+def prefix_model(text_tower: str) -> PalmEForConditionalGeneration:
+    """A tiny prefix-route model: PalmE's own decoder (`"palme"`) or a Transformers Llama as the text tower."""
+    if text_tower == "palme":
+        return combination_model("standard", "prefix", None)
+    vocab_size = 20
+    config = PalmEConfig(
+        vision_config=tiny_vision_tower_config("vit"),
+        text_config=tiny_text_tower_config("llama", vocab_size + 1),
+        vision_integration="prefix",
+        image_token_id=vocab_size,
+    )
+    return PalmEForConditionalGeneration(config).eval()
+
+
+def texts_with_one_and_two_images(model) -> tuple[dict, list[torch.Tensor]]:
+    """
+    A left-padded batch of two texts, the first with one image, the second with two (`generate()`'s inputs), and each
+    text alone without its padding (its `input_ids` and its own images).
+    """
+    config = model.config
+    placeholders = [config.image_token_id] * config.num_image_tokens
+    texts = [[5, 6, *placeholders, 7, 8], [5, *placeholders, 9, *placeholders]]
+    images = [torch.rand(1, 3, 32, 32), torch.rand(2, 3, 32, 32)]
+    length = max(map(len, texts))
+    input_ids = torch.tensor([[0] * (length - len(text)) + text for text in texts])
+    attention_mask = torch.tensor([[0] * (length - len(text)) + [1] * len(text) for text in texts])
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.cat(images))
+    alone = [
+        dict(input_ids=torch.tensor([text]), pixel_values=text_images) for text, text_images in zip(texts, images)
+    ]
+    return batch, alone
+
+
+def recomputed_log_probability(model, text: dict, new_tokens: torch.Tensor) -> torch.Tensor:
+    """The log-probability of `new_tokens` after `text` (one text with its own images), by one forward pass."""
+    input_ids = torch.cat([text["input_ids"], new_tokens[None]], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, pixel_values=text["pixel_values"]).logits[0]
+    log_probs = torch.log_softmax(logits.float(), dim=-1)[text["input_ids"].shape[1] - 1 : -1]
+    return log_probs.gather(1, new_tokens[:, None]).sum()
+
+
+@pytest.mark.parametrize("text_tower", ["palme", "llama"])
+def test_beams_score_each_sequence_with_its_own_images(text_tower):
+    model = prefix_model(text_tower)
+    batch, alone = texts_with_one_and_two_images(model)
+    # length_penalty=0: a beam's score is the sum of its tokens' log-probabilities
+    kwargs = dict(num_beams=3, num_return_sequences=3, length_penalty=0.0, output_scores=True)
+    cached = generate(model, **batch, **kwargs, return_dict_in_generate=True)
+    uncached = generate(model, **batch, **kwargs, return_dict_in_generate=True, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores)
+    # with `inputs_embeds` the texts' images are found by their placeholders' embeddings
+    embedded = {**batch, "inputs_embeds": model.get_input_embeddings()(batch.pop("input_ids"))}
+    from_embeddings = generate(model, **embedded, **kwargs, return_dict_in_generate=True)
+    torch.testing.assert_close(from_embeddings.sequences_scores, cached.sequences_scores)
+    new_tokens = cached.sequences[:, embedded["inputs_embeds"].shape[1] :]
+    for row, score in enumerate(cached.sequences_scores):
+        expected = recomputed_log_probability(model, alone[row // 3], new_tokens[row])
+        torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("text_tower", ["palme", "llama"])
+def test_returned_samples_are_drawn_with_their_own_images(text_tower):
+    model = prefix_model(text_tower)
+    batch, alone = texts_with_one_and_two_images(model)
+    kwargs = dict(do_sample=True, top_k=5, num_return_sequences=2, output_logits=True, return_dict_in_generate=True)
+    cached = generate(model, **batch, **kwargs)
+    uncached = generate(model, **batch, **kwargs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    new_tokens = cached.sequences[:, batch["input_ids"].shape[1] :]
+    for outputs in (cached, uncached):
+        log_probs = torch.log_softmax(torch.stack(outputs.logits, dim=1).float(), dim=-1)
+        scores = log_probs.gather(2, new_tokens[..., None]).sum(dim=(1, 2))
+        for row, score in enumerate(scores):
+            expected = recomputed_log_probability(model, alone[row // 2], new_tokens[row])
+            torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("text_tower", ["palme", "llama"])
+def test_a_separate_draft_model_assists_prompts_ending_in_text_and_in_an_image(text_tower):
+    model = prefix_model(text_tower)
+    torch.manual_seed(1)
+    draft = prefix_model(text_tower)  # another model of the same vocabulary, whose drafts are mostly rejected
+    placeholders = [model.config.image_token_id] * model.config.num_image_tokens
+    for prompt in ([5, 6, *placeholders, 7], [5, 6, *placeholders]):
+        inputs = dict(input_ids=torch.tensor([prompt]), pixel_values=torch.rand(1, 3, 32, 32))
+        assert torch.equal(generate(model, assistant_model=draft, **inputs), generate(model, **inputs))

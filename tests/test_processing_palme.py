@@ -486,3 +486,42 @@ def test_chat_template_prompts_the_shipped_captioner():
     generated = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     [caption] = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
     assert caption.strip() == sample_captions()["held_out_00.png"]
+
+
+@pytest.mark.parametrize(
+    "images, text, message",
+    [
+        (
+            [["red"], ["blue", "green"]],
+            ["<image> <image> x", "y <image>"],
+            r"Text 0 \('<image> <image> x'\) holds 2 image markers '<image>', but its list holds 1 images",
+        ),
+        ([["red"], ["blue"], ["green"]], ["<image> x", "y <image>"], "Got 3 lists of images for 2 texts"),
+        ([["red", "blue"]], "<image> x", r"Text 0 .* holds 1 image markers '<image>', but its list holds 2 images"),
+    ],
+)
+def test_one_list_of_images_per_text_is_checked_text_by_text(prefix_processor, images, text, message):
+    images = [[PIL.Image.new("RGB", (8, 8), colour) for colour in group] for group in images]
+    with pytest.raises(ValueError, match=message):
+        prefix_processor(images=images, text=text)
+
+
+def test_cross_attention_takes_one_image_in_each_list(tokenizer):
+    processor = PalmEProcessor.from_model_config(tiny_config(len(tokenizer)), tokenizer)
+    red, blue = PIL.Image.new("RGB", (8, 8), "red"), PIL.Image.new("RGB", (8, 8), "blue")
+    assert processor(images=[[red], [blue]], text=["a", "b"], padding=True)["pixel_values"].shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"Text 1 \('b'\) takes one image \(cross-attention\), but its list holds 0"):
+        processor(images=[[red], []], text=["a", "b"], padding=True)
+
+
+@pytest.mark.parametrize("cross_attend", [True, False])
+def test_no_images_give_no_pixel_values(tokenizer, cross_attend):
+    config = tiny_config(len(tokenizer), cross_attend=cross_attend)
+    processor = PalmEProcessor.from_model_config(config, tokenizer)
+    inputs = processor(images=[], text=["a red"])
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    model = PalmEForConditionalGeneration(config).eval()
+    assert model.generate(**inputs, max_new_tokens=2, min_new_tokens=2).shape == (1, inputs["input_ids"].shape[1] + 2)
+    if not cross_attend:
+        with pytest.raises(ValueError, match="Found 1 <image> tokens in the text but no images"):
+            processor(images=[], text=["<image> a red"])

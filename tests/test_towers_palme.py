@@ -12,8 +12,14 @@ import torch
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
     GPT2LMHeadModel,
+    SiglipConfig,
+    SiglipImageProcessorPil,
+    SiglipModel,
     ViTConfig,
 )
 
@@ -28,7 +34,14 @@ from palme_hf import (
 from palme_hf.synthetic_shapes import build_caption_tokenizer
 
 from conftest import WITHOUT_PALME_HF
-from helpers import TINY_TEXT, save_tiny_towers, tiny_text_tower_config, tiny_vision_tower_config
+from helpers import (
+    TINY_TEXT,
+    save_tiny_towers,
+    tiny_inputs,
+    tiny_model,
+    tiny_text_tower_config,
+    tiny_vision_tower_config,
+)
 
 VISION_FAMILIES = ["vit", "clip", "siglip", "palme"]
 TEXT_FAMILIES = ["llama", "gpt2", "qwen2", "gemma", "palme"]
@@ -457,3 +470,178 @@ def test_saved_model_loads_with_remote_code_without_palme_hf(towers, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(outputs["logits"], model(**inputs).logits)
     assert torch.equal(outputs["generated"], model.generate(**inputs, do_sample=False, max_new_tokens=4))
+
+
+@pytest.mark.parametrize("vision_family, text_family", [("vit", "llama"), ("clip", "qwen2"), ("palme", "gemma")])
+def test_bfloat16_towers_keep_float32_rotary_frequencies(towers, tmp_path, vision_family, text_family):
+    vision_dir, text_dir = towers[(vision_family, text_family)]
+    model = PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, dtype=torch.bfloat16).eval()
+    tower = AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16).eval()
+    assert model.model.multi_modal_projector.weight.dtype == torch.bfloat16
+    assert model.model.language_model.rotary_emb.inv_freq.dtype == tower.model.rotary_emb.inv_freq.dtype
+    assert tower.model.rotary_emb.inv_freq.dtype == torch.float32
+    # far positions are where bfloat16 frequencies go wrong
+    input_ids, position_ids = torch.tensor([[1, 5, 6, 7, 8]]), torch.arange(4000, 4005)[None]
+    model.save_pretrained(tmp_path)
+    reloaded = PalmEForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        expected = tower(input_ids=input_ids, position_ids=position_ids).logits
+        for loaded in (model, reloaded):
+            logits = loaded(input_ids=input_ids, position_ids=position_ids).logits
+            torch.testing.assert_close(logits[..., :VOCAB], expected, atol=0, rtol=0)
+
+
+def test_from_pretrained_towers_takes_the_dtypes_from_pretrained_takes(towers, tmp_path):
+    vision_dir, text_dir = towers[("vit", "llama")]
+    by_name = PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, dtype="bfloat16")
+    assert by_name.dtype == torch.bfloat16 and by_name.model.language_model.rotary_emb.inv_freq.dtype == torch.float32
+    assert (
+        PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, dtype="auto").dtype == torch.float32
+    )
+    AutoModelForCausalLM.from_pretrained(text_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "text")
+    AutoTokenizer.from_pretrained(text_dir).save_pretrained(tmp_path / "text")
+    AutoModel.from_pretrained(vision_dir, dtype=torch.bfloat16).save_pretrained(tmp_path / "vision")
+    auto = PalmEForConditionalGeneration.from_pretrained_towers(tmp_path / "vision", tmp_path / "text", dtype="auto")
+    assert auto.dtype == torch.bfloat16  # the checkpoints' own
+    with pytest.raises(ValueError, match=r"vision tower loaded in torch.float32 and the language model in torch.bfl"):
+        PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, tmp_path / "text", dtype="auto")
+    with pytest.raises(ValueError, match="`dtype` provided as a `str` can only be"):
+        PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, dtype="bf16")
+
+
+@pytest.mark.parametrize("dual_encoder", ["clip", "siglip"])
+def test_the_vision_half_of_a_dual_encoder_is_the_vision_tower(towers, tmp_path, dual_encoder):
+    vision_config = tiny_vision_tower_config(dual_encoder).to_dict()
+    text_config = dict(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    if dual_encoder == "clip":
+        dual = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=8))
+        image_processor = CLIPImageProcessorPil(
+            size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}
+        )
+    else:
+        dual = SiglipModel(SiglipConfig(text_config=text_config, vision_config=vision_config))
+        image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    dual.save_pretrained(tmp_path / "dual")
+    image_processor.save_pretrained(tmp_path / "dual")
+    _, text_dir = towers[("vit", "llama")]
+    model = PalmEForConditionalGeneration.from_pretrained_towers(tmp_path / "dual", text_dir).eval()
+    processor = PalmEProcessor.from_pretrained_towers(tmp_path / "dual", text_dir)
+    vision = AutoModel.from_config(dual.config.vision_config).from_pretrained(tmp_path / "dual").eval()
+    assert type(model.model.vision_model) is type(vision) and processor.num_image_tokens == 16
+    inputs = processor(images=images(1), text="a <image> red")
+    with torch.no_grad():
+        expected = vision(inputs["pixel_values"]).last_hidden_state
+        torch.testing.assert_close(model(**inputs).image_outputs.last_hidden_state, expected)
+
+
+def test_a_folder_without_its_vision_encoder_weights_is_refused(vit_llama, towers, tmp_path):
+    vit_llama[0].save_pretrained(tmp_path / "palme")  # a composite whose vision half is not a checkpoint of its own
+    _, text_dir = towers[("vit", "llama")]
+    with pytest.raises(ValueError, match=r"does not hold the weights of its vision encoder \(ViTModel\)"):
+        PalmEForConditionalGeneration.from_pretrained_towers(tmp_path / "palme", text_dir)
+
+
+def test_loading_arguments_go_to_the_loaders_and_config_arguments_to_the_config(towers, tmp_path):
+    vision_dir, text_dir = towers[("vit", "llama")]
+    loading = dict(
+        revision="main", cache_dir=str(tmp_path), local_files_only=True, trust_remote_code=False, token=None
+    )
+    model = PalmEForConditionalGeneration.from_pretrained_towers(
+        vision_dir,
+        text_dir,
+        low_cpu_mem_usage=True,
+        attn_implementation="eager",
+        device_map="cpu",
+        projector_type="mlp",
+        **loading,
+    )
+    assert model.config.projector_type == "mlp" and model.device == torch.device("cpu")
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.model.vision_model.config._attn_implementation == "eager"
+    processor = PalmEProcessor.from_pretrained_towers(vision_dir, text_dir, **loading)
+    assert processor.image_token_id == model.config.image_token_id
+    with pytest.raises(ValueError, match="device_map='auto'.* load it with `from_pretrained"):
+        PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, device_map="auto")
+    with pytest.raises(ValueError, match="PalmEConfig has no option `no_such_option`"):
+        PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir, no_such_option=1)
+
+
+@pytest.mark.parametrize("vision_family, text_family", [("palme", "palme"), ("vit", "llama"), ("siglip", "gpt2")])
+def test_output_attentions_and_hidden_states_reach_the_image_outputs(vision_family, text_family):
+    config = composite_config(vision_family, text_family)
+    model = PalmEForConditionalGeneration(config).eval()
+    model.set_attn_implementation("eager")
+    input_ids = torch.tensor([[1, *[VOCAB] * 16, 5, 6]])
+    pixel_values = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        outputs = model(
+            pixel_values=pixel_values, input_ids=input_ids, output_attentions=True, output_hidden_states=True
+        )
+        vision = model.model.vision_model(pixel_values, output_attentions=True, output_hidden_states=True)
+        plain = model(pixel_values=pixel_values, input_ids=input_ids).image_outputs
+    image_outputs = outputs.image_outputs
+    assert len(image_outputs.attentions) == len(vision.attentions) == config.vision_config.num_hidden_layers
+    assert len(image_outputs.hidden_states) == len(vision.hidden_states)
+    for got, expected in zip(
+        image_outputs.attentions + image_outputs.hidden_states, vision.attentions + vision.hidden_states
+    ):
+        torch.testing.assert_close(got, expected)
+    assert len(outputs.attentions) == config.text_config.num_hidden_layers  # the language model's, as before
+    assert plain.attentions is None and plain.hidden_states is None  # only when asked for
+
+
+@pytest.mark.parametrize("block_type", ["standard", "parallel"])
+def test_freeze_towers_keeps_the_cross_attention_layers_trainable(block_type):
+    model = tiny_model("reference", block_type=block_type, num_latents=2).train()
+    model.freeze_towers()
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    joining = {name for name in dict(model.named_parameters()) if ".cross_attn." in name or "resampler" in name}
+    assert trainable == joining and any(".cross_attn." in name for name in trainable)
+    pixel_values, input_ids = tiny_inputs(model)
+    before = {name: value.clone() for name, value in model.named_parameters()}
+    optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-2)
+    model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    changed = {name for name, value in model.named_parameters() if not torch.equal(value, before[name])}
+    assert changed and changed <= joining
+    model.freeze_towers(language_model=False)
+    assert all(parameter.requires_grad for parameter in model.model.language_model.parameters())
+
+
+@pytest.mark.parametrize("text_family", [*TEXT_FAMILIES, "palme_cross_attention"])
+def test_lora_targets_adapt_every_language_model_and_keep_the_joining_layers_trainable(text_family):
+    from peft import LoraConfig, get_peft_model
+
+    if text_family == "palme_cross_attention":
+        model, joining = tiny_model("reference", num_latents=2), (".resampler.", ".cross_attn.")
+        pixel_values, input_ids = tiny_inputs(model, batch_size=1)
+    else:
+        model, joining = (
+            PalmEForConditionalGeneration(composite_config("vit", text_family)),
+            (".multi_modal_projector.",),
+        )
+        pixel_values, input_ids = torch.rand(1, 3, 32, 32), torch.tensor([[1, *[VOCAB] * 16, 5, 6, 7]])
+    targets = model.lora_targets()
+    assert targets["target_modules"] and all(
+        name.startswith("model.language_model.") for name in targets["target_modules"]
+    )
+    peft_model = get_peft_model(model.train(), LoraConfig(r=2, lora_alpha=4, **targets))
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert all("lora_" in name or "modules_to_save" in name for name in trainable)
+    for part in joining:  # trained in full
+        names = [name for name in trainable if part in name and "modules_to_save" in name]
+        assert names, part
+    assert any("language_model" in name and "lora_" in name for name in trainable)
+    assert not any("vision_model" in name for name in trainable)
+
+    optimizer = torch.optim.AdamW(
+        [parameter for parameter in peft_model.parameters() if parameter.requires_grad], lr=1e-2
+    )
+    peft_model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids).loss.backward()
+    optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(pixel_values=pixel_values, input_ids=input_ids).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(pixel_values=pixel_values, input_ids=input_ids).logits, adapted)
+    assert type(merged) is PalmEForConditionalGeneration
