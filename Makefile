@@ -62,3 +62,18 @@ bench: install
 
 clean:
 	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info
+
+# `make docs` builds the documentation site (docs/, mkdocs.yml) into build/site, strictly: a broken link or anchor, a
+# page missing from the navigation or a docstring that does not render fails it. `make figures` draws its pictures
+# (docs/images) again from the shipped captioner, its evaluation and the speed table's data.
+.PHONY: docs figures
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+figures: $(VENV)/.docs-installed
+	$(BIN)/python docs/make_figures.py

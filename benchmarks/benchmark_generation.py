@@ -282,7 +282,14 @@ def main():
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
-                {"device": device_name, "threads": torch.get_num_threads(), "rows": table.rows}, handle, indent=1
+                {
+                    "device": device_name,
+                    "threads": torch.get_num_threads(),
+                    "models": table.models,
+                    "rows": table.rows,
+                },
+                handle,
+                indent=1,
             )
 
 

@@ -22,11 +22,13 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 def check_probability(name: str, value) -> None:
+    """Raises a `ValueError` naming `name` unless `value` is a dropout probability, in [0, 1)."""
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a dropout probability in [0, 1), got {value!r}.")
 
 
 def check_hidden_states(name: str, states: torch.Tensor, dim: int) -> None:
+    """Raises a `ValueError` naming `name` unless `states` has shape `(batch_size, seq_len, dim)`."""
     if states.ndim != 3 or states.shape[-1] != dim:
         raise ValueError(f"`{name}` must have shape (batch_size, seq_len, {dim}), got {tuple(states.shape)}.")
 
@@ -56,6 +58,7 @@ def attention_config(
 
 
 def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """`finetune_modules` as the tuple `(lora_q, lora_k, lora_v, lora_o)`; a `ValueError` unless it holds four."""
     if len(finetune_modules) != 4:
         raise ValueError(
             f"`finetune_modules` must be four modules (lora_q, lora_k, lora_v, lora_o), got {len(finetune_modules)}."
@@ -278,8 +281,9 @@ class TransformerBlock(ParallelTransformerBlock):
     The block returns attention branch + feed-forward branch; the residual is added by the caller.
 
     Args:
-        dim, dim_head, causal, heads, qk_rmsnorm, qk_scale, ff_mult, attn_dropout, ff_dropout, use_xpos,
-            xpos_scale_base: as in [`ParallelTransformerBlock`] (`use_xpos` defaults to `True` here, as zeta's).
+        dim, dim_head, causal, heads, qk_rmsnorm, qk_scale, ff_mult: as in [`ParallelTransformerBlock`].
+        attn_dropout, ff_dropout, use_xpos, xpos_scale_base: as in [`ParallelTransformerBlock`] (`use_xpos` defaults
+            to `True` here, as zeta's).
         flash_attn (`bool`): use PyTorch's scaled-dot-product attention (`attn_implementation="sdpa"`); same results.
         finetune_modules (`tuple` of four modules, *optional*): `(lora_q, lora_k, lora_v, lora_o)`, registered as
             submodules; their outputs are added to the query, key and value projections of the normalised input and
@@ -435,6 +439,17 @@ class PalmEPerceiverSublayer(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: EncoderDecoderCache | None,
     ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(batch_size, query_len, dim)`): the query.
+            key_states, value_states (`torch.Tensor` of shape `(batch_size, kv_len, dim)`, or `None` when `cache`
+                holds this layer's cross-attention keys/values): the context the query attends to.
+            attention_mask (`torch.Tensor`, *optional*): the cross-attention mask over the context's positions.
+            cache (`EncoderDecoderCache`, *optional*): keeps the context's keys/values across calls.
+
+        Returns:
+            `torch.Tensor` of shape `(batch_size, query_len, dim)`.
+        """
         attn_output, _ = self.self_attn(self.self_attn_layer_norm(hidden_states))
         hidden_states = hidden_states + attn_output
         attn_output, _ = self.cross_attn(

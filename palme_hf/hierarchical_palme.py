@@ -29,6 +29,7 @@ class HierarchicalRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` (`(..., hidden_size)`) normalised over the last dimension; the same shape."""
         return nn.functional.normalize(hidden_states, dim=-1) * self.scale * self.weight
 
 

@@ -258,6 +258,7 @@ class PalmEQKNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(head_dim))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """Queries or keys `(..., head_dim)`, l2-normalised per head and scaled by the gains; the same shape."""
         return nn.functional.normalize(states, dim=-1) * self.weight
 
 
@@ -314,7 +315,7 @@ def linear(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """
     `nn.functional.linear`, except for a single bfloat16 row on CPU (a decoding step at batch 1), which goes through
     `torch.mv`: there torch's matrix product reads a bfloat16 weight no faster than a float32 one, while its
-    matrix-vector product takes about half the time (README, "Speed"). Compiled graphs keep the matrix product,
+    matrix-vector product takes about half the time (docs/speed.md). Compiled graphs keep the matrix product,
     which inductor lowers better than `torch.mv`.
     """
     if (
@@ -334,6 +335,7 @@ class PalmELinear(nn.Linear):
     """`nn.Linear` (same parameters and state-dict keys) computed by [`linear`]."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states @ weight.T + bias`: `(..., in_features)` to `(..., out_features)`."""
         return linear(hidden_states, self.weight, self.bias)
 
 
@@ -353,6 +355,8 @@ class PalmEAdaptableLinear(nn.Linear):
         object.__setattr__(self, "adapter", adapter)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The projection of `hidden_states` (`(..., in_features)` to `(..., out_features)`), plus the adapter's
+        output on `hidden_states` when one is attached."""
         output = linear(hidden_states, self.weight, self.bias)
         return output if self.adapter is None else output + self.adapter(hidden_states)
 

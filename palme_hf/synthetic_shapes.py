@@ -66,10 +66,12 @@ class ShapeSpec:
     side: float
 
     def describe(self) -> str:
+        """The shape's words in a caption, e.g. `"a small red circle"`."""
         return f"a {self.size} {self.colour} {self.shape}"
 
 
 def check_split(split: str):
+    """Raises a `ValueError` unless `split` is one of `SPLITS`: `"train"` or `"held_out"`."""
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
 
