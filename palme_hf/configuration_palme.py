@@ -682,6 +682,24 @@ ZETA_PALME_DEFAULTS = {
 }
 
 
+# The largest size a zeta keyword argument may have: tensor dimensions and positions beyond int32 are not models.
+MAX_ZETA_SIZE = 2**31 - 1
+
+
+def check_zeta_value(key: str, value):
+    """Refuses a zeta `PalmE` keyword argument of the wrong type (`null` in a JSON file), or a size beyond
+    `MAX_ZETA_SIZE`, naming it."""
+    if isinstance(ZETA_PALME_DEFAULTS[key], bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"zeta's PalmE argument `{key}` must be true or false, got {value!r}.")
+        return
+    smallest = 0 if key == "alibi_num_heads" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not smallest <= value <= MAX_ZETA_SIZE:
+        raise ValueError(
+            f"zeta's PalmE argument `{key}` must be an integer from {smallest} to {MAX_ZETA_SIZE}, got {value!r}."
+        )
+
+
 def is_own_tower(config, config_class: type[PreTrainedConfig]) -> bool:
     """
     Whether `config` is one of PalmE's own `config_class`, by `model_type`: with remote code the class may come from
@@ -912,6 +930,8 @@ class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"zeta's PalmE does not take the keyword arguments {unknown}; it takes {sorted(ZETA_PALME_DEFAULTS)}."
             )
+        for key, value in zeta_kwargs.items():
+            check_zeta_value(key, value)
         zeta = {**ZETA_PALME_DEFAULTS, **zeta_kwargs}
         rotary = zeta["rotary_xpos"]
         vision_config = {
