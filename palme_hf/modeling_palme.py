@@ -777,12 +777,13 @@ class PalmEModel(PalmEPreTrainedModel):
                 f"{tuple(pixel_values.shape)}."
             )
         image_outputs = image_features = None
-        if (
+        images_join_cached_tokens = (
             pixel_values is not None
             and cache is not None
             and not torch.compiler.is_compiling()
             and cache.get_seq_length() > 0
-        ):
+        )
+        if images_join_cached_tokens:
             pixel_values = self._images_not_in_cache(pixel_values, input_ids, cache)
         if pixel_values is not None:
             if self.config.vision_integration == "cross_attention" and pixel_values.shape[0] != batch_size:
@@ -823,9 +824,11 @@ class PalmEModel(PalmEPreTrainedModel):
         )
         output_cache = getattr(outputs, CACHE_NAME, None)
         if image_features is not None and output_cache is not None and not torch.compiler.is_compiling():
-            cached_images = getattr(output_cache, CACHED_IMAGES_ATTRIBUTE, None)
-            images = pixel_values if cached_images is None else torch.cat([cached_images, pixel_values])
-            setattr(output_cache, CACHED_IMAGES_ATTRIBUTE, images)
+            # a filled cache adds the images of a later turn to those it holds; an empty one holds these alone
+            earlier = getattr(output_cache, CACHED_IMAGES_ATTRIBUTE, None) if images_join_cached_tokens else None
+            if earlier is not None:
+                pixel_values = torch.cat([earlier, pixel_values.to(earlier.device, earlier.dtype)])
+            setattr(output_cache, CACHED_IMAGES_ATTRIBUTE, pixel_values)
         return PalmEModelOutputWithPast(**outputs, image_outputs=image_outputs)
 
     def _images_not_in_cache(

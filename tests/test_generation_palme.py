@@ -143,3 +143,17 @@ def test_a_later_turn_brings_a_new_image_with_its_placeholders():
     with pytest.raises(ValueError, match="computed with other images"):
         model(pixel_values=image_b, input_ids=torch.tensor([[5]]), cache=copy.deepcopy(cache))
     assert again.shape == (1, 1, model.config.text_config.vocab_size)
+
+
+@pytest.mark.parametrize("integration", ["reference", "prefix"])
+def test_a_cache_emptied_and_refilled_holds_the_new_image_alone(integration):
+    model = combination_model("standard", integration, None)
+    (image_a, image_b), prompt = torch.rand(2, 1, 3, 32, 32), tiny_inputs(model, batch_size=1)[1]
+    cache = prompt_cache_of(model, image_a, prompt)
+    cache.reset()
+    suffix = torch.tensor([[5, 6]])
+    with torch.no_grad():
+        model(pixel_values=image_b, input_ids=prompt, cache=cache)
+        continued = model(pixel_values=image_b, input_ids=suffix, cache=cache).logits
+        full = model(pixel_values=image_b, input_ids=torch.cat([prompt, suffix], dim=1)).logits[:, -2:]
+    torch.testing.assert_close(continued, full, atol=1e-5, rtol=1e-5)
