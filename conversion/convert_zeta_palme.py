@@ -6,6 +6,8 @@
 CKPT.pt is `torch.save(model.state_dict())` of a `zeta.models.PalmE`, read with `weights_only=True`; KWARGS.json is
 the JSON object of keyword arguments it was built with (missing keys take zeta's defaults). The folder gets
 safetensors weights, config.json, generation_config.json and the modelling code for `trust_remote_code=True`.
+The checkpoint may also be a `.safetensors` file; float16 and bfloat16 checkpoints are saved in their dtype unless
+`--dtype` says otherwise.
 A checkpoint with missing, unexpected or wrongly shaped tensors, or kwargs zeta's PalmE does not take, is refused
 with a non-zero exit and a message naming them; so is a truncated or unreadable checkpoint or kwargs file.
 
@@ -16,6 +18,8 @@ half-written folder.
 
 import argparse
 import sys
+
+import torch
 
 from palme_hf.conversion_zeta import convert_zeta_palme_checkpoint
 
@@ -28,9 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --output if it is not empty (everything in it is deleted)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of the saved weights (default: the checkpoint's)",
+    )
     args = parser.parse_args(argv)
     try:
-        convert_zeta_palme_checkpoint(args.checkpoint, args.kwargs, args.output, overwrite=args.overwrite)
+        convert_zeta_palme_checkpoint(
+            args.checkpoint,
+            args.kwargs,
+            args.output,
+            overwrite=args.overwrite,
+            dtype=args.dtype and getattr(torch, args.dtype),
+        )
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,13 +1,19 @@
 """PalmE model configuration: a ViT image encoder feeding a causal text decoder."""
 
+import contextlib
+import contextvars
 import difflib
 import inspect
+from collections.abc import Iterator
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 BLOCK_TYPES = ("standard", "parallel", "hierarchical")
 VISION_INTEGRATIONS = ("cross_attention", "prefix")
@@ -70,19 +76,88 @@ def check_activation(owner: str, name: str, value: str):
         )
 
 
+# True while a config is built from saved data (`from_dict`, which `from_pretrained` and `AutoConfig` use, and
+# `from_json_file`): keys it does not know are then kept, not refused.
+READING_SAVED_CONFIG = contextvars.ContextVar("reading_saved_config", default=False)
+
+
+@contextlib.contextmanager
+def reading_saved_config(reading: bool = True) -> Iterator[None]:
+    """Marks the configs built inside as read from saved data when `reading` (else leaves the mark as it is)."""
+    token = READING_SAVED_CONFIG.set(True) if reading else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            READING_SAVED_CONFIG.reset(token)
+
+
 def check_known_keys(config: PreTrainedConfig, kwargs: dict, derived: tuple[str, ...] = ()):
-    """Raises a `ValueError` for a keyword argument that neither `config`'s class nor Transformers knows, naming the
-    closest option (a misspelt option would otherwise be kept as an attribute and silently ignored). `derived` are
-    the attributes the config computes and saves, which come back when it is loaded."""
+    """
+    Refuses a keyword argument that neither `config`'s class nor Transformers knows, naming the closest option: a
+    misspelt option would otherwise be kept as an attribute and silently ignored. `derived` are the attributes the
+    config computes and saves, which come back when it is loaded.
+
+    Strict where a person types, lenient where data is read: while a saved config is read (`READING_SAVED_CONFIG`), an
+    unknown key (written by a tool, by a later palme-hf, or set as `config.key = value`) is kept as an attribute, and
+    so saved again, with a warning naming it and the closest option. The computed properties of the class (such as
+    `PalmEConfig.vocab_size`) are left to `check_saved_properties`.
+    """
     options = sorted(set(inspect.signature(type(config).__init__).parameters) | set(derived))
+    reading = READING_SAVED_CONFIG.get()
     for key in kwargs:
-        if key not in options and key not in TRANSFORMERS_CONFIG_KEYS:
-            closest = difflib.get_close_matches(key, options, n=1)
+        if key in options or key in TRANSFORMERS_CONFIG_KEYS or (reading and is_own_property(config, key)):
+            continue
+        closest = difflib.get_close_matches(key, options, n=1)
+        if not reading:
             hint = f" Did you mean `{closest[0]}`?" if closest else ""
             raise ValueError(f"{type(config).__name__} has no option `{key}`.{hint}")
+        hint = f" (the closest option is `{closest[0]}`)" if closest else ""
+        logger.warning_once(
+            f"{type(config).__name__}: the saved key `{key}` is not one of its options{hint}; it is kept as an "
+            "attribute and saved again, but PalmE does not read it."
+        )
 
 
-class PalmEVisionConfig(PreTrainedConfig):
+def is_own_property(config: PreTrainedConfig, key: str) -> bool:
+    """Whether `key` is a property that `config`'s class computes from its options (not one of Transformers')."""
+    return isinstance(getattr(type(config), key, None), property) and not hasattr(PreTrainedConfig, key)
+
+
+def check_saved_properties(config: PreTrainedConfig, kwargs: dict):
+    """
+    Takes out of `kwargs` the saved values of `config`'s computed properties (`num_patches`, `num_image_tokens`,
+    `vocab_size` of a [`PalmEConfig`]): each must agree with what the options give, since a config that contradicts
+    itself describes two models; a contradiction is a `ValueError` naming both values. Call it once the options are
+    set.
+    """
+    for key in [key for key in kwargs if is_own_property(config, key)]:
+        saved, computed = kwargs.pop(key), getattr(config, key)
+        if saved != computed:
+            raise ValueError(
+                f"{type(config).__name__}: the saved `{key}={saved!r}` contradicts its options, which give "
+                f"{computed!r}: correct or remove `{key}` in the config.json."
+            )
+
+
+class SavedConfigMixin:
+    """Reads saved configs leniently (see `check_known_keys`): `from_dict` (behind `from_pretrained`, `AutoConfig`
+    and `trust_remote_code`) and `from_json_file` keep unknown keys with a warning."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """The config a saved `config_dict` describes; keys it does not know are kept, with one warning each."""
+        with reading_saved_config():
+            return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        """The config saved in `json_file`; keys it does not know are kept, with one warning each."""
+        with reading_saved_config():
+            return super().from_json_file(json_file)
+
+
+class PalmEVisionConfig(SavedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of the PalmE image encoder, a ViT as in the reference `ViTransformerWrapper`: images are cut into
     `patch_size` patches, each patch is layer-normed, projected and layer-normed again, learned positions are added,
@@ -178,6 +253,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         self.patch_norm_eps = patch_norm_eps
         self.attention_dropout = attention_dropout
         self.initializer_range = initializer_range
+        check_saved_properties(self, kwargs)
         super().__init__(**kwargs)
 
     @property
@@ -185,7 +261,7 @@ class PalmEVisionConfig(PreTrainedConfig):
         return (self.image_size // self.patch_size) ** 2
 
 
-class PalmETextConfig(PreTrainedConfig):
+class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of the PalmE text decoder. Each layer is a block (`block_type`), followed, with
     `add_cross_attention`, by pre-norm cross-attention to the image features; a final LayerNorm and a biased
@@ -608,6 +684,24 @@ ZETA_PALME_DEFAULTS = {
 }
 
 
+# The largest size a zeta keyword argument may have: tensor dimensions and positions beyond int32 are not models.
+MAX_ZETA_SIZE = 2**31 - 1
+
+
+def check_zeta_value(key: str, value):
+    """Refuses a zeta `PalmE` keyword argument of the wrong type (`null` in a JSON file), or a size beyond
+    `MAX_ZETA_SIZE`, naming it."""
+    if isinstance(ZETA_PALME_DEFAULTS[key], bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"zeta's PalmE argument `{key}` must be true or false, got {value!r}.")
+        return
+    smallest = 0 if key == "alibi_num_heads" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not smallest <= value <= MAX_ZETA_SIZE:
+        raise ValueError(
+            f"zeta's PalmE argument `{key}` must be an integer from {smallest} to {MAX_ZETA_SIZE}, got {value!r}."
+        )
+
+
 def is_own_tower(config, config_class: type[PreTrainedConfig]) -> bool:
     """
     Whether `config` is one of PalmE's own `config_class`, by `model_type`: with remote code the class may come from
@@ -686,7 +780,7 @@ def num_patches_of(vision_config: PreTrainedConfig) -> int:
     return (sizes[0] // patches[0]) * (sizes[1] // patches[1])
 
 
-class PalmEConfig(PreTrainedConfig):
+class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a PalmE model: the image encoder (`vision_config`), the text decoder (`text_config`) and how the
     image reaches the text. To build what zeta's `PalmE(**kwargs)` builds, use [`~PalmEConfig.from_zeta_kwargs`].
@@ -733,7 +827,7 @@ class PalmEConfig(PreTrainedConfig):
     ):
         name = type(self).__name__
         flat = sorted(set(kwargs) & (set(ZETA_PALME_DEFAULTS) | {"block_type"}))
-        if flat:
+        if flat and not READING_SAVED_CONFIG.get():
             raise ValueError(
                 f"{name} takes `vision_config` and `text_config`; {flat} are arguments of zeta's PalmE (or of a "
                 f"sub-configuration). Build zeta's PalmE with `PalmEConfig.from_zeta_kwargs({flat[0]}=...)`, or set "
@@ -754,9 +848,13 @@ class PalmEConfig(PreTrainedConfig):
         if num_latents is not None:
             check_positive_ints(name, num_latents=num_latents, resampler_depth=resampler_depth)
 
+        # A sub-config given as a config object is data already checked: its keys are read as a saved config's.
+        vision_is_object = isinstance(vision_config, PreTrainedConfig)
+        text_is_object = isinstance(text_config, PreTrainedConfig)
         vision_config = sub_config_from(name, "vision_config", vision_config, PalmEVisionConfig)
         if isinstance(vision_config, dict):
-            vision_config = PalmEVisionConfig(**vision_config)
+            with reading_saved_config(vision_is_object):
+                vision_config = PalmEVisionConfig(**vision_config)
         else:
             check_foreign_vision_config(name, vision_config)
         self.vision_config = vision_config
@@ -771,7 +869,8 @@ class PalmEConfig(PreTrainedConfig):
                     f"`vision_integration={vision_integration!r}`, which sets it."
                 )
             text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
-            text_config = PalmETextConfig(**text_kwargs)
+            with reading_saved_config(text_is_object):
+                text_config = PalmETextConfig(**text_kwargs)
         else:
             check_foreign_text_config(name, text_config, vision_integration)
         self.text_config = text_config
@@ -794,6 +893,7 @@ class PalmEConfig(PreTrainedConfig):
         self.num_latents = num_latents
         self.resampler_depth = resampler_depth
         self.projector_type = projector_type
+        check_saved_properties(self, kwargs)
         super().__init__(**kwargs)
 
     @property
@@ -832,6 +932,8 @@ class PalmEConfig(PreTrainedConfig):
             raise ValueError(
                 f"zeta's PalmE does not take the keyword arguments {unknown}; it takes {sorted(ZETA_PALME_DEFAULTS)}."
             )
+        for key, value in zeta_kwargs.items():
+            check_zeta_value(key, value)
         zeta = {**ZETA_PALME_DEFAULTS, **zeta_kwargs}
         rotary = zeta["rotary_xpos"]
         vision_config = {

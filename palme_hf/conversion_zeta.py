@@ -1,9 +1,9 @@
 """Conversion of zeta `PalmE` checkpoints (`torch.save(model.state_dict())` plus the constructor keyword arguments)
 into palme_hf models."""
 
-import pickle
-
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .configuration_palme import PalmEConfig
 from .conversion_blocks import check_state_dict_shapes
@@ -87,8 +87,14 @@ def convert_zeta_palme_state_dict(state_dict: dict[str, torch.Tensor], config: P
     Raises:
         `ValueError` naming every missing, unexpected or wrongly shaped tensor.
     """
-    with torch.device("meta"):
-        expected_model = PalmEForConditionalGeneration(config)
+    try:
+        with torch.device("meta"):
+            expected_model = PalmEForConditionalGeneration(config)
+    except (RuntimeError, TypeError, OverflowError) as error:
+        raise ValueError(
+            f"These kwargs describe tensors too large to build (with {config.text_config.vocab_size} tokens, "
+            f"decoder width {config.text_config.hidden_size}): {str(error).splitlines()[0]}"
+        ) from error
     expected = expected_model.state_dict()
     module_map = {hf: zeta for zeta, hf in _zeta_key_map(config).items()}
     hf_to_zeta = {}
@@ -110,49 +116,92 @@ def convert_zeta_palme_state_dict(state_dict: dict[str, torch.Tensor], config: P
 
 
 def _check_rotary_buffer(key: str, tensor: torch.Tensor, config: PalmEConfig):
-    """The reference saves its rotary buffers; they must be the ones the converted configuration computes."""
+    """
+    The reference saves its rotary buffers; they must be the ones the converted configuration computes, at the
+    checkpoint's precision (a float16 or bfloat16 checkpoint holds them rounded).
+    """
     text_config = config.text_config
     if not text_config.use_rotary:
         raise ValueError(f"The checkpoint holds {key}, but its kwargs turn rotary embeddings off.")
     inv_freq, xpos_scale = PalmERotaryEmbedding(text_config.rotary_dim, base=text_config.rope_theta).compute_buffers()
     reference = {"inv_freq": inv_freq, "scale": xpos_scale}.get(key.rsplit(".", 1)[1])
-    if reference is None or reference.shape != tensor.shape or not torch.allclose(reference, tensor.float()):
+    if reference is None or reference.shape != tensor.shape or not tensor.is_floating_point():
+        raise ValueError(f"The checkpoint's rotary buffer {key} does not match the configuration's rotary embedding.")
+    rounded = reference.to(tensor.dtype).float()
+    if not torch.allclose(rounded, tensor.float(), rtol=max(1e-5, torch.finfo(tensor.dtype).eps)):
         raise ValueError(f"The checkpoint's rotary buffer {key} does not match the configuration's rotary embedding.")
 
 
-def load_zeta_palme(checkpoint_path: str, zeta_kwargs: dict) -> PalmEForConditionalGeneration:
-    """Loads a zeta `PalmE` checkpoint (`torch.save(model.state_dict())`, read with `weights_only=True`)."""
-    config = zeta_palme_config(zeta_kwargs)
+def read_checkpoint(checkpoint_path: str) -> dict[str, torch.Tensor]:
+    """
+    The state dict in `checkpoint_path`: a `.safetensors` file, or else a `torch.save` file read with
+    `weights_only=True`. A file that is neither (truncated, corrupt, text) is a one-line `ValueError` naming it.
+    """
+    if str(checkpoint_path).endswith(".safetensors"):
+        try:
+            return load_file(checkpoint_path)
+        except SafetensorError as error:
+            raise ValueError(
+                f"{checkpoint_path} is not a readable safetensors file (truncated or corrupt): {error}"
+            ) from error
+    # What the unpickler trips over in a file that is not a checkpoint varies (KeyError, IndexError, ...).
     try:
         state_dict = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+    except Exception as error:
         raise ValueError(
             f"{checkpoint_path} is not a readable tensor checkpoint (truncated, or not saved with torch.save?): "
-            f"{type(error).__name__}: {error}"
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         ) from error
     if not isinstance(state_dict, dict):
         raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict.")
+    return state_dict
+
+
+def checkpoint_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype of the checkpoint's weights; float32 when they mix several."""
+    dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def load_zeta_palme(
+    checkpoint_path: str, zeta_kwargs: dict, dtype: torch.dtype | None = None
+) -> PalmEForConditionalGeneration:
+    """
+    Loads a zeta `PalmE` checkpoint (`torch.save(model.state_dict())`, read with `weights_only=True`, or a
+    `.safetensors` file). The model is in the checkpoint's dtype (a float16 checkpoint gives a float16 model), or
+    in `dtype` when given.
+    """
+    config = zeta_palme_config(zeta_kwargs)
+    state_dict = read_checkpoint(checkpoint_path)
     converted = convert_zeta_palme_state_dict(state_dict, config)
     model = PalmEForConditionalGeneration(config)
     model.load_state_dict(converted, strict=False)
-    return model.eval()
+    return model.to(dtype or checkpoint_dtype(converted)).eval()
 
 
 def convert_zeta_palme_checkpoint(
-    checkpoint_path: str, kwargs_path: str, output_dir: str, overwrite: bool = False
+    checkpoint_path: str,
+    kwargs_path: str,
+    output_dir: str,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> PalmEForConditionalGeneration:
     """
     Converts a zeta checkpoint and its kwargs JSON into a `from_pretrained` folder (safetensors, config.json,
-    generation_config.json, and the modelling code for `trust_remote_code`).
+    generation_config.json, and the modelling code for `trust_remote_code`), saved in the checkpoint's dtype or in
+    `dtype`.
 
     A non-empty `output_dir` is refused unless `overwrite`. The folder is written beside `output_dir` and renamed
     into place at the end, so a failure leaves `output_dir` as it was.
     """
     check_output_dir(output_dir, overwrite)  # before the load, which can take long
-    zeta_kwargs = read_json_file(kwargs_path)
+    try:
+        zeta_kwargs = read_json_file(kwargs_path)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{kwargs_path} is not UTF-8 text, so not a JSON kwargs file: {error}") from error
     if not isinstance(zeta_kwargs, dict):
         raise ValueError(f"{kwargs_path} must hold a JSON object of zeta PalmE keyword arguments.")
-    model = load_zeta_palme(checkpoint_path, zeta_kwargs)
+    model = load_zeta_palme(checkpoint_path, zeta_kwargs, dtype)
     with atomic_output_dir(output_dir, overwrite) as temporary_dir:
         model.save_pretrained(temporary_dir)
     return model

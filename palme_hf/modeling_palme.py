@@ -1,10 +1,12 @@
 """PyTorch PalmE: a ViT image encoder and a causal text decoder that sees the image through cross-attention (as the
 zeta reference) or as projected embeddings inside the token sequence (as the PaLM-E paper)."""
 
+import os
 from dataclasses import dataclass
 
 import torch
 from einops import rearrange
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
@@ -27,7 +29,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -99,6 +101,25 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
+
+
+# The attribute of a cache that holds the images whose features it holds (keys/values of their placeholders, or their
+# cross-attention keys/values), `(num_images, num_channels, height, width)`: the prefill sets it, so that images given
+# again with the cache can be told apart from new ones. A copy of the cache (`copy.deepcopy`) copies it.
+CACHED_IMAGES_ATTRIBUTE = "palme_cached_images"
+
+
+def unreadable_safetensors_files(folder: str) -> list[str]:
+    """The `*.safetensors` files of `folder` whose header cannot be read (truncated or corrupt)."""
+    broken = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except SafetensorError:
+                broken.append(os.path.join(folder, name))
+    return broken
 
 
 class PalmEVisionEmbeddings(nn.Module):
@@ -373,6 +394,29 @@ class PalmEPreTrainedModel(PreTrainedModel):
             return attention_mask
         return create_masks_for_generate(config, inputs_embeds, attention_mask, cache, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """
+        [`~PreTrainedModel.from_pretrained`], with errors that name the file: a local folder without `config.json`
+        (from which Transformers would build the default configuration, then fail on every size) and a truncated or
+        corrupt safetensors file are an `OSError` saying so.
+        """
+        subfolder = kwargs.get("subfolder")
+        folder = (
+            os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else str(pretrained_model_name_or_path)
+        )
+        if kwargs.get("config") is None and os.path.isdir(folder) and not os.path.isfile(f"{folder}/{CONFIG_NAME}"):
+            raise OSError(
+                f"{CONFIG_NAME} is missing from {folder}: it is not a saved model folder (save_pretrained writes "
+                f"{CONFIG_NAME} beside the weights), or pass `config=`."
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            broken = unreadable_safetensors_files(folder) if os.path.isdir(folder) else []
+            where = ", ".join(broken) or f"a safetensors file of {pretrained_model_name_or_path}"
+            raise OSError(f"{where}: truncated or corrupt, it cannot be loaded ({error}).") from error
+
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # `push_to_hub` saves Transformers' empty model card just before uploading: describe this model instead.
         write_model_card(self, working_dir, repo_id)
@@ -541,6 +585,12 @@ class PalmETextModel(PalmEPreTrainedModel):
         self_attention_cache, cross_attention_cache = split_cache(cache)
 
         past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
+        if encoder_hidden_states is not None and past_seen_tokens > 0 and not torch.compiler.is_compiling():
+            raise ValueError(
+                f"`encoder_hidden_states` were given with a cache that already holds {past_seen_tokens} tokens, "
+                "computed with another image or none: they would be mixed. Leave them out to continue with the cached "
+                "image, or start a new cache with the whole prompt."
+            )
         if attention_mask is not None and attention_mask.ndim == 2:
             expected = (batch_size, past_seen_tokens + seq_len)
             if tuple(attention_mask.shape) != expected:
@@ -640,6 +690,7 @@ class PalmEModel(PalmEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding):
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.FloatTensor, **kwargs: Unpack[TransformersKwargs]
     ) -> BaseModelOutputWithPooling:
@@ -648,7 +699,8 @@ class PalmEModel(PalmEPreTrainedModel):
         features the text receives, `(num_images, num_image_tokens, width)`: the encoder's patch features (the last
         `num_patches` tokens of its output: a class token is left out), resampled into `num_latents` features when
         configured, projected to the decoder width with `"prefix"` integration. `last_hidden_state`, `hidden_states`
-        and `attentions` are the vision encoder's.
+        and `attentions` are the vision encoder's. With `return_dict=False` (or `config.return_dict=False`), the tuple
+        of the fields that are set, as Transformers' models return.
         """
         vision_outputs = self.vision_model(pixel_values, **kwargs)
         image_features = vision_outputs.last_hidden_state
@@ -726,18 +778,14 @@ class PalmEModel(PalmEPreTrainedModel):
                 f"{tuple(pixel_values.shape)}."
             )
         image_outputs = image_features = None
-        if (
+        images_join_cached_tokens = (
             pixel_values is not None
-            and self.config.vision_integration == "prefix"
-            and input_ids is not None
             and cache is not None
             and not torch.compiler.is_compiling()
             and cache.get_seq_length() > 0
-            and not bool((input_ids == self.config.image_token_id).any())
-        ):
-            # A continuation of a cached prompt (generate() passes the image again): its placeholders, and so the
-            # image, are in the cache already.
-            pixel_values = None
+        )
+        if images_join_cached_tokens:
+            pixel_values = self._images_not_in_cache(pixel_values, input_ids, cache)
         if pixel_values is not None:
             if self.config.vision_integration == "cross_attention" and pixel_values.shape[0] != batch_size:
                 raise ValueError(
@@ -745,7 +793,7 @@ class PalmEModel(PalmEPreTrainedModel):
                     "one image per sequence."
                 )
             output_flags = {key: kwargs[key] for key in ("output_attentions", "output_hidden_states") if key in kwargs}
-            image_outputs = self.get_image_features(pixel_values, **output_flags)
+            image_outputs = self.get_image_features(pixel_values, return_dict=True, **output_flags)
             image_features = image_outputs.pooler_output
 
         if self.config.vision_integration == "prefix":
@@ -776,7 +824,45 @@ class PalmEModel(PalmEPreTrainedModel):
             **cache_field(cache),
             **kwargs,
         )
+        output_cache = getattr(outputs, CACHE_NAME, None)
+        if image_features is not None and output_cache is not None and not torch.compiler.is_compiling():
+            # a filled cache adds the images of a later turn to those it holds; an empty one holds these alone
+            earlier = getattr(output_cache, CACHED_IMAGES_ATTRIBUTE, None) if images_join_cached_tokens else None
+            if earlier is not None:
+                pixel_values = torch.cat([earlier, pixel_values.to(earlier.device, earlier.dtype)])
+            setattr(output_cache, CACHED_IMAGES_ATTRIBUTE, pixel_values)
         return PalmEModelOutputWithPast(**outputs, image_outputs=image_outputs)
+
+    def _images_not_in_cache(
+        self, pixel_values: torch.FloatTensor, input_ids: torch.LongTensor | None, cache: Cache
+    ) -> torch.FloatTensor | None:
+        """
+        `pixel_values` given with a cache that already holds tokens: the images to encode now, `None` when they are
+        the images the cache holds (a prompt cache reused, generate() passing the image again), never a mix. With
+        `"prefix"` integration, images for placeholders among the new tokens are new images (a later turn).
+
+        Raises:
+            `ValueError` when the images differ from those the cache holds (or the cache holds tokens computed
+            without an image): its keys and values were computed with those, and would be mixed with the new ones.
+        """
+        if self.config.vision_integration == "prefix" and (
+            input_ids is None or bool((input_ids == self.config.image_token_id).any())
+        ):
+            return pixel_values
+        cached_images = getattr(cache, CACHED_IMAGES_ATTRIBUTE, None)
+        if (
+            cached_images is not None
+            and cached_images.shape == pixel_values.shape
+            and torch.equal(cached_images, pixel_values.to(cached_images.device, cached_images.dtype))
+        ):
+            return None
+        held = "other images" if cached_images is not None else "no image"
+        raise ValueError(
+            f"`pixel_values` were given with a cache that already holds {cache.get_seq_length()} tokens, computed "
+            f"with {held}: the new images would be mixed with them. To continue with the cached image, leave out "
+            "`pixel_values` (or pass the same ones); for another image, start a new cache (`cache=None`, or a fresh "
+            "`DynamicCache()`) with the whole prompt."
+        )
 
 
 class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
@@ -847,6 +933,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -1007,6 +1094,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1091,6 +1179,12 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         **kwargs,
     ):
+        if kwargs.get("next_sequence_length") == 0:
+            # generate() would slice `input_ids[:, -0:]` and feed the whole cached prompt again after itself
+            raise ValueError(
+                f"The cache already holds the whole prompt ({input_ids.shape[1]} tokens), so there is nothing to "
+                "feed: pass the prompt with at least one new token after the cached ones, or a fresh cache."
+            )
         cache = kwargs.get(CACHE_NAME)
         past_length = cache.get_seq_length() if cache is not None else 0
         # An assistant's cache cut back inside the prompt's image placeholders (after a rejected draft) cannot take

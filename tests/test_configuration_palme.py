@@ -1,5 +1,6 @@
 """PalmEConfig: the reference's flat arguments, validation, and serialisation."""
 
+import json
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmETextConfig, PalmEVisionConfig
+from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmETextConfig, PalmEVisionConfig
 
 from helpers import FIXTURES
 
@@ -157,3 +158,114 @@ def test_models_saved_by_earlier_versions_load_unchanged(case):
     with torch.no_grad():
         logits = model(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
     torch.testing.assert_close(logits, io["logits"], atol=1e-5, rtol=1e-5)
+
+
+def load_warnings(load) -> tuple[object, str]:
+    """`load()`'s result and what it logged through palme_hf's configuration logger."""
+    from transformers.testing_utils import CaptureLogger
+
+    from palme_hf.configuration_palme import logger
+
+    with CaptureLogger(logger) as captured:
+        result = load()
+    return result, captured.out
+
+
+@pytest.mark.parametrize("config_class", [PalmEVisionConfig, PalmETextConfig, PalmEConfig])
+def test_unknown_saved_keys_are_kept_and_named_once(tmp_path, config_class):
+    # what a tool (or `config.key = value`) adds to a config, and a later palme-hf may write: it loads back
+    config = config_class()
+    config.batch_norm_eps = 1.0
+    config.tool_flag_of_a_later_version = {"kept": [1, 2]}
+    config.save_pretrained(tmp_path)
+
+    loaded, logged = load_warnings(
+        lambda: [config_class.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)]
+    )
+    for config in loaded:
+        assert type(config) is config_class
+        assert config.batch_norm_eps == 1.0 and config.tool_flag_of_a_later_version == {"kept": [1, 2]}
+    name = config_class.__name__
+    assert logged.count(f"{name}: the saved key `batch_norm_eps`") == 1, logged
+    if config_class is PalmETextConfig:
+        assert "`batch_norm_eps` is not one of its options (the closest option is `layer_norm_eps`)" in logged
+    assert logged.count(f"{name}: the saved key `tool_flag_of_a_later_version`") == 1
+
+    loaded[0].save_pretrained(tmp_path / "again")
+    again = config_class.from_pretrained(tmp_path / "again")
+    assert again.tool_flag_of_a_later_version == {"kept": [1, 2]}
+    assert config_class.from_json_file(tmp_path / "again" / "config.json").batch_norm_eps == 1.0
+    assert config_class.from_dict(again.to_dict()).to_dict() == again.to_dict()
+
+
+def test_unknown_keys_of_the_sub_configs_round_trip_with_the_model(tmp_path):
+    from transformers.testing_utils import set_config_for_less_flaky_test
+
+    from helpers import tiny_config
+
+    config = tiny_config()
+    # what Transformers' common model tests do to every config they test, before building, saving and loading a model
+    set_config_for_less_flaky_test(config)
+    config.text_config.text_tool_flag = "t"
+    config.vision_config.vision_tool_flag = "v"
+    model = PalmEForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    (loaded, causal_lm), logged = load_warnings(
+        lambda: [
+            PalmEForConditionalGeneration.from_pretrained(tmp_path),
+            PalmEForCausalLM.from_pretrained(tmp_path),
+        ]
+    )
+    config = loaded.config
+    assert config.batch_norm_eps == 1.0 and config.rms_norm_eps == 1.0
+    assert config.text_config.text_tool_flag == "t" and config.text_config.rms_norm_eps == 1.0
+    assert config.vision_config.vision_tool_flag == "v" and config.vision_config.norm_eps == 1.0
+    assert config.text_config.layer_norm_eps == 1.0  # a known option keeps its meaning
+    assert causal_lm.config.text_tool_flag == "t"
+    assert logged.count("PalmETextConfig: the saved key `text_tool_flag`") == 1
+    assert logged.count("PalmEVisionConfig: the saved key `vision_tool_flag`") == 1
+    pixel_values, input_ids = torch.rand(1, 3, 32, 32), torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, input_ids=input_ids).logits,
+            model(pixel_values=pixel_values, input_ids=input_ids).logits,
+        )
+    # a loaded config's sub-configs build new configs, as data
+    rebuilt = PalmEConfig(vision_config=config.vision_config, text_config=config.text_config)
+    assert rebuilt.text_config.text_tool_flag == "t" and rebuilt.vision_config.vision_tool_flag == "v"
+
+
+@pytest.mark.parametrize(
+    "config_class, kwargs",
+    [
+        (PalmEConfig, {"vision_integraton": "prefix"}),
+        (PalmEConfig, {"text_config": {"num_hiden_layers": 2}}),
+        (PalmEConfig, {"vision_config": {"patch_sise": 8}}),
+    ],
+)
+def test_typed_keys_stay_strict(config_class, kwargs):
+    with pytest.raises(ValueError, match="has no option `(vision_integraton|num_hiden_layers|patch_sise)`. Did you"):
+        config_class(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config_class, key, value, message",
+    [
+        (PalmEConfig, "vocab_size", 20001, r"saved `vocab_size=20001` contradicts its options, which give 20000"),
+        (PalmEConfig, "num_image_tokens", 3, r"saved `num_image_tokens=3` contradicts its options, which give 64"),
+        (PalmEVisionConfig, "num_patches", 16, r"saved `num_patches=16` contradicts its options, which give 64"),
+        (PalmETextConfig, "num_key_value_heads", 2, r"has 8 key/value heads, got `num_key_value_heads=2`"),
+    ],
+)
+def test_saved_keys_that_contradict_the_options_are_refused(tmp_path, config_class, key, value, message):
+    config_class().save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    config = config_class.from_pretrained(tmp_path)
+    saved[key] = getattr(config, key)  # the value the options give loads
+    config_file.write_text(json.dumps(saved))
+    assert getattr(config_class.from_pretrained(tmp_path), key) == saved[key]
+    saved[key] = value
+    config_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=message):
+        config_class.from_pretrained(tmp_path)

@@ -269,3 +269,90 @@ def test_refuses_pickled_objects(tmp_path, reference_checkpoint):
 
 class PickledPayload:
     """An arbitrary Python object, which a weights-only load must refuse to unpickle."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_convert_in_their_dtype(tmp_path, capsys, reference_checkpoint, dtype):
+    # saved with `model.half()` to halve the file: the rotary buffers are rounded, not different
+    state_dict, kwargs = reference_checkpoint
+    _, io, _ = load_case("palme_tiny_default")
+    half = {key: tensor.to(dtype) for key, tensor in state_dict.items()}
+    code, stderr = run_converter(tmp_path, capsys, half, kwargs)
+    assert code == 0, stderr
+    model = PalmEForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert model.dtype == dtype and model.lm_head.weight.dtype == dtype
+    with torch.no_grad():
+        logits = model(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
+    # the float32 conversion's logits, within the dtype's precision
+    assert relative_error(logits.float(), io["logits_fixed_offset"]) <= 4 * torch.finfo(dtype).eps
+
+    code, stderr = run_converter(tmp_path, capsys, half, kwargs, "--overwrite", "--dtype", "float32")
+    assert code == 0, stderr
+    widened = PalmEForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert widened.dtype == torch.float32
+    torch.testing.assert_close(widened.lm_head.weight, half["decoder.net.to_logits.weight"].float())
+
+
+def test_a_safetensors_checkpoint_converts_and_a_truncated_one_is_named(tmp_path, reference_checkpoint):
+    from safetensors.torch import save_file
+
+    state_dict, kwargs = reference_checkpoint
+    _, io, _ = load_case("palme_tiny_default")
+    checkpoint = tmp_path / "palme.safetensors"
+    save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, checkpoint)
+    model = load_zeta_palme(str(checkpoint), kwargs)
+    with torch.no_grad():
+        logits = model(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
+    assert relative_error(logits, io["logits_fixed_offset"]) <= 1e-4
+
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ValueError, match=f"^{checkpoint} is not a readable safetensors file \\(truncated or corrupt\\)"
+    ):
+        load_zeta_palme(str(checkpoint), kwargs)
+
+
+def test_cli_names_a_checkpoint_that_holds_text(tmp_path, capsys, reference_checkpoint):
+    _, kwargs = reference_checkpoint
+    checkpoint, kwargs_file = tmp_path / "notes.pt", tmp_path / "kwargs.json"
+    checkpoint.write_text("these are my notes, not a checkpoint\n" * 20)
+    kwargs_file.write_text(json.dumps(kwargs))
+    argv = ["--checkpoint", str(checkpoint), "--kwargs", str(kwargs_file), "--output", str(tmp_path / "out")]
+    assert load_converter_main()(argv) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {checkpoint} is not a readable tensor checkpoint") and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"num_tokens": None},
+        {"decoder_dim": None},
+        {"max_seq_len": None},
+        {"num_tokens": 10**20},
+        {"decoder_dim": 10**12},
+    ]
+    + [{"max_seq_len": 10**30}, {"decoder_depth": True}, {"cross_attend": "yes"}],
+)
+def test_cli_names_a_kwarg_that_is_null_or_absurd(tmp_path, capsys, reference_checkpoint, bad):
+    state_dict, kwargs = reference_checkpoint
+    code, stderr = run_converter(tmp_path, capsys, state_dict, {**kwargs, **bad})
+    key, value = next(iter(bad.items()))
+    assert code == 1 and stderr.count("\n") == 1, stderr
+    assert f"zeta's PalmE argument `{key}` must be" in stderr and f"got {value!r}" in stderr
+
+
+def test_kwargs_too_large_to_build_are_refused_before_allocating(reference_checkpoint):
+    state_dict, kwargs = reference_checkpoint
+    with pytest.raises(ValueError, match="describe tensors too large to build"):
+        convert_zeta_palme_state_dict(state_dict, zeta_palme_config({**kwargs, "decoder_dim": 2**30}))
+
+
+def test_cli_names_a_kwargs_file_that_is_not_utf8(tmp_path, capsys):
+    kwargs_file = tmp_path / "kwargs.json"
+    kwargs_file.write_bytes(b'{"decoder_dim": 64, "note": "caf\xe9"}')
+    argv = ["--checkpoint", fixture_path("palme_tiny_default", "checkpoint.pt"), "--kwargs", str(kwargs_file)]
+    assert load_converter_main()([*argv, "--output", str(tmp_path / "out")]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {kwargs_file} is not UTF-8 text") and stderr.count("\n") == 1

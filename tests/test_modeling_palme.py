@@ -12,6 +12,7 @@ from transformers import (
     DynamicCache,
     EncoderDecoderCache,
     GenerationConfig,
+    StaticCache,
 )
 
 from palme_hf import (
@@ -648,3 +649,64 @@ def test_lora_with_added_words_saves_reloads_and_merges(tmp_path):
         merged = reloaded.merge_and_unload()
         assert isinstance(merged, PalmEForConditionalGeneration)
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_return_dict_false_gives_tuples_as_transformers_does(variant):
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    with torch.no_grad():
+        image_outputs = model.get_image_features(pixel_values)
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
+        torch.testing.assert_close(as_tuple[0], image_outputs.last_hidden_state)
+        torch.testing.assert_close(as_tuple[1], image_outputs.pooler_output)
+        logits = model(pixel_values=pixel_values, input_ids=input_ids).logits
+        generated = model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=3)
+        model.config.return_dict = False
+        assert isinstance(model.model.get_image_features(pixel_values), tuple)
+        assert isinstance(model.get_image_features(pixel_values), tuple)
+        outputs = model(pixel_values=pixel_values, input_ids=input_ids)
+        assert isinstance(outputs, tuple)
+        torch.testing.assert_close(outputs[0], logits)
+        assert torch.equal(model.generate(pixel_values=pixel_values, input_ids=input_ids, max_new_tokens=3), generated)
+        text_model = PalmEForCausalLM(model.config.text_config).eval()
+        text_model.config.return_dict = False
+        assert isinstance(text_model(input_ids=input_ids[:, :2]), tuple)
+
+
+@pytest.mark.parametrize("variant", ["reference", "prefix"])
+def test_static_cache_type_follows_the_decoder_layers(variant):
+    # a decoder with cross-attention layers keeps the image keys/values beside the static self-attention cache; the
+    # prefix route has none, and gets the plain StaticCache of Transformers' decoder-only models
+    model = tiny_model(variant)
+    pixel_values, input_ids = tiny_inputs(model)
+    kwargs = dict(max_new_tokens=3, cache_implementation="static", return_dict_in_generate=True)
+    cache = getattr(model.generate(pixel_values=pixel_values, input_ids=input_ids, **kwargs), CACHE_NAME)
+    text_model = PalmEForCausalLM(model.config.text_config).eval()
+    text_cache = getattr(text_model.generate(input_ids=input_ids[:, :2], **kwargs), CACHE_NAME)
+    if variant == "prefix":
+        assert type(cache) is StaticCache and type(text_cache) is StaticCache
+    else:
+        assert type(cache) is EncoderDecoderCache and type(cache.self_attention_cache) is StaticCache
+        assert type(text_cache) is EncoderDecoderCache and type(text_cache.self_attention_cache) is StaticCache
+
+
+@pytest.mark.parametrize("model_class", [PalmEForConditionalGeneration, PalmEForCausalLM, PalmEModel])
+def test_from_pretrained_names_a_truncated_weights_file(tmp_path, model_class):
+    tiny_model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match=f"^{weights}: truncated or corrupt"):
+        model_class.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("model_class", [PalmEForConditionalGeneration, PalmEForCausalLM])
+def test_from_pretrained_names_a_missing_config(tmp_path, model_class):
+    tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").unlink()
+    with pytest.raises(OSError, match=f"config.json is missing from {tmp_path / 'model'}: it is not a saved model"):
+        model_class.from_pretrained(tmp_path / "model")
+    config = tiny_model().config
+    assert model_class.from_pretrained(tmp_path / "model", config=config).config.vocab_size == 97  # given: fine

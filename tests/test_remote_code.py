@@ -35,6 +35,11 @@ LOADER = WITHOUT_PALME_HF + textwrap.dedent(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     assert type(config).__module__.startswith("transformers_modules"), type(config).__module__
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    # keys palme-hf does not know (a tool's, a later version's) are kept, through a second save and load too
+    model.save_pretrained(folder + "/resaved")
+    for loaded in (config, AutoConfig.from_pretrained(folder + "/resaved", trust_remote_code=True)):
+        foreign = [loaded.batch_norm_eps, loaded.text_config.tool_flag, loaded.vision_config.rms_norm_eps]
+        assert foreign == [1.0, "t", 1.0], foreign
     assert type(model).__name__ == "PalmEForConditionalGeneration"
     with torch.no_grad():
         logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"]).logits
@@ -77,6 +82,9 @@ def run_without_palme_hf(program: str, folder, tmp_path):
 )
 def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     config = small_config(**options)
+    config.batch_norm_eps = 1.0
+    config.text_config.tool_flag = "t"
+    config.vision_config.rms_norm_eps = 1.0
     model = PalmEForConditionalGeneration(config).eval()
     folder = tmp_path / "model"
     model.save_pretrained(folder)
@@ -107,6 +115,7 @@ CAUSAL_LM_LOADER = WITHOUT_PALME_HF + textwrap.dedent(
     input_ids = torch.load(folder + "/inputs.pt", weights_only=True)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__name__ == "PalmEForCausalLM"
+    assert model.config.tool_flag == "t"  # a key palme-hf does not know, kept
     with torch.no_grad():
         logits = model(input_ids=input_ids).logits
     generated = model.generate(input_ids=input_ids, do_sample=False, max_new_tokens=6)
@@ -116,7 +125,9 @@ CAUSAL_LM_LOADER = WITHOUT_PALME_HF + textwrap.dedent(
 
 
 def test_saved_text_decoder_loads_with_remote_code_without_palme_hf(tmp_path):
-    full = PalmEForConditionalGeneration(small_config())
+    config = small_config()
+    config.text_config.tool_flag = "t"
+    full = PalmEForConditionalGeneration(config)
     full.save_pretrained(tmp_path / "full")
     model = PalmEForCausalLM.from_pretrained(tmp_path / "full").eval()
     folder = tmp_path / "text"
