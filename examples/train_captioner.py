@@ -19,7 +19,11 @@ main process evaluates and saves. `--batch-size` is per process, as in `Training
 global batch doubles.
 
 No work is lost:
-- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it.
+- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it. Nothing
+  else is ever deleted: an empty path, the current folder, and an `--output-dir` or `--sample-images-dir` that is,
+  holds or lies inside an input (`--train-dir`, `--eval-dir`, `--init-from`) or the other output are refused before
+  any work. `--sample-images-dir` may hold other files, but not the ones it writes unless `--overwrite`. A link to a
+  folder stays a link: its target gets the captioner.
 - While training, checkpoints (model, optimizer, scheduler, random states) go to `OUTPUT_DIR/checkpoints/checkpoint-N`
   every `--save-steps` steps, at the end of training, and on Ctrl-C, which stops after the current step (a second
   Ctrl-C aborts without saving). The last two are kept.
@@ -70,7 +74,17 @@ from palme_hf.captioning import (
     robustness_exact_match,
     robustness_table,
 )
-from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
+from palme_hf.io_palme import (
+    atomic_output_dir,
+    check_model_folder,
+    check_no_overlap,
+    check_output_dir,
+    check_path_given,
+    check_writable,
+    exit_on_sigterm,
+    exit_with_error,
+    read_json_file,
+)
 from palme_hf.model_card_palme import build_model_card
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
@@ -293,14 +307,50 @@ def captioning_datasets(args: argparse.Namespace, tokenizer):
     return train, held_out
 
 
+def input_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """The folders the run reads, by option: no output may be, hold or lie inside one of them."""
+    return {"--train-dir": args.train_dir, "--eval-dir": args.eval_dir, "--init-from": args.init_from}
+
+
+def sample_image_names(args: argparse.Namespace) -> list[str]:
+    """The files `--sample-images-dir` gets: `held_out_NN.png` for each sample image, and `captions.json`."""
+    return [f"held_out_{index:02d}.png" for index in range(args.num_sample_images)] + ["captions.json"]
+
+
+def check_output_paths(args: argparse.Namespace):
+    """
+    Checks the output paths before any work: `--output-dir` (see `check_output_dir`; `--resume` continues the run
+    that fills it) and `--sample-images-dir`, which may hold other files but not those it would write, unless
+    `--overwrite` (which replaces those files alone). Neither may be, hold or lie inside an input folder, nor the
+    other output.
+    """
+    check_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite or args.resume,
+        inputs={**input_paths(args), "--sample-images-dir": args.sample_images_dir},
+    )
+    if args.sample_images_dir is None:
+        return
+    samples_dir = args.sample_images_dir
+    check_path_given(samples_dir, "--sample-images-dir")
+    if os.path.exists(samples_dir) and not os.path.isdir(samples_dir):
+        raise ValueError(f"--sample-images-dir {samples_dir} exists and is not a folder.")
+    check_no_overlap(samples_dir, {**input_paths(args), "--output-dir": args.output_dir})
+    check_writable(samples_dir, "--sample-images-dir")
+    existing = [name for name in sample_image_names(args) if os.path.lexists(os.path.join(samples_dir, name))]
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"--sample-images-dir {samples_dir} already holds {', '.join(existing)}; pass --overwrite to replace "
+            "these files, or give another folder."
+        )
+
+
 def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
     """
-    Checks `--output-dir` before training, and returns the checkpoint to resume from (None for a new run). A new run
-    refuses a non-empty `--output-dir` unless `--overwrite`. `--resume` needs a complete last checkpoint, and the
+    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint, and the
     options the run started with, but for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
     """
     if not args.resume:
-        check_output_dir(args.output_dir, args.overwrite)
         return None
     checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
     checkpoint = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
@@ -503,14 +553,13 @@ tags:
     (output_dir / "README.md").write_text(card)
 
 
-def write_sample_images(directory: Path, items: list[dict]):
-    """Saves `items` as `held_out_NN.png` and their true captions as `captions.json` (file name -> caption)."""
+def write_sample_images(directory: Path, names: list[str], items: list[dict]):
+    """Saves `items` as `names` (`held_out_NN.png`) and their true captions as `captions.json` (file name ->
+    caption)."""
     directory.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for index, item in enumerate(items):
-        name = f"held_out_{index:02d}.png"
+    for name, item in zip(names, items):
         item["image"].save(directory / name)
-        captions[name] = item["caption"]
+    captions = {name: item["caption"] for name, item in zip(names, items)}
     (directory / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
 
 
@@ -519,6 +568,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     args = parse_args(argv)
     set_seed(args.seed)
     try:
+        check_output_paths(args)
         model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
         train_dataset, held_out = captioning_datasets(args, processor.tokenizer)
         training_args = TrainingArguments(
@@ -544,7 +594,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         )
         resume_from = find_resume_checkpoint(args, training_args.world_size)
     except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)
     # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -617,13 +667,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         (Path(final_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(Path(final_dir), argv, args, trainer.model.config, trainer.model.num_parameters(), metrics)
     if args.sample_images_dir is not None:
-        write_sample_images(Path(args.sample_images_dir), items[: args.num_sample_images])
+        write_sample_images(Path(args.sample_images_dir), sample_image_names(args)[:-1], items)
     return trainer
 
 
 if __name__ == "__main__":
     try:
-        main()
+        with exit_on_sigterm():
+            main()
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it
         print("Aborted.", file=sys.stderr)
         sys.exit(130)

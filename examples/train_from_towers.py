@@ -7,7 +7,10 @@ image goes into the text as a prefix (`<image> a small red circle ...`). By defa
 (`--freeze both`, the paper's frozen-LM variant); `--freeze vision` trains the projector and the language model,
 `--freeze none` everything, and `--lora-rank R` puts LoRA adapters (PEFT) on the language model's attention
 projections, merged into the saved model. The model and its processor are written to `--output-dir` (refused when not
-empty, unless `--overwrite`), with `train_losses.json`: the logged training losses and sample captions.
+empty, unless `--overwrite`, which replaces its contents and nothing else: an empty path, the current folder, and a
+folder that is, holds or lies inside a tower folder are refused), with `train_losses.json`: the logged training
+losses and sample captions. The model is written into a temporary folder beside `--output-dir`, renamed into place
+at the end, and deleted if the run fails or is stopped (Ctrl-C, SIGTERM).
 
     python examples/train_from_towers.py --vision-model VIT_DIR --text-model LLAMA_DIR --output-dir OUT \\
         --train-samples 2000 --max-steps 200
@@ -16,7 +19,6 @@ empty, unless `--overwrite`), with `train_losses.json`: the logged training loss
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import torch
@@ -24,7 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import CaptioningCollator
-from palme_hf.io_palme import atomic_output_dir, check_output_dir
+from palme_hf.io_palme import atomic_output_dir, check_output_dir, exit_on_sigterm, exit_with_error
 from palme_hf.synthetic_shapes import SyntheticShapesDataset
 
 FREEZE = {"both": (True, True), "vision": (True, False), "language": (False, True), "none": (False, False)}
@@ -70,7 +72,10 @@ def add_lora(model: PalmEForConditionalGeneration, rank: int):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    check_output_dir(args.output_dir, args.overwrite)  # before any work
+    # Before any work. The towers are inputs, which no output may replace.
+    check_output_dir(
+        args.output_dir, args.overwrite, {"--vision-model": args.vision_model, "--text-model": args.text_model}
+    )
     torch.manual_seed(args.seed)
     processor = PalmEProcessor.from_pretrained_towers(args.vision_model, args.text_model)
     model = PalmEForConditionalGeneration.from_pretrained_towers(
@@ -84,26 +89,25 @@ def main(argv=None) -> dict:
     train_dataset = SyntheticShapesDataset(
         args.train_samples, split="train", seed=args.seed, image_size=args.image_size
     )
-    scratch = tempfile.TemporaryDirectory()  # the Trainer's output folder; nothing is checkpointed
-    training_args = TrainingArguments(
-        output_dir=scratch.name,
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=trained, args=training_args, train_dataset=train_dataset, data_collator=CaptioningCollator(processor)
-    )
-    trainer.train()
-    scratch.cleanup()
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output folder; nothing is checkpointed
+        training_args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="constant",
+            logging_steps=args.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            seed=args.seed,
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=trained, args=training_args, train_dataset=train_dataset, data_collator=CaptioningCollator(processor)
+        )
+        trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     model = trained.merge_and_unload() if args.lora_rank else trained
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except ValueError as error:
-        print(f"train_from_towers.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_sigterm():
+            main()
+    except (ValueError, OSError) as error:
+        exit_with_error(error)

@@ -344,3 +344,26 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
         train_captioner.main(argv)
     assert message in (str(refusal.value.code) + capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_images_dir_never_replaces_files_without_overwrite(tmp_path, train_captioner):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "captions.json").write_text("mine")
+    (samples / "held_out_00.png").write_text("mine too")
+    (samples / "notes.txt").write_text("kept")
+    argv = ["--output-dir", str(tmp_path / "out"), *TINY_RUN, "--train-samples", "16", "--eval-samples", "2"]
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main([*argv, "--sample-images-dir", str(samples)])
+    assert f"--sample-images-dir {samples} already holds held_out_00.png, captions.json; pass --overwrite" in str(
+        refusal.value.code
+    )
+    assert not (tmp_path / "out").exists()  # refused before training
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main([*argv, "--sample-images-dir", str(samples / "notes.txt")])
+    assert f"--sample-images-dir {samples / 'notes.txt'} exists and is not a folder" in str(refusal.value.code)
+
+    train_captioner.main([*argv, "--sample-images-dir", str(samples), "--overwrite"])
+    assert sorted(os.listdir(samples)) == ["captions.json", "held_out_00.png", "held_out_01.png", "notes.txt"]
+    assert (samples / "notes.txt").read_text() == "kept"  # --overwrite replaces the files it writes, no others
+    assert json.loads((samples / "captions.json").read_text()).keys() == {"held_out_00.png", "held_out_01.png"}
