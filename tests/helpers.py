@@ -215,3 +215,15 @@ def sample_image(name: str = "held_out_00.png"):
     import PIL.Image
 
     return PIL.Image.open(os.path.join(SAMPLE_IMAGES, name))
+
+
+def load_script(*path: str):
+    """The script at `path` (parts relative to the repository root, e.g. `"examples", "train_captioner.py"`) as a
+    module, to call its `main` or other functions in the test's process."""
+    import importlib.util
+
+    file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(path[-1])[0], file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ path, an output folder that is, holds or lies inside an input, and a link to a f
 a run stopped by SIGTERM or killed leaves no temporary behind for long; and files that cannot be read or written are
 named before the work starts."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -20,9 +19,8 @@ from palme_hf.io_palme import (
     read_json_file,
 )
 
-from helpers import fixture_path, save_tiny_towers
+from helpers import fixture_path, load_script, save_tiny_towers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKPOINT = fixture_path("palme_tiny_default", "checkpoint.pt")
 KWARGS = fixture_path("palme_tiny_default", "kwargs.json")
 # The smallest runs of the training scripts that still write a model.
@@ -32,13 +30,6 @@ CAPTIONER_RUN = [
 ]  # fmt: skip
 TOWERS_RUN = ["--train-samples", "8", "--batch-size", "4", "--max-steps", "1", "--logging-steps", "1"]
 WRITERS = ["convert_zeta_palme", "train_captioner", "train_from_towers"]
-
-
-def load_script(*path):
-    spec = importlib.util.spec_from_file_location(path[-1].removesuffix(".py"), os.path.join(ROOT, *path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ process does with the same global batch; it loses no work: Ctrl-C saves a checkp
 run exactly, a non-empty output folder is refused, a failure leaves no half-written model, and `--init-from`
 fine-tunes a saved captioner, the shipped one too, on a folder of one's own captioned images (`--train-dir`)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,8 @@ from safetensors.torch import load_file
 from palme_hf.cli import DEFAULT_CAPTIONER
 from palme_hf.cli import main as cli_main
 from palme_hf.synthetic_shapes import SyntheticShapesDataset
+
+from helpers import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
@@ -80,10 +81,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
 @pytest.fixture(scope="module")
 def train_captioner():
     """The script as a module, to run `main` in-process where no subprocess is needed."""
-    spec = importlib.util.spec_from_file_location("train_captioner", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", "train_captioner.py")
 
 
 @pytest.fixture(scope="module")

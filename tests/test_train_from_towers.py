@@ -1,7 +1,6 @@
 """examples/train_from_towers.py: `--lora-rank` with a trainable vision tower trains it, its counts must be positive,
 and towers that are missing, not models, or swapped are refused in one line before any work."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from transformers import AutoModel
 
 from palme_hf import PalmEForConditionalGeneration
 
-from helpers import save_tiny_towers
+from helpers import load_script, save_tiny_towers
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_from_towers.py")
 TINY_RUN = ["--train-samples", "8", "--batch-size", "4", "--max-steps", "2", "--logging-steps", "1"]
@@ -20,10 +19,7 @@ TINY_RUN = ["--train-samples", "8", "--batch-size", "4", "--max-steps", "2", "--
 
 @pytest.fixture(scope="module")
 def train_from_towers():
-    spec = importlib.util.spec_from_file_location("train_from_towers", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", "train_from_towers.py")
 
 
 @pytest.fixture(scope="module")
