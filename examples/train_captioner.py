@@ -80,10 +80,12 @@ from palme_hf.io_palme import (
     check_no_overlap,
     check_output_dir,
     check_path_given,
+    check_torch_file,
     check_writable,
     exit_on_sigterm,
     exit_with_error,
     read_json_file,
+    read_json_object,
 )
 from palme_hf.model_card_palme import build_model_card
 from palme_hf.synthetic_shapes import (
@@ -347,8 +349,9 @@ def check_output_paths(args: argparse.Namespace):
 
 def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
     """
-    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint, and the
-    options the run started with, but for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
+    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (model,
+    trainer state, optimizer, schedule and random states, each readable), and the options the run started with, but
+    for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
     """
     if not args.resume:
         return None
@@ -360,7 +363,13 @@ def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str 
         check_model_folder(checkpoint)
         if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
             raise ValueError(f"{checkpoint} has no trainer_state.json.")
-    except ValueError as error:
+        read_json_object(os.path.join(checkpoint, "trainer_state.json"))
+        # The optimizer, the schedule and each process's random states: without one, the run would go on, but not as
+        # the uninterrupted run did.
+        rng_states = ["rng_state.pth"] if num_processes == 1 else [f"rng_state_{i}.pth" for i in range(num_processes)]
+        for name in ["optimizer.pt", "scheduler.pt", *rng_states]:
+            check_torch_file(os.path.join(checkpoint, name))
+    except (ValueError, OSError) as error:
         raise ValueError(
             f"{error} The checkpoint is incomplete (was its saving cut short?): delete it to resume from the one "
             "before."

@@ -302,7 +302,7 @@ def check_torch_file(path: str):
     """Refuses (`ValueError`, naming it) a `torch.save` file that is missing, truncated or corrupt (its zip archive
     is read through, checking every member's checksum, without unpickling anything)."""
     if not os.path.isfile(path):
-        raise ValueError(f"there is no {path}.")
+        raise ValueError(f"{path} is missing.")
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()

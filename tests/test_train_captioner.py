@@ -179,7 +179,14 @@ def test_a_failure_at_the_end_leaves_the_checkpoints_to_resume_from(tmp_path, tr
     assert trainer.state.global_step == 2 and (output_dir / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("case", ["changed option", "truncated weights", "no config.json", "no checkpoint"])
+INCOMPLETE = "The checkpoint is incomplete (was its saving cut short?)"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["changed option", "truncated weights", "no config.json", "no checkpoint", "no optimizer.pt", "no scheduler.pt",
+     "truncated trainer_state.json", "truncated optimizer.pt", "truncated scheduler.pt", "truncated rng_state.pth"],
+)  # fmt: skip
 def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
     output_dir = tmp_path / "run"
     shutil.copytree(interrupted[0], output_dir)
@@ -194,12 +201,20 @@ def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
     elif case == "no config.json":
         (checkpoint / "config.json").unlink()
         message = f"{checkpoint} has no config.json"
-    else:
+    elif case == "no checkpoint":
         shutil.rmtree(output_dir / "checkpoints")
         message = f"--resume: {output_dir / 'checkpoints'} holds no checkpoint"
+    elif case.startswith("no "):  # the optimizer and the schedule restarted silently
+        (checkpoint / case[3:]).unlink()
+        message = f"{checkpoint / case[3:]} is missing. {INCOMPLETE}"
+    else:
+        path = checkpoint / case.split()[1]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        message = f"{path} is not {'valid JSON' if path.suffix == '.json' else 'a readable torch.save file'}"
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(["--output-dir", str(output_dir), *RESUMABLE_RUN, *options, "--resume"])
     assert message in str(refusal.value.code)
+    assert case in ("changed option", "no checkpoint") or INCOMPLETE in str(refusal.value.code)
 
 
 def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_captioner):
