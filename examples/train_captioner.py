@@ -74,7 +74,9 @@ from palme_hf.captioning import (
     robustness_exact_match,
     robustness_table,
 )
+from palme_hf.cli import positive_int
 from palme_hf.io_palme import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     atomic_output_dir,
     check_model_folder,
     check_no_overlap,
@@ -84,6 +86,9 @@ from palme_hf.io_palme import (
     check_writable,
     exit_on_sigterm,
     exit_with_error,
+    load_saved_model,
+    load_saved_processor,
+    one_line,
     read_json_file,
     read_json_object,
 )
@@ -102,7 +107,7 @@ OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
     "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
-    "sample_images_dir", "num_sample_images", "robustness_samples",
+    "sample_images_dir", "num_sample_images", "robustness_samples", "max_image_pixels",
 }  # fmt: skip
 # patch_norm_eps: about the variance of a [0, 1] patch holding part of a shape (PalmEVisionConfig.patch_norm_eps).
 ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "patch_norm_eps": 0.1}
@@ -134,6 +139,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         metavar="DIR",
         help="score on this folder (laid out as --train-dir) instead of the synthetic held-out split",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse images of --train-dir and --eval-dir of more pixels (default: %(default)s)",
     )
     parser.add_argument("--train-samples", type=int, default=160_000, help="length of the synthetic training split")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -253,16 +264,25 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
     ones not given take its values. A `--patch-norm-eps` given replaces the model's.
     """
     check_model_folder(args.init_from)
-    try:
-        processor = PalmEProcessor.from_pretrained(args.init_from)
-    except (OSError, ValueError) as error:
+    saved = read_json_object(os.path.join(args.init_from, "config.json"))
+    model_types = [
+        part.get("model_type") if isinstance(part, dict) else None
+        for part in (saved, saved.get("vision_config"), saved.get("text_config"))
+    ]
+    if model_types != ["palme", "palme_vision", "palme_text"]:
         raise ValueError(
-            f"{args.init_from} has no processor (image processor and tokenizer, as this script saves them): {error}"
-        ) from error
-    config = PalmEConfig.from_pretrained(args.init_from)
+            f"--init-from {args.init_from} holds a model of type {model_types[0]} (vision {model_types[1]}, text "
+            f"{model_types[2]}), not a captioner of palme_hf's own towers (palme, palme_vision, palme_text), as this "
+            "script saves them. A PalmE of pretrained towers trains with examples/train_from_towers.py."
+        )
+    processor = load_saved_processor(PalmEProcessor, args.init_from)
+    try:
+        config = PalmEConfig.from_pretrained(args.init_from)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{args.init_from}/config.json is not a PalmE configuration: {one_line(error)}") from error
     if args.patch_norm_eps is not None:
         config.vision_config.patch_norm_eps = args.patch_norm_eps  # checked positive by parse_args
-    model = PalmEForConditionalGeneration.from_pretrained(args.init_from, config=config)
+    model = load_saved_model(PalmEForConditionalGeneration, args.init_from, config=config)
     vision, text = model.config.vision_config, model.config.text_config
     model_values = {
         "image_size": {vision.image_size},
@@ -287,9 +307,11 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
     return model, processor
 
 
-def captioning_datasets(args: argparse.Namespace, tokenizer):
+def captioning_datasets(args: argparse.Namespace, processor: PalmEProcessor):
     """The training and held-out datasets: the folders of --train-dir and --eval-dir (their captions checked against
-    `tokenizer`), or the synthetic shapes."""
+    the processor's tokenizer, every image read and checked by its image processor, so that a bad file stops the
+    run before training), or the synthetic shapes."""
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if args.train_dir is None:
         train = SyntheticShapesDataset(
             args.train_samples,
@@ -299,13 +321,15 @@ def captioning_datasets(args: argparse.Namespace, tokenizer):
             augmentation=AUGMENTATION if args.augment else None,
         )
     else:
-        train = ImageCaptionFolder(args.train_dir)
-        check_vocabulary(tokenizer, train.captions)
+        train = ImageCaptionFolder(args.train_dir, args.max_image_pixels)
     if args.eval_dir is None:
         held_out = SyntheticShapesDataset(args.eval_samples, "held_out", seed=args.seed, image_size=args.image_size)
     else:
-        held_out = ImageCaptionFolder(args.eval_dir)
-        check_vocabulary(tokenizer, held_out.captions)
+        held_out = ImageCaptionFolder(args.eval_dir, args.max_image_pixels)
+    for folder in (train, held_out):
+        if isinstance(folder, ImageCaptionFolder):
+            check_vocabulary(tokenizer, folder.captions)
+            folder.check_images(image_processor)
     return train, held_out
 
 
@@ -579,7 +603,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     try:
         check_output_paths(args)
         model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
-        train_dataset, held_out = captioning_datasets(args, processor.tokenizer)
+        train_dataset, held_out = captioning_datasets(args, processor)
         training_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
             per_device_train_batch_size=args.batch_size,

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 import PIL.Image
 import PIL.ImageOps
 from safetensors import SafetensorError, safe_open
+from transformers.utils import logging
 
 # Images of more pixels are refused unless the limit is raised (Pillow's own decompression-bomb limit, 89.5 million
 # pixels: a 9459x9459 image, about 270 MB decoded as RGB).
@@ -105,12 +106,12 @@ def check_no_overlap(output: str, inputs: Mapping[str, str | None]):
 
 def check_writable(path: str, what: str = "output folder"):
     """
-    Refuses (`ValueError`, naming the folder in the way) an output `path` that cannot be written: one that exists
-    and is not writable, or whose parent folder (where the finished result is renamed into place), or the nearest
+    Refuses (`ValueError`, naming the folder in the way) an output `path` that cannot be written: a folder that is
+    not writable, or whose parent folder (where the finished result is renamed into place), or the nearest
     existing folder above it when the parent is yet to be made, is not a writable folder. Links are followed.
     """
     resolved = os.path.realpath(path)
-    if os.path.exists(resolved) and not os.access(resolved, os.W_OK | os.X_OK):
+    if os.path.isdir(resolved) and not os.access(resolved, os.W_OK | os.X_OK):
         raise ValueError(f"The {what} {path} is not writable.")
     ancestor = os.path.dirname(resolved)
     while not os.path.exists(ancestor):
@@ -298,6 +299,46 @@ def check_model_folder(model_dir: str):
             raise ValueError(f"{path} is not a readable safetensors file (truncated?): {error}") from error
 
 
+def load_saved_model(model_class, model_dir: str, **kwargs):
+    """
+    `model_class.from_pretrained(model_dir, **kwargs)` (a model class or an Auto class) of a folder checked first
+    with [`check_model_folder`]. Weights that do not fit the model its `config.json` describes (missing, unexpected or
+    misshapen tensors, which `from_pretrained` would leave newly initialised, or refuse after a page of report) and a
+    `config.json` that does not build a model are a one-line `ValueError` naming the folder.
+    """
+    check_model_folder(model_dir)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the loading report; the error below says what is wrong
+    try:
+        model, info = model_class.from_pretrained(
+            model_dir, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as error:
+        reason = f"{type(error).__name__}: {one_line(error)[:300]}"
+        raise ValueError(f"{model_dir} does not load as a saved model ({reason}).") from error
+    finally:
+        logging.set_verbosity(verbosity)
+    problems = [
+        f"{key} is {tuple(saved)} in the weights, {tuple(built)} in the model"
+        for key, saved, built in info["mismatched_keys"]
+    ]
+    problems += [f"{key} is missing from the weights" for key in sorted(info["missing_keys"])]
+    problems += [f"{key} in the weights is not in the model" for key in sorted(info["unexpected_keys"])]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise ValueError(f"The weights in {model_dir} do not fit the model its config.json describes: {shown}.")
+    return model
+
+
+def load_saved_processor(processor_class, model_dir: str):
+    """`processor_class.from_pretrained(model_dir)` (a processor class or `AutoProcessor`); a folder without a
+    readable processor (image processor and tokenizer) is a `ValueError` naming it."""
+    try:
+        return processor_class.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{model_dir} has no processor (image processor and tokenizer): {one_line(error)}") from error
+
+
 def check_torch_file(path: str):
     """Refuses (`ValueError`, naming it) a `torch.save` file that is missing, truncated or corrupt (its zip archive
     is read through, checking every member's checksum, without unpickling anything)."""
@@ -331,7 +372,7 @@ def read_image_file(path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PI
             if image.width * image.height > max_pixels:
                 raise ValueError(
                     f"is {image.width}x{image.height} = {image.width * image.height:,} pixels, more than the limit of "
-                    f"{max_pixels:,}"
+                    f"{max_pixels:,} (--max-image-pixels raises it)"
                 )
             image.load()
             return PIL.ImageOps.exif_transpose(image)
@@ -354,6 +395,8 @@ __all__ = [
     "check_writable",
     "exit_on_sigterm",
     "exit_with_error",
+    "load_saved_model",
+    "load_saved_processor",
     "one_line",
     "read_image_file",
     "read_json_file",

@@ -19,7 +19,7 @@ from palme_hf.io_palme import (
     read_json_file,
 )
 
-from helpers import fixture_path, load_script, save_tiny_towers
+from helpers import fixture_path, load_script, read_only_folder, save_tiny_towers
 
 CHECKPOINT = fixture_path("palme_tiny_default", "checkpoint.pt")
 KWARGS = fixture_path("palme_tiny_default", "kwargs.json")
@@ -259,3 +259,22 @@ def test_read_json_file_names_a_file_that_is_not_utf8(tmp_path):
     path.write_bytes('{"name": "café"}'.encode("latin-1"))
     with pytest.raises(ValueError, match=f"{path} is not UTF-8 text \\(byte 0xe9 at offset 13\\)"):
         read_json_file(str(path))
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(writer, scripts, towers, tmp_path, capsys):
+    """train_from_towers.py once trained, failed at the final save and lost everything."""
+    read_only = tmp_path / "read_only"
+    (read_only / "existing").mkdir(parents=True)
+    (tmp_path / "file").write_text("mine")
+    cases = [
+        (read_only / "new", f"the folder {read_only} is not writable"),
+        (read_only / "existing", f"the folder {read_only} is not writable"),  # the finished result is renamed there
+        (read_only / "deeper" / "new", f"the folder {read_only} is not writable"),
+        (tmp_path / "file" / "new", f"cannot be made: {tmp_path / 'file'} is a file, not a folder"),
+    ]
+    with read_only_folder(read_only):
+        for output, message in cases:
+            code, err = run_writer(scripts, capsys, writer, str(output), *writer_inputs(writer, towers), "--overwrite")
+            assert code == 1 and message in err, err
+    assert tree(tmp_path) == {"file": b"mine"} and os.listdir(read_only) == ["existing"]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,7 +19,7 @@ from palme_hf.cli import DEFAULT_CAPTIONER
 from palme_hf.cli import main as cli_main
 from palme_hf.synthetic_shapes import SyntheticShapesDataset
 
-from helpers import load_script
+from helpers import BROKEN_MODEL_FOLDERS, break_model_folder, load_script, read_only_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
@@ -255,26 +256,46 @@ def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "case, options, message",
-    [
-        ("no config.json", [], "has no config.json, so it is not a saved model"),
-        ("no processor", [], "has no processor"),
-        ("contradicting options", ["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
-    ],
-    ids=["no config.json", "no processor", "contradicting options"],
-)
-def test_init_from_refuses(case, options, message, uninterrupted, tmp_path, train_captioner):
+INIT_FROM_REFUSALS = {
+    "no config.json": ([], "has no config.json, so it is not a saved model"),
+    "no processor": ([], "has no processor"),
+    "contradicting options": (["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
+    "a tower": ([], "holds a model of type vit (vision None, text None), not a captioner of palme_hf's own"),
+    **{case: ([], message) for case, message in BROKEN_MODEL_FOLDERS.items()},
+}
+
+
+@pytest.mark.parametrize("case", INIT_FROM_REFUSALS)
+def test_init_from_refuses(case, uninterrupted, tmp_path, train_captioner):
+    options, message = INIT_FROM_REFUSALS[case]
     model_dir = tmp_path / "model"
     shutil.copytree(uninterrupted, model_dir)
     if case == "no config.json":
         (model_dir / "config.json").unlink()
     if case == "no processor":
         (model_dir / "processor_config.json").unlink()
+    if case == "a tower":
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    if case in BROKEN_MODEL_FOLDERS:
+        break_model_folder(model_dir, case)
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(["--init-from", str(model_dir), "--output-dir", str(tmp_path / "out"), *options])
-    assert message in str(refusal.value.code)
+    assert message in str(refusal.value.code) and "\n" not in str(refusal.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(interrupted, tmp_path, train_captioner):
+    """Once, a run trained fully and then failed at the final save, when the output folder could be written but not
+    the folder holding it (where the finished captioner replaces it); so did every --resume."""
+    read_only = tmp_path / "read_only"
+    shutil.copytree(interrupted[0], read_only / "run")
+    (read_only / "new").mkdir()
+    with read_only_folder(read_only):
+        for name, options in (("new", RESUMABLE_RUN), ("run", [*RESUMABLE_RUN, "--resume"])):
+            with pytest.raises(SystemExit) as refusal:
+                train_captioner.main(["--output-dir", str(read_only / name), *options])
+            assert f"the folder {read_only} is not writable" in str(refusal.value.code)
+            assert os.listdir(read_only / "new") == []
 
 
 def captioned_folder(folder, items) -> list:
@@ -317,6 +338,10 @@ def test_fine_tunes_the_shipped_captioner_on_a_folder_and_captions_with_it(tmp_p
     "case, message",
     [
         ("no eval dir", "--train-dir needs --eval-dir"),
+        ("not utf-8", "metadata.jsonl, line 1: not UTF-8 text (byte 0xe9"),
+        ("outside", "metadata.jsonl, line 2: file_name '../secret.png' leads outside"),
+        ("bad image", "1 of the 2 images of {folder} cannot be used: {folder}/images/01.png: could not read an image"),
+        ("bad eval image", "1 of the 1 images of {eval} cannot be used: {eval}/00.png: is an empty file (0 bytes)"),
         ("no metadata", "has no metadata.jsonl"),
         ("not json", "metadata.jsonl, line 2: not JSON"),
         ("no text", 'metadata.jsonl, line 1: expected {"file_name": str, "text": str}'),
@@ -339,9 +364,21 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
         metadata.write_text(json.dumps({"file_name": "images/00.png"}) + "\n")
     elif case == "missing image":
         (folder / "images" / "00.png").unlink()
+    elif case == "not utf-8":
+        metadata.write_bytes(b'{"file_name": "images/00.png", "text": "caf\xe9"}\n')
+    elif case == "outside":
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+        metadata.write_text(lines[0] + "\n" + json.dumps({"file_name": "../secret.png", "text": "a circle"}) + "\n")
+    elif case == "bad image":
+        (folder / "images" / "01.png").write_text("not an image")
+    elif case == "bad eval image":
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "00.png").write_bytes(b"")
+        (tmp_path / "eval" / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "a small red circle"}\n')
     elif case == "unknown words":
         metadata.write_text(json.dumps({"file_name": "images/00.png", "text": "a small purple hexagon"}) + "\n")
-    eval_dir = [] if case == "no eval dir" else ["--eval-dir", str(folder)]
+    eval_folder = tmp_path / "eval" if case == "bad eval image" else folder
+    eval_dir = [] if case == "no eval dir" else ["--eval-dir", str(eval_folder)]
     synthetic_only = {"augment": ["--augment"], "robustness": ["--robustness-samples", "10"]}.get(case, [])
     argv = [
         "--init-from",
@@ -355,6 +392,7 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
     ]
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(argv)
+    message = message.replace("{folder}", str(folder)).replace("{eval}", str(eval_folder))
     assert message in (str(refusal.value.code) + capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
 
