@@ -44,7 +44,10 @@ instead of the synthetic shapes, for instance to fine-tune the shipped captioner
     palme-hf caption --model my_captioner my_images/test/*.png
 
 Your images are used as they are: augmentation and the robustness evaluation, which render shapes, are for the
-synthetic data (`--augment` and `--robustness-samples` are refused with `--train-dir`).
+synthetic data (`--augment` and `--robustness-samples` are refused with `--train-dir`). Before the first step, every
+image of `--train-dir` and `--eval-dir` is read through the image processor: a file that is empty, not an image, has
+more than `--max-image-pixels` pixels, or that the processor refuses is named, with the others, and the run stops; so
+does a `metadata.jsonl` entry whose `file_name` is absolute or leads outside its folder.
 """
 
 import argparse

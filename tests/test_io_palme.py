@@ -254,11 +254,15 @@ def test_an_interrupted_swap_puts_the_previous_output_back(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["model"] and tree(output) == {"previous.txt": b"kept"}
 
 
-def test_read_json_file_names_a_file_that_is_not_utf8(tmp_path):
+def test_a_kwargs_file_that_is_not_utf8_is_named(tmp_path, scripts, capsys):
+    """It ended in "'utf-8' codec can't decode byte 0xe9", naming no file."""
     path = tmp_path / "kwargs.json"
     path.write_bytes('{"name": "café"}'.encode("latin-1"))
     with pytest.raises(ValueError, match=f"{path} is not UTF-8 text \\(byte 0xe9 at offset 13\\)"):
         read_json_file(str(path))
+    argv = ["--checkpoint", CHECKPOINT, "--kwargs", str(path), "--output", str(tmp_path / "out")]
+    assert scripts["convert_zeta_palme"].main(argv) == 1
+    assert capsys.readouterr().err == f"error: {path} is not UTF-8 text (byte 0xe9 at offset 13).\n"
 
 
 @pytest.mark.parametrize("writer", WRITERS)
