@@ -78,14 +78,10 @@ def _is_within(path: str, folder: str) -> bool:
 def check_no_overlap(output: str, inputs: Mapping[str, str | None]):
     """
     Refuses (`ValueError`, naming both paths) an output folder that is the same as, holds or lies inside one of
-    `inputs` (option name -> path; paths that are `None` or do not exist, such as Hub ids, are left out), or that
-    holds the current folder. Links are followed on both sides: replacing such an output folder would delete the
-    inputs, or the folder one works in.
+    `inputs` (option name -> path; paths that are `None` or do not exist, such as Hub ids, are left out). Links are
+    followed on both sides: replacing such an output folder would delete the input.
     """
-    resolved, current = os.path.realpath(output), os.getcwd()
-    if _is_within(current, resolved):
-        where = "the current folder" if resolved == current else f"a folder holding the current folder {current}"
-        raise ValueError(f"The output folder {output} is {where}, which replacing it would delete; give another one.")
+    resolved = os.path.realpath(output)
     for option, path in inputs.items():
         if not path or not os.path.exists(path):
             continue
@@ -128,15 +124,19 @@ def check_writable(path: str, what: str = "output folder"):
 def check_output_dir(output_dir: str, overwrite: bool = False, inputs: Mapping[str, str | None] | None = None):
     """
     Checks, before any work, that `output_dir` can take a result: refuses (`ValueError`) the empty path, a file, a
-    folder that is not empty unless `overwrite`, a folder that cannot be written (see [`check_writable`]), and one
-    that is, holds or lies inside any of `inputs` (option name -> path, see [`check_no_overlap`]), with or without
-    `overwrite`. A folder that does not exist yet, or is empty, is fine; a link to a folder is checked (and later
-    written) as its target.
+    folder that is not empty unless `overwrite`, a folder that cannot be written (see [`check_writable`]), and, with
+    or without `overwrite`, the current folder or one that holds it, and a folder that is, holds or lies inside any of
+    `inputs` (option name -> path, see [`check_no_overlap`]). A folder that does not exist yet, or is empty, is fine;
+    a link to a folder is checked (and later written) as its target.
     """
     check_path_given(output_dir)
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         kind = "a link to nothing" if not os.path.exists(output_dir) else "not a folder"
         raise ValueError(f"{output_dir} exists and is {kind}.")
+    resolved, current = os.path.realpath(output_dir), os.path.realpath(os.getcwd())
+    if _is_within(current, resolved):
+        where = "the current folder" if resolved == current else f"a folder holding the current folder {current}"
+        raise ValueError(f"The output folder {output_dir} is {where}, which replacing it would delete; give another.")
     check_no_overlap(output_dir, inputs or {})
     check_writable(output_dir)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
