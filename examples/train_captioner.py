@@ -107,6 +107,7 @@ from palme_hf.synthetic_shapes import (
 AUGMENTATION = ImageAugmentation()  # with --augment
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
 OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
+SAMPLE_CAPTIONS_FILE = "captions.json"  # in --sample-images-dir, beside the images
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
     "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
@@ -342,8 +343,8 @@ def input_paths(args: argparse.Namespace) -> dict[str, str | None]:
 
 
 def sample_image_names(args: argparse.Namespace) -> list[str]:
-    """The files `--sample-images-dir` gets: `held_out_NN.png` for each sample image, and `captions.json`."""
-    return [f"held_out_{index:02d}.png" for index in range(args.num_sample_images)] + ["captions.json"]
+    """The names of the images `--sample-images-dir` gets (beside `SAMPLE_CAPTIONS_FILE`): `held_out_NN.png`."""
+    return [f"held_out_{index:02d}.png" for index in range(args.num_sample_images)]
 
 
 def check_output_paths(args: argparse.Namespace):
@@ -366,7 +367,8 @@ def check_output_paths(args: argparse.Namespace):
         raise ValueError(f"--sample-images-dir {samples_dir} exists and is not a folder.")
     check_no_overlap(samples_dir, {**input_paths(args), "--output-dir": args.output_dir})
     check_writable(samples_dir, "--sample-images-dir")
-    existing = [name for name in sample_image_names(args) if os.path.lexists(os.path.join(samples_dir, name))]
+    written = [*sample_image_names(args), SAMPLE_CAPTIONS_FILE]
+    existing = [name for name in written if os.path.lexists(os.path.join(samples_dir, name))]
     if existing and not args.overwrite:
         raise ValueError(
             f"--sample-images-dir {samples_dir} already holds {', '.join(existing)}; pass --overwrite to replace "
@@ -596,7 +598,7 @@ def write_sample_images(directory: Path, names: list[str], items: list[dict]):
     for name, item in zip(names, items):
         item["image"].save(directory / name)
     captions = {name: item["caption"] for name, item in zip(names, items)}
-    (directory / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+    (directory / SAMPLE_CAPTIONS_FILE).write_text(json.dumps(captions, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> Trainer:
@@ -703,7 +705,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         (Path(final_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(Path(final_dir), argv, args, trainer.model.config, trainer.model.num_parameters(), metrics)
     if args.sample_images_dir is not None:
-        write_sample_images(Path(args.sample_images_dir), sample_image_names(args)[:-1], items)
+        write_sample_images(Path(args.sample_images_dir), sample_image_names(args), items)
     return trainer
 
 
