@@ -11,8 +11,10 @@ The checkpoint may also be a `.safetensors` file; float16 and bfloat16 checkpoin
 A checkpoint with missing, unexpected or wrongly shaped tensors, or kwargs zeta's PalmE does not take, is refused
 with a non-zero exit and a message naming them; so is a truncated or unreadable checkpoint or kwargs file.
 
-A non-empty DIR is refused (and left as it was) unless `--overwrite` is given, which replaces it. The model is
-written into a temporary folder beside DIR and renamed to DIR at the end, so a failed conversion leaves no
+A non-empty DIR is refused (and left as it was) unless `--overwrite` is given, which replaces its contents and
+nothing else: an empty path, the current folder, and a DIR that holds the checkpoint or the kwargs file are refused.
+A DIR that is a link to a folder stays a link; its target gets the model. The model is written into a temporary
+folder beside DIR and renamed to DIR at the end, so a failed or stopped (Ctrl-C, SIGTERM) conversion leaves no
 half-written folder.
 """
 
@@ -22,6 +24,7 @@ import sys
 import torch
 
 from palme_hf.conversion_zeta import convert_zeta_palme_checkpoint
+from palme_hf.io_palme import check_output_dir, exit_on_sigterm, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,15 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        convert_zeta_palme_checkpoint(
-            args.checkpoint,
-            args.kwargs,
-            args.output,
-            overwrite=args.overwrite,
-            dtype=args.dtype and getattr(torch, args.dtype),
-        )
+        # The checkpoint and kwargs files are inputs, which no output may replace.
+        check_output_dir(args.output, args.overwrite, {"--checkpoint": args.checkpoint, "--kwargs": args.kwargs})
+        with exit_on_sigterm():
+            convert_zeta_palme_checkpoint(
+                args.checkpoint,
+                args.kwargs,
+                args.output,
+                overwrite=args.overwrite,
+                dtype=args.dtype and getattr(torch, args.dtype),
+            )
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1
     print(f"Converted {args.checkpoint} into {args.output}")
     return 0

@@ -7,6 +7,9 @@ resized by 0.75 and 1.5, RGBA with a transparent background, brightness x0.9 (`p
     python examples/evaluate_captioner.py --model palme_hf/captioner
     python examples/evaluate_captioner.py --model palme_hf/captioner --num-samples 1000 --output results.json
 
+`--output` is checked before the evaluation: an existing file is refused unless `--overwrite`, and a path that cannot
+be written is refused (a missing parent folder is made).
+
 The images are the `"held_out"` split of `--seed` (1 by default; `train_captioner.py` trains on the `"train"` split
 of its `--seed`, 0 by default, and scores robustness on the held-out split of its seed + 1, so the defaults here
 reproduce the table in the model card of a captioner trained with the default seed). No held-out image ever
@@ -15,14 +18,19 @@ appears in training: each holds a (size, colour, shape) combination the training
 
 import argparse
 import json
-import sys
 import time
 
 import torch
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import ROBUSTNESS_CONDITIONS, robustness_exact_match, robustness_table
-from palme_hf.io_palme import check_model_folder
+from palme_hf.io_palme import (
+    check_output_file,
+    exit_with_error,
+    load_saved_model,
+    load_saved_processor,
+    write_text_file,
+)
 from palme_hf.synthetic_shapes import MAX_CAPTION_TOKENS, SyntheticShapesDataset
 
 
@@ -41,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"conditions to score, of: {', '.join(repr(name) for name in ROBUSTNESS_CONDITIONS)} (all by default)",
     )
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
     if args.num_samples < 1:
         parser.error(f"--num-samples must be a positive integer, got {args.num_samples}")
@@ -51,9 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """The exact match of `args.model` under each of `args.conditions`, with what was measured."""
-    check_model_folder(args.model)
-    model = PalmEForConditionalGeneration.from_pretrained(args.model)
-    processor = PalmEProcessor.from_pretrained(args.model)
+    model = load_saved_model(PalmEForConditionalGeneration, args.model)
+    processor = load_saved_processor(PalmEProcessor, args.model)
     image_size = model.config.vision_config.image_size
     dataset = SyntheticShapesDataset(args.num_samples, "held_out", seed=args.seed, image_size=image_size)
     conditions = {name: ROBUSTNESS_CONDITIONS[name] for name in args.conditions}
@@ -74,17 +82,18 @@ def evaluate(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
+        if args.output is not None:
+            check_output_file(args.output, args.overwrite)  # before the evaluation, which takes long
         report = evaluate(args)
     except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)
     print(
         f"Greedy exact match of {args.model} on {report['num_samples']} held-out images (seed {report['seed']}), "
         f"{torch.get_num_threads()} thread(s), {report['seconds']:.0f} s:\n"
     )
     print(robustness_table(report["robustness"]))
     if args.output is not None:
-        with open(args.output, "w") as file:
-            file.write(json.dumps(report, indent=2) + "\n")
+        write_text_file(args.output, json.dumps(report, indent=2) + "\n")
     return report
 
 

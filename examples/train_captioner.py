@@ -19,7 +19,11 @@ main process evaluates and saves. `--batch-size` is per process, as in `Training
 global batch doubles.
 
 No work is lost:
-- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it.
+- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it. Nothing
+  else is ever deleted: an empty path, the current folder, and an `--output-dir` or `--sample-images-dir` that is,
+  holds or lies inside an input (`--train-dir`, `--eval-dir`, `--init-from`) or the other output are refused before
+  any work. `--sample-images-dir` may hold other files, but not the ones it writes unless `--overwrite`. A link to a
+  folder stays a link: its target gets the captioner.
 - While training, checkpoints (model, optimizer, scheduler, random states) go to `OUTPUT_DIR/checkpoints/checkpoint-N`
   every `--save-steps` steps, at the end of training, and on Ctrl-C, which stops after the current step (a second
   Ctrl-C aborts without saving). The last two are kept.
@@ -40,7 +44,10 @@ instead of the synthetic shapes, for instance to fine-tune the shipped captioner
     palme-hf caption --model my_captioner my_images/test/*.png
 
 Your images are used as they are: augmentation and the robustness evaluation, which render shapes, are for the
-synthetic data (`--augment` and `--robustness-samples` are refused with `--train-dir`).
+synthetic data (`--augment` and `--robustness-samples` are refused with `--train-dir`). Before the first step, every
+image of `--train-dir` and `--eval-dir` is read through the image processor: a file that is empty, not an image, has
+more than `--max-image-pixels` pixels, or that the processor refuses is named, with the others, and the run stops; so
+does a `metadata.jsonl` entry whose `file_name` is absolute or leads outside its folder.
 """
 
 import argparse
@@ -70,7 +77,24 @@ from palme_hf.captioning import (
     robustness_exact_match,
     robustness_table,
 )
-from palme_hf.io_palme import atomic_output_dir, check_model_folder, check_output_dir, read_json_file
+from palme_hf.cli import positive_int
+from palme_hf.io_palme import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    atomic_output_dir,
+    check_model_folder,
+    check_no_overlap,
+    check_output_dir,
+    check_path_given,
+    check_torch_file,
+    check_writable,
+    exit_on_sigterm,
+    exit_with_error,
+    load_saved_model,
+    load_saved_processor,
+    one_line,
+    read_json_file,
+    read_json_object,
+)
 from palme_hf.model_card_palme import build_model_card
 from palme_hf.synthetic_shapes import (
     HELD_OUT_COMBINATIONS,
@@ -83,10 +107,11 @@ from palme_hf.synthetic_shapes import (
 AUGMENTATION = ImageAugmentation()  # with --augment
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
 OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
+SAMPLE_CAPTIONS_FILE = "captions.json"  # in --sample-images-dir, beside the images
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
     "output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples",
-    "sample_images_dir", "num_sample_images", "robustness_samples",
+    "sample_images_dir", "num_sample_images", "robustness_samples", "max_image_pixels",
 }  # fmt: skip
 # patch_norm_eps: about the variance of a [0, 1] patch holding part of a shape (PalmEVisionConfig.patch_norm_eps).
 ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "patch_norm_eps": 0.1}
@@ -118,6 +143,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         metavar="DIR",
         help="score on this folder (laid out as --train-dir) instead of the synthetic held-out split",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse images of --train-dir and --eval-dir of more pixels (default: %(default)s)",
     )
     parser.add_argument("--train-samples", type=int, default=160_000, help="length of the synthetic training split")
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -237,16 +268,25 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
     ones not given take its values. A `--patch-norm-eps` given replaces the model's.
     """
     check_model_folder(args.init_from)
-    try:
-        processor = PalmEProcessor.from_pretrained(args.init_from)
-    except (OSError, ValueError) as error:
+    saved = read_json_object(os.path.join(args.init_from, "config.json"))
+    model_types = [
+        part.get("model_type") if isinstance(part, dict) else None
+        for part in (saved, saved.get("vision_config"), saved.get("text_config"))
+    ]
+    if model_types != ["palme", "palme_vision", "palme_text"]:
         raise ValueError(
-            f"{args.init_from} has no processor (image processor and tokenizer, as this script saves them): {error}"
-        ) from error
-    config = PalmEConfig.from_pretrained(args.init_from)
+            f"--init-from {args.init_from} holds a model of type {model_types[0]} (vision {model_types[1]}, text "
+            f"{model_types[2]}), not a captioner of palme_hf's own towers (palme, palme_vision, palme_text), as this "
+            "script saves them. A PalmE of pretrained towers trains with examples/train_from_towers.py."
+        )
+    processor = load_saved_processor(PalmEProcessor, args.init_from)
+    try:
+        config = PalmEConfig.from_pretrained(args.init_from)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{args.init_from}/config.json is not a PalmE configuration: {one_line(error)}") from error
     if args.patch_norm_eps is not None:
         config.vision_config.patch_norm_eps = args.patch_norm_eps  # checked positive by parse_args
-    model = PalmEForConditionalGeneration.from_pretrained(args.init_from, config=config)
+    model = load_saved_model(PalmEForConditionalGeneration, args.init_from, config=config)
     vision, text = model.config.vision_config, model.config.text_config
     model_values = {
         "image_size": {vision.image_size},
@@ -271,9 +311,11 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
     return model, processor
 
 
-def captioning_datasets(args: argparse.Namespace, tokenizer):
+def captioning_datasets(args: argparse.Namespace, processor: PalmEProcessor):
     """The training and held-out datasets: the folders of --train-dir and --eval-dir (their captions checked against
-    `tokenizer`), or the synthetic shapes."""
+    the processor's tokenizer, every image read and checked by its image processor, so that a bad file stops the
+    run before training), or the synthetic shapes."""
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if args.train_dir is None:
         train = SyntheticShapesDataset(
             args.train_samples,
@@ -283,24 +325,64 @@ def captioning_datasets(args: argparse.Namespace, tokenizer):
             augmentation=AUGMENTATION if args.augment else None,
         )
     else:
-        train = ImageCaptionFolder(args.train_dir)
-        check_vocabulary(tokenizer, train.captions)
+        train = ImageCaptionFolder(args.train_dir, args.max_image_pixels)
     if args.eval_dir is None:
         held_out = SyntheticShapesDataset(args.eval_samples, "held_out", seed=args.seed, image_size=args.image_size)
     else:
-        held_out = ImageCaptionFolder(args.eval_dir)
-        check_vocabulary(tokenizer, held_out.captions)
+        held_out = ImageCaptionFolder(args.eval_dir, args.max_image_pixels)
+    for folder in (train, held_out):
+        if isinstance(folder, ImageCaptionFolder):
+            check_vocabulary(tokenizer, folder.captions)
+            folder.check_images(image_processor)
     return train, held_out
+
+
+def input_paths(args: argparse.Namespace) -> dict[str, str | None]:
+    """The folders the run reads, by option: no output may be, hold or lie inside one of them."""
+    return {"--train-dir": args.train_dir, "--eval-dir": args.eval_dir, "--init-from": args.init_from}
+
+
+def sample_image_names(args: argparse.Namespace) -> list[str]:
+    """The names of the images `--sample-images-dir` gets (beside `SAMPLE_CAPTIONS_FILE`): `held_out_NN.png`."""
+    return [f"held_out_{index:02d}.png" for index in range(args.num_sample_images)]
+
+
+def check_output_paths(args: argparse.Namespace):
+    """
+    Checks the output paths before any work: `--output-dir` (see `check_output_dir`; `--resume` continues the run
+    that fills it) and `--sample-images-dir`, which may hold other files but not those it would write, unless
+    `--overwrite` (which replaces those files alone). Neither may be, hold or lie inside an input folder, nor the
+    other output.
+    """
+    check_output_dir(
+        args.output_dir,
+        overwrite=args.overwrite or args.resume,
+        inputs={**input_paths(args), "--sample-images-dir": args.sample_images_dir},
+    )
+    if args.sample_images_dir is None:
+        return
+    samples_dir = args.sample_images_dir
+    check_path_given(samples_dir, "--sample-images-dir")
+    if os.path.exists(samples_dir) and not os.path.isdir(samples_dir):
+        raise ValueError(f"--sample-images-dir {samples_dir} exists and is not a folder.")
+    check_no_overlap(samples_dir, {**input_paths(args), "--output-dir": args.output_dir})
+    check_writable(samples_dir, "--sample-images-dir")
+    written = [*sample_image_names(args), SAMPLE_CAPTIONS_FILE]
+    existing = [name for name in written if os.path.lexists(os.path.join(samples_dir, name))]
+    if existing and not args.overwrite:
+        raise ValueError(
+            f"--sample-images-dir {samples_dir} already holds {', '.join(existing)}; pass --overwrite to replace "
+            "these files, or give another folder."
+        )
 
 
 def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
     """
-    Checks `--output-dir` before training, and returns the checkpoint to resume from (None for a new run). A new run
-    refuses a non-empty `--output-dir` unless `--overwrite`. `--resume` needs a complete last checkpoint, and the
-    options the run started with, but for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
+    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (model,
+    trainer state, optimizer, schedule and random states, each readable), and the options the run started with, but
+    for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
     """
     if not args.resume:
-        check_output_dir(args.output_dir, args.overwrite)
         return None
     checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
     checkpoint = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
@@ -310,7 +392,13 @@ def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str 
         check_model_folder(checkpoint)
         if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
             raise ValueError(f"{checkpoint} has no trainer_state.json.")
-    except ValueError as error:
+        read_json_object(os.path.join(checkpoint, "trainer_state.json"))
+        # The optimizer, the schedule and each process's random states: without one, the run would go on, but not as
+        # the uninterrupted run did.
+        rng_states = ["rng_state.pth"] if num_processes == 1 else [f"rng_state_{i}.pth" for i in range(num_processes)]
+        for name in ["optimizer.pt", "scheduler.pt", *rng_states]:
+            check_torch_file(os.path.join(checkpoint, name))
+    except (ValueError, OSError) as error:
         raise ValueError(
             f"{error} The checkpoint is incomplete (was its saving cut short?): delete it to resume from the one "
             "before."
@@ -503,15 +591,14 @@ tags:
     (output_dir / "README.md").write_text(card)
 
 
-def write_sample_images(directory: Path, items: list[dict]):
-    """Saves `items` as `held_out_NN.png` and their true captions as `captions.json` (file name -> caption)."""
+def write_sample_images(directory: Path, names: list[str], items: list[dict]):
+    """Saves `items` as `names` (`held_out_NN.png`) and their true captions as `captions.json` (file name ->
+    caption)."""
     directory.mkdir(parents=True, exist_ok=True)
-    captions = {}
-    for index, item in enumerate(items):
-        name = f"held_out_{index:02d}.png"
+    for name, item in zip(names, items):
         item["image"].save(directory / name)
-        captions[name] = item["caption"]
-    (directory / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+    captions = {name: item["caption"] for name, item in zip(names, items)}
+    (directory / SAMPLE_CAPTIONS_FILE).write_text(json.dumps(captions, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> Trainer:
@@ -519,8 +606,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     args = parse_args(argv)
     set_seed(args.seed)
     try:
+        check_output_paths(args)
         model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
-        train_dataset, held_out = captioning_datasets(args, processor.tokenizer)
+        train_dataset, held_out = captioning_datasets(args, processor)
         training_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
             per_device_train_batch_size=args.batch_size,
@@ -544,7 +632,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         )
         resume_from = find_resume_checkpoint(args, training_args.world_size)
     except (ValueError, OSError) as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(error)
     # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -617,13 +705,14 @@ def main(argv: list[str] | None = None) -> Trainer:
         (Path(final_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_model_card(Path(final_dir), argv, args, trainer.model.config, trainer.model.num_parameters(), metrics)
     if args.sample_images_dir is not None:
-        write_sample_images(Path(args.sample_images_dir), items[: args.num_sample_images])
+        write_sample_images(Path(args.sample_images_dir), sample_image_names(args), items)
     return trainer
 
 
 if __name__ == "__main__":
     try:
-        main()
+        with exit_on_sigterm():
+            main()
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one outside it
         print("Aborted.", file=sys.stderr)
         sys.exit(130)

@@ -7,7 +7,10 @@ image goes into the text as a prefix (`<image> a small red circle ...`). By defa
 (`--freeze both`, the paper's frozen-LM variant); `--freeze vision` trains the projector and the language model,
 `--freeze none` everything, and `--lora-rank R` puts LoRA adapters (PEFT) on the language model's attention
 projections, merged into the saved model. The model and its processor are written to `--output-dir` (refused when not
-empty, unless `--overwrite`), with `train_losses.json`: the logged training losses and sample captions.
+empty, unless `--overwrite`, which replaces its contents and nothing else: an empty path, the current folder, and a
+folder that is, holds or lies inside a tower folder are refused), with `train_losses.json`: the logged training
+losses and sample captions. The model is written into a temporary folder beside `--output-dir`, renamed into place
+at the end, and deleted if the run fails or is stopped (Ctrl-C, SIGTERM).
 
     python examples/train_from_towers.py --vision-model VIT_DIR --text-model LLAMA_DIR --output-dir OUT \\
         --train-samples 2000 --max-steps 200
@@ -16,15 +19,16 @@ empty, unless `--overwrite`), with `train_losses.json`: the logged training loss
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import AutoConfig, Trainer, TrainingArguments
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import CaptioningCollator
-from palme_hf.io_palme import atomic_output_dir, check_output_dir
+from palme_hf.cli import positive_int
+from palme_hf.io_palme import atomic_output_dir, check_output_dir, exit_on_sigterm, exit_with_error, one_line
 from palme_hf.synthetic_shapes import SyntheticShapesDataset
 
 FREEZE = {"both": (True, True), "vision": (True, False), "language": (False, True), "none": (False, False)}
@@ -41,11 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--freeze", choices=sorted(FREEZE), default="both", help="towers to freeze (both: projector)")
     parser.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the language model (0: no LoRA)")
     parser.add_argument("--projector-type", choices=["linear", "mlp"], default="linear")
-    parser.add_argument("--train-samples", type=int, default=2000)
-    parser.add_argument("--max-steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-samples", type=positive_int, default=2000)
+    parser.add_argument("--max-steps", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--logging-steps", type=positive_int, default=10)
     parser.add_argument("--image-size", type=int, default=64, help="side of the synthetic images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -56,21 +60,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_towers(args: argparse.Namespace):
+    """
+    Refuses (`ValueError`, naming the option) a tower that is a local path but no folder, one that holds no model,
+    a `--text-model` that is not a causal language model, and a `--vision-model` that is one (the two swapped).
+    """
+    for option, path in (("--vision-model", args.vision_model), ("--text-model", args.text_model)):
+        if not os.path.isdir(path) and (os.path.isabs(path) or path.startswith(".") or path.count("/") > 1):
+            raise ValueError(f"{option} {path}: no such folder (give a model folder or a Hub id).")
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{option} {path} holds no saved model: {one_line(error)}") from error
+        is_language_model = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING
+        if option == "--text-model" and not is_language_model:
+            raise ValueError(
+                f"--text-model {path} holds a {config.model_type} model, not a causal language model (LLaMA, GPT-2, "
+                "...); was it meant for --vision-model?"
+            )
+        if option == "--vision-model" and is_language_model:
+            raise ValueError(
+                f"--vision-model {path} holds a {config.model_type} language model, not a vision encoder (ViT, "
+                "SigLIP, ...); was it meant for --text-model?"
+            )
+
+
 def add_lora(model: PalmEForConditionalGeneration, rank: int):
-    """LoRA adapters on the language model's attention projections; the projector stays fully trainable."""
+    """LoRA adapters on the language model's attention projections. What was trainable before (the projector, the
+    resampler, and the vision tower unless frozen) stays trainable: PEFT freezes every parameter of the model."""
     from peft import LoraConfig, get_peft_model
 
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     lora_config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
     peft_model = get_peft_model(model, lora_config)
-    for name, parameter in peft_model.named_parameters():
-        if ".multi_modal_projector." in name or ".resampler." in name:
-            parameter.requires_grad_(True)
+    for parameter in trainable:
+        parameter.requires_grad_(True)
     return peft_model
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    check_output_dir(args.output_dir, args.overwrite)  # before any work
+    # Before any work. The towers are inputs, which no output may replace.
+    check_output_dir(
+        args.output_dir, args.overwrite, {"--vision-model": args.vision_model, "--text-model": args.text_model}
+    )
+    check_towers(args)
     torch.manual_seed(args.seed)
     processor = PalmEProcessor.from_pretrained_towers(args.vision_model, args.text_model)
     model = PalmEForConditionalGeneration.from_pretrained_towers(
@@ -84,26 +118,25 @@ def main(argv=None) -> dict:
     train_dataset = SyntheticShapesDataset(
         args.train_samples, split="train", seed=args.seed, image_size=args.image_size
     )
-    scratch = tempfile.TemporaryDirectory()  # the Trainer's output folder; nothing is checkpointed
-    training_args = TrainingArguments(
-        output_dir=scratch.name,
-        per_device_train_batch_size=args.batch_size,
-        max_steps=args.max_steps,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=args.logging_steps,
-        save_strategy="no",
-        report_to=[],
-        seed=args.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=trained, args=training_args, train_dataset=train_dataset, data_collator=CaptioningCollator(processor)
-    )
-    trainer.train()
-    scratch.cleanup()
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer's output folder; nothing is checkpointed
+        training_args = TrainingArguments(
+            output_dir=scratch,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=args.max_steps,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="constant",
+            logging_steps=args.logging_steps,
+            save_strategy="no",
+            report_to=[],
+            seed=args.seed,
+            remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=trained, args=training_args, train_dataset=train_dataset, data_collator=CaptioningCollator(processor)
+        )
+        trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     model = trained.merge_and_unload() if args.lora_rank else trained
@@ -131,7 +164,7 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except ValueError as error:
-        print(f"train_from_towers.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_sigterm():
+            main()
+    except (ValueError, OSError) as error:
+        exit_with_error(error)

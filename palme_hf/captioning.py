@@ -9,12 +9,12 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import PIL.Image
 import torch
 from PIL import Image
 from transformers import PreTrainedModel
 from transformers.image_utils import ImageInput
 
+from .io_palme import DEFAULT_MAX_IMAGE_PIXELS, one_line, read_image_file
 from .processing_palme import PalmEProcessor
 from .synthetic_shapes import (
     add_gaussian_noise,
@@ -45,37 +45,58 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     Captioned images in a folder, laid out as Hugging Face's `imagefolder`: the image files (in subfolders or not) and
     `metadata.jsonl`, one JSON object a line, `{"file_name": "cat.png", "text": "a cat on a mat"}` (`file_name`
     relative to the folder). Items are `{"image": PIL.Image, "caption": str}`, what [`CaptioningCollator`] batches.
-    A missing or malformed `metadata.jsonl`, or an entry whose image file is missing, is a `ValueError` naming it.
+
+    A missing or malformed `metadata.jsonl` (not UTF-8, not JSON, not such objects), or an entry whose image file is
+    missing, or lies outside the folder (an absolute `file_name`, `..`, a link that leads out: a folder from someone
+    else must not make a training run read other files of the disk), is a `ValueError` naming the line. Images of
+    more than `max_image_pixels` pixels are refused when read; [`check_images`] reads every image up front.
     """
 
     METADATA_FILE = "metadata.jsonl"
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         metadata = os.path.join(folder, self.METADATA_FILE)
         if not os.path.isfile(metadata):
             raise ValueError(
                 f"{folder} has no {self.METADATA_FILE}: a captioned image folder holds the images and a "
                 f'{self.METADATA_FILE} of one {{"file_name": ..., "text": ...}} object a line.'
             )
+        self.folder = folder
+        self.max_image_pixels = max_image_pixels
+        resolved_folder = os.path.realpath(folder)
         self.files, self.captions = [], []
-        with open(metadata, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{metadata}, line {number}"
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{where}: not JSON ({error}).") from error
-                if not isinstance(entry, dict) or not all(
-                    isinstance(entry.get(key), str) for key in ("file_name", "text")
-                ):
-                    raise ValueError(f'{where}: expected {{"file_name": str, "text": str}}, got {line.strip()[:200]}')
-                path = os.path.join(folder, entry["file_name"])
-                if not os.path.isfile(path):
-                    raise ValueError(f"{where}: there is no image file {path}.")
-                self.files.append(path)
-                self.captions.append(entry["text"])
+        with open(metadata, "rb") as handle:
+            lines = handle.read().splitlines()
+        for number, raw_line in enumerate(lines, start=1):
+            where = f"{metadata}, line {number}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte {raw_line[error.start]:#04x} at column {error.start + 1})."
+                ) from error
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not JSON ({error}).") from error
+            if not isinstance(entry, dict) or not all(
+                isinstance(entry.get(key), str) for key in ("file_name", "text")
+            ):
+                raise ValueError(f'{where}: expected {{"file_name": str, "text": str}}, got {line.strip()[:200]}')
+            file_name = entry["file_name"]
+            if os.path.isabs(file_name):
+                raise ValueError(
+                    f"{where}: file_name {file_name!r} is an absolute path; give it relative to {folder}."
+                )
+            path = os.path.join(folder, file_name)
+            if os.path.commonpath([os.path.realpath(path), resolved_folder]) != resolved_folder:
+                raise ValueError(f"{where}: file_name {file_name!r} leads outside {folder}; the images must be in it.")
+            if not os.path.isfile(path):
+                raise ValueError(f"{where}: there is no image file {path}.")
+            self.files.append(path)
+            self.captions.append(entry["text"])
         if not self.files:
             raise ValueError(f"{metadata} lists no images.")
 
@@ -83,9 +104,27 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
-        image = PIL.Image.open(self.files[index])
-        image.load()  # reads the file and closes it
+        try:
+            image = read_image_file(self.files[index], self.max_image_pixels)
+        except ValueError as error:
+            raise ValueError(f"{self.files[index]}: {error}") from error
         return {"image": image, "caption": self.captions[index]}
+
+    def check_images(self, image_processor):
+        """
+        Reads every image and runs `image_processor` on it, so that a file that cannot be used is found before
+        training rather than in the middle of it: a `ValueError` naming each such file and why (empty, not an image,
+        more than `max_image_pixels` pixels, values the image processor refuses).
+        """
+        problems = []
+        for path in self.files:
+            try:
+                image_processor(read_image_file(path, self.max_image_pixels))
+            except ValueError as error:
+                problems.append(f"{path}: {one_line(error)}")
+        if problems:
+            count = f"{len(problems)} of the {len(self.files)} images of {self.folder}"
+            raise ValueError(f"{count} cannot be used: {'; '.join(problems)}.")
 
 
 def check_vocabulary(tokenizer, captions: Sequence[str]):

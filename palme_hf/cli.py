@@ -1,14 +1,18 @@
 """`palme-hf`: the command line of palme_hf.
 
-    palme-hf caption [--model DIR] [--max-new-tokens N] [--batch-size N] [--json] IMAGE [IMAGE ...]
+    palme-hf caption [--model DIR] [--max-new-tokens N] [--batch-size N] [--max-image-pixels N] [--json]
+        IMAGE [IMAGE ...]
 
 captions the image files with a saved PalmE captioner (model, tokenizer and processor in one folder, as
-`examples/train_captioner.py` writes them; by default the captioner shipped with palme_hf, `palme_hf/captioner`) and
-prints `path<TAB>caption` for each image that could be read, in the order given. With `--json` it prints one JSON list
-instead, an object `{"path": ..., "caption": ..., "error": ...}` per image (`caption` or `error` null). A file that is
-missing or is not an image gets one line `palme-hf: error: PATH: reason` on stderr, and the other images are still
+`examples/train_captioner.py` or `examples/train_from_towers.py` write them; by default the captioner shipped with
+palme_hf, `palme_hf/captioner`) and prints `path<TAB>caption` for each image that could be read, in the order given; a
+path or caption holding a tab or a line break is printed as a JSON string (in double quotes, escaped), so that each
+image keeps one line. With `--json` it prints one JSON list instead, an object `{"path": ..., "caption": ...,
+"error": ...}` per image (`caption` or `error` null). A file that is missing, is not an image, or has more than
+`--max-image-pixels` pixels gets one line `palme-hf: error: PATH: reason` on stderr, and the other images are still
 captioned. Exit status: 0 when every image was captioned, 1 when one was not or the captioner could not be loaded,
-2 for invalid arguments.
+2 for invalid arguments, 141 when the reader of the output went away (`palme-hf caption *.png | head -1`), as for
+Unix tools.
 """
 
 import argparse
@@ -17,12 +21,12 @@ import os
 import sys
 import warnings
 
-import torch
-from safetensors import SafetensorError
+import PIL.Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging
 
 from .captioning import generate_captions
+from .io_palme import DEFAULT_MAX_IMAGE_PIXELS, load_saved_model, load_saved_processor, one_line, read_image_file
 
 # The captioner committed in the repository, shipped with the package (package data), so that it is there wherever
 # palme_hf is installed.
@@ -41,23 +45,31 @@ def load_captioner(model_path: str):
     if not os.path.isdir(model_path):
         raise ValueError(f"No captioner at {model_path!r}: give the folder a PalmE captioner was saved to.")
     try:
-        processor = AutoProcessor.from_pretrained(model_path)
-        model = AutoModelForImageTextToText.from_pretrained(model_path)
-    except (OSError, ValueError, SafetensorError) as error:
+        model = load_saved_model(AutoModelForImageTextToText, model_path)
+        processor = load_saved_processor(AutoProcessor, model_path)
+    except ValueError as error:
         raise ValueError(f"No captioner at {model_path!r}: {error}") from error
     return processor, model
 
 
-def read_image(image_processor, path: str) -> torch.Tensor:
-    """The `(3, height, width)` pixel values of the image file `path`; a `ValueError` that says what is wrong."""
-    if os.path.isdir(path):
-        raise ValueError("is a directory, not an image file")
-    if not os.path.exists(path):
-        raise ValueError("no such file")
-    return image_processor(path, return_tensors="pt")["pixel_values"][0]
+def read_image(image_processor, path: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """
+    The image in the file `path`, once `image_processor` has taken it; a `ValueError` that says what is wrong (see
+    [`~palme_hf.io_palme.read_image_file`], and the image processor's reasons, such as values out of range).
+    """
+    image = read_image_file(path, max_pixels)
+    image_processor(image)
+    return image
 
 
-def caption_files(model, processor, paths: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[dict]:
+def caption_files(
+    model,
+    processor,
+    paths: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[dict]:
     """
     `{"path", "caption", "error"}` for each of `paths`: the greedy caption of each image that can be read, the reason
     for each that cannot. Warnings about an image (a float image clipped to [0, 1]) go to stderr, naming it.
@@ -68,21 +80,28 @@ def caption_files(model, processor, paths: list[str], max_new_tokens: int = 32, 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                images.append(read_image(processor.image_processor, path))
+                images.append(read_image(processor.image_processor, path, max_pixels))
             except ValueError as error:
-                result["error"] = _one_line(error)
+                result["error"] = one_line(error)
         for warning in caught:
-            print(f"palme-hf: warning: {path}: {_one_line(warning.message)}", file=sys.stderr)
+            print(f"palme-hf: warning: {path}: {one_line(warning.message)}", file=sys.stderr)
         results.append(result)
-    captions = iter(generate_captions(model, processor, images, batch_size=batch_size, max_new_tokens=max_new_tokens))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # given above, with the image's path
+        captions = generate_captions(model, processor, images, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    captions = iter(captions)
     for result in results:
         if result["error"] is None:
             result["caption"] = next(captions)
     return results
 
 
-def _one_line(message) -> str:
-    return " ".join(str(message).split())
+def text_field(value: str) -> str:
+    """`value` as it is, or as a JSON string when it holds what would break the `path<TAB>caption` line (a tab or a
+    line break) or starts with a double quote (so that a quoted field always means an escaped one)."""
+    if any(character in value for character in "\t\n\r") or value.startswith('"'):
+        return json.dumps(value)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     caption.add_argument("--max-new-tokens", type=positive_int, default=32, help="longest caption, in tokens")
     caption.add_argument("--batch-size", type=positive_int, default=16, help="images captioned together")
     caption.add_argument(
+        "--max-image-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="refuse larger images, before decoding them (default: %(default)s)",
+    )
+    caption.add_argument(
         "--json", action="store_true", help='print a JSON list of {"path", "caption", "error"}, one per image'
     )
     args = parser.parse_args(argv)
@@ -109,18 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         processor, model = load_captioner(args.model)
     except ValueError as error:
-        print(f"palme-hf: error: {_one_line(error)}", file=sys.stderr)
+        print(f"palme-hf: error: {one_line(error)}", file=sys.stderr)
         return 1
-    results = caption_files(model, processor, args.images, args.max_new_tokens, args.batch_size)
+    results = caption_files(model, processor, args.images, args.max_new_tokens, args.batch_size, args.max_image_pixels)
     for result in results:
         if result["error"] is not None:
             print(f"palme-hf: error: {result['path']}: {result['error']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            if result["error"] is None:
-                print(f"{result['path']}\t{result['caption']}")
+    try:
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            for result in results:
+                if result["error"] is None:
+                    print(f"{text_field(result['path'])}\t{text_field(result['caption'])}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): stop quietly, as Unix tools do. Python would flush stdout again at exit,
+        # and fail again, so stdout now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 1 if any(result["error"] is not None for result in results) else 0
 
 

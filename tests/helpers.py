@@ -1,6 +1,7 @@
 """What the tests share: the tiny PalmE configurations and inputs they build models from, and the loader of the
 outputs recorded from the reference implementations (`tests/fixtures/`)."""
 
+import contextlib
 import json
 import os
 
@@ -215,3 +216,62 @@ def sample_image(name: str = "held_out_00.png"):
     import PIL.Image
 
     return PIL.Image.open(os.path.join(SAMPLE_IMAGES, name))
+
+
+def load_script(*path: str):
+    """The script at `path` (parts relative to the repository root, e.g. `"examples", "train_captioner.py"`) as a
+    module, to call its `main` or other functions in the test's process."""
+    import importlib.util
+
+    file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(path[-1])[0], file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def read_only_folder(folder):
+    """
+    While the block runs, `folder` is read-only for this process, even as root, where file modes do not bind (it is
+    then made immutable, on file systems that allow it; the test is skipped where nothing makes it read-only).
+    """
+    import subprocess
+
+    import pytest
+
+    os.chmod(folder, 0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if os.access(folder, os.W_OK):
+            pytest.skip(f"nothing makes {folder} read-only here")
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        os.chmod(folder, 0o755)
+
+
+# Ways a saved model folder can fail to load, with what the refusal says.
+BROKEN_MODEL_FOLDERS = {
+    "config.json is a JSON list": "config.json must hold a JSON object, got a JSON list",
+    "config.json contradicts the weights": "do not fit the model its config.json describes: model.",
+    "a malformed index": 'model.safetensors.index.json is malformed: expected {"weight_map"',
+}
+
+
+def break_model_folder(model_dir, case: str):
+    """Breaks the saved model in `model_dir` as `case` (of `BROKEN_MODEL_FOLDERS`) says."""
+    config_file = os.path.join(model_dir, "config.json")
+    if case == "config.json is a JSON list":
+        with open(config_file, "w") as handle:
+            handle.write("[]")
+    elif case == "config.json contradicts the weights":
+        with open(config_file) as handle:
+            config = json.load(handle)
+        config["text_config"]["intermediate_size"] *= 2
+        with open(config_file, "w") as handle:
+            json.dump(config, handle)
+    else:
+        with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as handle:
+            handle.write('{"weight_map": {"lm_head.weight": "../model.safetensors"}}')

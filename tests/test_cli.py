@@ -21,7 +21,7 @@ from palme_hf.captioning import generate_captions
 from palme_hf.cli import DEFAULT_CAPTIONER, main
 
 from conftest import WITHOUT_PALME_HF
-from helpers import SAMPLE_IMAGES, sample_captions
+from helpers import BROKEN_MODEL_FOLDERS, SAMPLE_IMAGES, break_model_folder, sample_captions, save_tiny_towers
 from tiny_captioner import build_tokenizer, tiny_config
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,3 +253,72 @@ def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_c
         cwd=tmp_path,
     )
     assert where.stdout.strip() == str(shipped)
+
+
+def test_captions_with_a_model_whose_image_processor_normalizes(tmp_path, capsys):
+    """A model built from pretrained towers (as examples/train_from_towers.py saves it) has the vision tower's image
+    processor, which normalizes to [-1, 1]; the command line once ran it twice and refused every image."""
+    vision_dir, text_dir = save_tiny_towers(tmp_path / "towers", "vit", "llama")
+    model = PalmEForConditionalGeneration.from_pretrained_towers(vision_dir, text_dir)
+    processor = PalmEProcessor.from_pretrained_towers(vision_dir, text_dir)
+    assert processor.image_processor.do_normalize
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    image = os.path.join(IMAGES, "held_out_00.png")
+    expected = generate_captions(model, processor, [PIL.Image.open(image)], max_new_tokens=4)
+    assert main(["caption", "--model", str(tmp_path / "model"), "--max-new-tokens", "4", image]) == 0
+    assert capsys.readouterr().out == f"{image}\t{expected[0]}\n"
+
+
+@pytest.mark.parametrize("case", BROKEN_MODEL_FOLDERS)
+def test_a_captioner_folder_that_does_not_load_gets_one_line(case, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(DEFAULT_CAPTIONER, model_dir)
+    break_model_folder(model_dir, case)
+    assert main(["caption", "--model", str(model_dir), os.path.join(IMAGES, "held_out_00.png")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"palme-hf: error: No captioner at '{model_dir}': ")
+    assert BROKEN_MODEL_FOLDERS[case] in err
+    assert len(err.splitlines()) == 1
+
+
+def test_images_too_large_or_empty_are_named(tmp_path, capsys, true_captions):
+    image = os.path.join(IMAGES, "held_out_00.png")  # 64x64
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert main(["caption", "--max-image-pixels", "4095", image, str(tmp_path / "empty.png")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"palme-hf: error: {image}: is 64x64 = 4,096 pixels, more than the limit of 4,095 (--max-image-pixels "
+        "raises it)",
+        f"palme-hf: error: {tmp_path / 'empty.png'}: is an empty file (0 bytes), not an image",
+    ]
+    assert main(["caption", "--max-image-pixels", "4096", image]) == 0
+    assert capsys.readouterr().out == f"{image}\t{true_captions['held_out_00.png']}\n"
+
+
+def test_a_path_with_a_line_break_keeps_one_line(tmp_path, capsys, true_captions):
+    odd = tmp_path / 'two\nlines\t"quoted".png'
+    shutil.copy(os.path.join(IMAGES, "held_out_00.png"), odd)
+    plain = os.path.join(IMAGES, "held_out_01.png")
+    assert main(["caption", str(odd), plain]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    path, caption = lines[0].rsplit("\t", 1)
+    assert json.loads(path) == str(odd) and caption == true_captions["held_out_00.png"]
+    assert lines[1] == f"{plain}\t{true_captions['held_out_01.png']}"
+
+
+@pytest.mark.slow  # a Python of its own
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`palme-hf caption *.png | head -1` ended in a BrokenPipeError traceback."""
+    paths = os.pathsep.join(filter(None, [REPOSITORY, os.environ.get("PYTHONPATH")]))
+    images = sorted(glob.glob(os.path.join(IMAGES, "*.png")))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "palme_hf.cli", "caption", *images],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": paths},
+        cwd=tmp_path,
+    )
+    process.stdout.close()  # the reader is gone before the first caption
+    assert process.wait(timeout=300) == 141
+    assert process.stderr.read() == b""

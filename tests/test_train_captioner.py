@@ -3,7 +3,6 @@ process does with the same global batch; it loses no work: Ctrl-C saves a checkp
 run exactly, a non-empty output folder is refused, a failure leaves no half-written model, and `--init-from`
 fine-tunes a saved captioner, the shipped one too, on a folder of one's own captioned images (`--train-dir`)."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from palme_hf.cli import DEFAULT_CAPTIONER
 from palme_hf.cli import main as cli_main
 from palme_hf.synthetic_shapes import SyntheticShapesDataset
+
+from helpers import BROKEN_MODEL_FOLDERS, break_model_folder, load_script, read_only_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_captioner.py")
@@ -80,10 +82,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(runs):
 @pytest.fixture(scope="module")
 def train_captioner():
     """The script as a module, to run `main` in-process where no subprocess is needed."""
-    spec = importlib.util.spec_from_file_location("train_captioner", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", "train_captioner.py")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,14 @@ def test_a_failure_at_the_end_leaves_the_checkpoints_to_resume_from(tmp_path, tr
     assert trainer.state.global_step == 2 and (output_dir / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("case", ["changed option", "truncated weights", "no config.json", "no checkpoint"])
+INCOMPLETE = "The checkpoint is incomplete (was its saving cut short?)"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["changed option", "truncated weights", "no config.json", "no checkpoint", "no optimizer.pt", "no scheduler.pt",
+     "truncated trainer_state.json", "truncated optimizer.pt", "truncated scheduler.pt", "truncated rng_state.pth"],
+)  # fmt: skip
 def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
     output_dir = tmp_path / "run"
     shutil.copytree(interrupted[0], output_dir)
@@ -196,12 +202,20 @@ def test_resume_refuses(case, interrupted, tmp_path, train_captioner):
     elif case == "no config.json":
         (checkpoint / "config.json").unlink()
         message = f"{checkpoint} has no config.json"
-    else:
+    elif case == "no checkpoint":
         shutil.rmtree(output_dir / "checkpoints")
         message = f"--resume: {output_dir / 'checkpoints'} holds no checkpoint"
+    elif case.startswith("no "):  # the optimizer and the schedule restarted silently
+        (checkpoint / case[3:]).unlink()
+        message = f"{checkpoint / case[3:]} is missing. {INCOMPLETE}"
+    else:
+        path = checkpoint / case.split()[1]
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        message = f"{path} is not {'valid JSON' if path.suffix == '.json' else 'a readable torch.save file'}"
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(["--output-dir", str(output_dir), *RESUMABLE_RUN, *options, "--resume"])
     assert message in str(refusal.value.code)
+    assert case in ("changed option", "no checkpoint") or INCOMPLETE in str(refusal.value.code)
 
 
 def test_init_from_fine_tunes_a_saved_captioner(uninterrupted, tmp_path, train_captioner):
@@ -242,26 +256,46 @@ def test_init_from_refuses_a_truncated_model_naming_the_file(uninterrupted, tmp_
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    "case, options, message",
-    [
-        ("no config.json", [], "has no config.json, so it is not a saved model"),
-        ("no processor", [], "has no processor"),
-        ("contradicting options", ["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
-    ],
-    ids=["no config.json", "no processor", "contradicting options"],
-)
-def test_init_from_refuses(case, options, message, uninterrupted, tmp_path, train_captioner):
+INIT_FROM_REFUSALS = {
+    "no config.json": ([], "has no config.json, so it is not a saved model"),
+    "no processor": ([], "has no processor"),
+    "contradicting options": (["--hidden-size", "64", "--image-size", "32"], "contradicts --hidden-size 64 (the"),
+    "a tower": ([], "holds a model of type vit (vision None, text None), not a captioner of palme_hf's own"),
+    **{case: ([], message) for case, message in BROKEN_MODEL_FOLDERS.items()},
+}
+
+
+@pytest.mark.parametrize("case", INIT_FROM_REFUSALS)
+def test_init_from_refuses(case, uninterrupted, tmp_path, train_captioner):
+    options, message = INIT_FROM_REFUSALS[case]
     model_dir = tmp_path / "model"
     shutil.copytree(uninterrupted, model_dir)
     if case == "no config.json":
         (model_dir / "config.json").unlink()
     if case == "no processor":
         (model_dir / "processor_config.json").unlink()
+    if case == "a tower":
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    if case in BROKEN_MODEL_FOLDERS:
+        break_model_folder(model_dir, case)
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(["--init-from", str(model_dir), "--output-dir", str(tmp_path / "out"), *options])
-    assert message in str(refusal.value.code)
+    assert message in str(refusal.value.code) and "\n" not in str(refusal.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_training(interrupted, tmp_path, train_captioner):
+    """Once, a run trained fully and then failed at the final save, when the output folder could be written but not
+    the folder holding it (where the finished captioner replaces it); so did every --resume."""
+    read_only = tmp_path / "read_only"
+    shutil.copytree(interrupted[0], read_only / "run")
+    (read_only / "new").mkdir()
+    with read_only_folder(read_only):
+        for name, options in (("new", RESUMABLE_RUN), ("run", [*RESUMABLE_RUN, "--resume"])):
+            with pytest.raises(SystemExit) as refusal:
+                train_captioner.main(["--output-dir", str(read_only / name), *options])
+            assert f"the folder {read_only} is not writable" in str(refusal.value.code)
+            assert os.listdir(read_only / "new") == []
 
 
 def captioned_folder(folder, items) -> list:
@@ -304,6 +338,10 @@ def test_fine_tunes_the_shipped_captioner_on_a_folder_and_captions_with_it(tmp_p
     "case, message",
     [
         ("no eval dir", "--train-dir needs --eval-dir"),
+        ("not utf-8", "metadata.jsonl, line 1: not UTF-8 text (byte 0xe9"),
+        ("outside", "metadata.jsonl, line 2: file_name '../secret.png' leads outside"),
+        ("bad image", "1 of the 2 images of {folder} cannot be used: {folder}/images/01.png: could not read an image"),
+        ("bad eval image", "1 of the 1 images of {eval} cannot be used: {eval}/00.png: is an empty file (0 bytes)"),
         ("no metadata", "has no metadata.jsonl"),
         ("not json", "metadata.jsonl, line 2: not JSON"),
         ("no text", 'metadata.jsonl, line 1: expected {"file_name": str, "text": str}'),
@@ -326,9 +364,21 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
         metadata.write_text(json.dumps({"file_name": "images/00.png"}) + "\n")
     elif case == "missing image":
         (folder / "images" / "00.png").unlink()
+    elif case == "not utf-8":
+        metadata.write_bytes(b'{"file_name": "images/00.png", "text": "caf\xe9"}\n')
+    elif case == "outside":
+        PIL.Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
+        metadata.write_text(lines[0] + "\n" + json.dumps({"file_name": "../secret.png", "text": "a circle"}) + "\n")
+    elif case == "bad image":
+        (folder / "images" / "01.png").write_text("not an image")
+    elif case == "bad eval image":
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "00.png").write_bytes(b"")
+        (tmp_path / "eval" / "metadata.jsonl").write_text('{"file_name": "00.png", "text": "a small red circle"}\n')
     elif case == "unknown words":
         metadata.write_text(json.dumps({"file_name": "images/00.png", "text": "a small purple hexagon"}) + "\n")
-    eval_dir = [] if case == "no eval dir" else ["--eval-dir", str(folder)]
+    eval_folder = tmp_path / "eval" if case == "bad eval image" else folder
+    eval_dir = [] if case == "no eval dir" else ["--eval-dir", str(eval_folder)]
     synthetic_only = {"augment": ["--augment"], "robustness": ["--robustness-samples", "10"]}.get(case, [])
     argv = [
         "--init-from",
@@ -342,5 +392,29 @@ def test_train_dir_refuses(case, message, tmp_path, train_captioner, capsys):
     ]
     with pytest.raises(SystemExit) as refusal:
         train_captioner.main(argv)
+    message = message.replace("{folder}", str(folder)).replace("{eval}", str(eval_folder))
     assert message in (str(refusal.value.code) + capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_images_dir_never_replaces_files_without_overwrite(tmp_path, train_captioner):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    (samples / "captions.json").write_text("mine")
+    (samples / "held_out_00.png").write_text("mine too")
+    (samples / "notes.txt").write_text("kept")
+    argv = ["--output-dir", str(tmp_path / "out"), *TINY_RUN, "--train-samples", "16", "--eval-samples", "2"]
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main([*argv, "--sample-images-dir", str(samples)])
+    assert f"--sample-images-dir {samples} already holds held_out_00.png, captions.json; pass --overwrite" in str(
+        refusal.value.code
+    )
+    assert not (tmp_path / "out").exists()  # refused before training
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main([*argv, "--sample-images-dir", str(samples / "notes.txt")])
+    assert f"--sample-images-dir {samples / 'notes.txt'} exists and is not a folder" in str(refusal.value.code)
+
+    train_captioner.main([*argv, "--sample-images-dir", str(samples), "--overwrite"])
+    assert sorted(os.listdir(samples)) == ["captions.json", "held_out_00.png", "held_out_01.png", "notes.txt"]
+    assert (samples / "notes.txt").read_text() == "kept"  # --overwrite replaces the files it writes, no others
+    assert json.loads((samples / "captions.json").read_text()).keys() == {"held_out_00.png", "held_out_01.png"}
