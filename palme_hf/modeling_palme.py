@@ -26,7 +26,6 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
     CausalLMOutputWithPast,
 )
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple
@@ -34,7 +33,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .blocks_palme import ParallelTransformerBlock, PerceiverLayer
-from .compat_palme import CACHE_NAME, accept_past_key_values, cache_field
+from .compat_palme import (
+    CACHE_NAME,
+    NewestNamesPreTrainedModel,
+    accept_past_key_values,
+    cache_field,
+    slice_logits_to_keep,
+)
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
 from .hierarchical_palme import HierarchicalAttentionMask, HierarchicalBlock
 from .layers_palme import (
@@ -366,7 +371,7 @@ class PalmEPerceiverResampler(nn.Module):
         return self.perceiver(latents, image_features, image_features)
 
 
-class PalmEPreTrainedModel(PreTrainedModel):
+class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
     config: PalmEConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")

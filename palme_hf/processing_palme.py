@@ -24,6 +24,7 @@ from transformers.image_utils import (
 )
 from transformers.processing_utils import ProcessorMixin
 
+from .compat_palme import processor_defaults
 from .configuration_palme import PalmEConfig, num_patches_of
 from .towers_palme import (
     HUB_ARGUMENTS,
@@ -361,6 +362,7 @@ def _count_images(image_processor, images) -> list:
     return image_processor._prepare_images_structure(images)
 
 
+@processor_defaults
 class PalmEProcessor(ProcessorMixin):
     r"""
     A PalmE processor: a [`PalmEImageProcessor`] and any Transformers tokenizer. `processor(images=..., text=...)`
@@ -511,9 +513,9 @@ class PalmEProcessor(ProcessorMixin):
         Besides the base checks: with `"prefix"` integration as many images as markers in all texts; with
         cross-attention one image per text.
         """
-        if images is not None and text is not None:
+        if text is not None and (images is not None or self.image_token is not None):
             texts = [text] if isinstance(text, str) else text
-            num_images = len(images)
+            num_images = 0 if images is None else len(images)
             if self.image_token is not None:
                 counts = [sample.count(self.image_token) for sample in texts]
                 if sum(counts) != num_images:
