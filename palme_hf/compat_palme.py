@@ -2,7 +2,8 @@
 palme_hf's code uses the newest release's names; each shim below maps one of them onto the installed release and
 names the releases it serves:
 - 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.19 to 5.23 use the old name);
-- 5.20 declares a composite config's sub-config classes in `sub_configs_defaults` (5.19 reads `sub_configs`);
+- 5.21 takes a composite config's sub-config classes as `sub_configs_defaults = {key: ConfigClass}` (5.20 only as
+  `SubConfigSpec`s, 5.19 only as `sub_configs`);
 - `slice_logits_to_keep` is in `transformers.modeling_utils` from 5.21 on (5.19 and 5.20 slice inline);
 - 5.23 named gradient checkpointing "activation checkpointing" (`activation_checkpointing_enable`, 5.19 to 5.22
   have only `gradient_checkpointing_enable`);
@@ -59,19 +60,25 @@ def cache_field(cache) -> dict:
     return {CACHE_NAME: cache}
 
 
-if TRANSFORMERS_RELEASE >= (5, 20):
+if TRANSFORMERS_RELEASE >= (5, 21):
     NewestNamesPreTrainedConfig = PreTrainedConfig
 else:
 
     class NewestNamesPreTrainedConfig(PreTrainedConfig):
-        """`PreTrainedConfig` with Transformers 5.20's `sub_configs_defaults` (the classes of a composite config's
-        sub-configs), for 5.19, which reads them from `sub_configs`."""
+        """`PreTrainedConfig` taking Transformers 5.21's `sub_configs_defaults = {key: ConfigClass}`, the classes of a
+        composite config's sub-configs, on 5.20 (which takes only `SubConfigSpec`s) and 5.19 (`sub_configs`)."""
 
         sub_configs_defaults = {}
 
         def __init_subclass__(cls, **kwargs):
             super().__init_subclass__(**kwargs)
-            cls.sub_configs = dict(cls.sub_configs_defaults)
+            declared = cls.__dict__.get("sub_configs_defaults", {})
+            if TRANSFORMERS_RELEASE >= (5, 20):
+                from transformers.configuration_utils import SubConfigSpec
+
+                cls.sub_configs_defaults = {key: SubConfigSpec(config_class) for key, config_class in declared.items()}
+            else:
+                cls.sub_configs = dict(declared)
 
 
 if TRANSFORMERS_RELEASE >= (5, 21):

@@ -447,14 +447,10 @@ class PalmETextConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
         # so a saved value must agree with the block options.
         layout = {}
         if self.block_type == "hierarchical":
-            layer_type, sliding_window, num_states = hierarchical_cache_layout(
+            layer_type, layout["sliding_window"], layout["number_of_conv_states"] = hierarchical_cache_layout(
                 self.window_size, self.compress_factor, self.stride
             )
-            layout = {
-                "layer_types": [layer_type] * self.num_hidden_layers,
-                "sliding_window": sliding_window,
-                "number_of_conv_states": num_states,
-            }
+            layout["layer_types"] = [layer_type] * self.num_hidden_layers
         for key in ("layer_types", "sliding_window", "number_of_conv_states"):
             given = kwargs.pop(key, None)
             if given is not None and given != layout.get(key):
