@@ -296,9 +296,21 @@ def test_rope_parameters_round_trip(tmp_path):
     assert saved["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000.0} and "rope_theta" not in saved
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert loaded.text_config.rope_parameters == config.text_config.rope_parameters
-    model = PalmEForConditionalGeneration(loaded)
-    rotary = model.model.language_model.rotary_emb
-    torch.testing.assert_close(rotary.inv_freq, 500000.0 ** -(torch.arange(0, 32, 2).float() / 32))
+
+
+def test_the_rotary_base_reaches_the_model():
+    from helpers import tiny_config, tiny_inputs
+
+    logits = []
+    for rope in ({"rope_parameters": {"rope_theta": 500.0}}, {"rope_theta": 500.0}, {}):
+        torch.manual_seed(0)
+        model = PalmEForConditionalGeneration(tiny_config(**rope)).eval()
+        torch.manual_seed(1)
+        pixel_values, input_ids = tiny_inputs(model)
+        with torch.no_grad():
+            logits.append(model(pixel_values=pixel_values, input_ids=input_ids).logits)
+    torch.testing.assert_close(logits[0], logits[1])
+    assert not torch.allclose(logits[0], logits[2])  # 10000.0, the default base, rotates otherwise
 
 
 def test_flat_rope_theta_of_saved_configs_is_read_into_rope_parameters(tmp_path):
