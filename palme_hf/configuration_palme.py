@@ -155,6 +155,9 @@ class SavedConfigMixin:
         check_saved_properties(self, kwargs)
         super().__post_init__(**kwargs)
         check_known_keys(self, kwargs)
+        # Transformers' own checks (`validate_*`), which `@strict` runs once its configs are built. PalmE's configs are
+        # not `@strict`: its type checks of the fields would raise before the `ValueError`s naming config and option.
+        self.validate()
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -370,6 +370,9 @@ def test_configs_are_typed_dataclasses_with_the_sub_configs_declared():
     assert PalmEConfig.sub_configs == {"vision_config": PalmEVisionConfig, "text_config": PalmETextConfig}
     config = PalmEConfig(attn_implementation="eager")
     assert config.vision_config._attn_implementation == config.text_config._attn_implementation == "eager"
+    # Transformers' own checks run on a built config, as on its own typed configs
+    with pytest.raises(Exception, match="`output_attentions` attribute is not supported"):
+        PalmETextConfig(output_attentions=True, attn_implementation="sdpa")
 
 
 def test_tied_embeddings_build_on_every_release():
