@@ -28,7 +28,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.processing_utils import Unpack
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple, torch_compilable_check
+from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -526,14 +526,12 @@ class PalmETextModel(PalmEPreTrainedModel):
         if self.embed_positions is not None:
             max_positions = self.config.max_position_embeddings
             if not is_decoding_step or (not compiling and last_position >= max_positions):
-                torch_compilable_check(
-                    position_ids.max() < max_positions,
-                    lambda: (
-                        f"Position {int(position_ids.max())} is beyond `max_position_embeddings` "
-                        f"({max_positions}) of this model's absolute positions: the sequence (with its cached past) "
-                        "is too long."
-                    ),
-                )
+                last_given = int(position_ids.max())
+                if last_given >= max_positions:
+                    raise ValueError(
+                        f"Position {last_given} is beyond `max_position_embeddings` ({max_positions}) of this model's "
+                        "absolute positions: the sequence (with its cached past) is too long."
+                    )
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids) * self.config.hidden_size**-0.5
 
         layer_kwargs = {}
