@@ -1,6 +1,7 @@
 """The toy embodied world: its state as numbers, its renders, the answers of its tasks, the scripted policy and the
 oracle's plans, and the seeded train and held-out splits."""
 
+import itertools
 import random
 import re
 
@@ -131,7 +132,10 @@ def test_size_and_referral_answers_name_the_right_object():
 
 @pytest.mark.parametrize("split", ["train", "held_out"])
 def test_executing_the_oracle_plan_makes_every_goal_hold(split):
-    for example in examples("plan", split, num_samples=200):
+    plans = examples("plan", split, num_samples=200)
+    assert {len(example.scene.objects) for example in plans} == {2, 3, 4}
+    assert {1, 2, 3, 4} <= {len(parse_plan(example.answer)) for example in plans}
+    for example in plans:
         goal, scene = example.goal, example.scene
         assert example.prompt == f"Q: How to {goal.text}? A:"
         steps = parse_plan(example.answer)
@@ -318,9 +322,16 @@ def test_held_out_scenes_and_goals_never_appear_in_training():
     held_out_goals = {item.goal for item in held_out if item.goal is not None}
     assert len(held_out_goals) > 50 and not train_goals & held_out_goals
     assert {goal_split(goal) for goal in held_out_goals} == {"held_out"}
-    # Held-out goals are new combinations of what training shows: every relation, subject and reference.
+    # Every held-out goal is a new combination of a subject, a relation and a reference that training goals show.
+    descriptions = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    goals = [
+        Goal(*parts) for parts in itertools.product(descriptions, RELATIONS, descriptions) if parts[0] != parts[2]
+    ]
     for part in ("subject", "relation", "reference"):
-        assert {getattr(goal, part) for goal in held_out_goals} <= {getattr(goal, part) for goal in train_goals}
+        for split in ("held_out", "train"):
+            assert {getattr(goal, part) for goal in goals if goal_split(goal) == split} == {
+                getattr(goal, part) for goal in goals
+            }
     # Moving objects keeps a scene in its split.
     for item in held_out[:50]:
         assert scene_split(Scene(tuple(reversed(item.scene.objects)))) == "held_out"
