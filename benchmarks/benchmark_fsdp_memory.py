@@ -6,8 +6,9 @@ with `palme_hf.distributed_palme` on 1 and on 2 processes (gloo on CPU), fully f
     python benchmarks/benchmark_fsdp_memory.py            # launches the runs and prints the markdown table
 
 Per process: the bytes of its parameters, gradients and AdamW state (its shards: DTensor local tensors), its
-resident memory (RSS) once the model is built (before sharding: every process builds the whole model), and its
-peak RSS while training (the peak is reset after sharding). Time is not measured: the machine's cores are shared.
+resident memory (RSS) once the model is built (every process builds the whole model) and once it is sharded, and
+its peak RSS while training (the peak is reset after sharding). Time is not measured: the machine's cores are
+shared.
 """
 
 import argparse
@@ -40,7 +41,9 @@ def towers_config() -> PalmEConfig:
         num_attention_heads=16,
         num_key_value_heads=16,
     )
-    return PalmEConfig(vision_config=vision, text_config=text, image_token_id=VOCAB_SIZE - 1)
+    return PalmEConfig(
+        vision_config=vision, text_config=text, vision_integration="prefix", image_token_id=VOCAB_SIZE - 1
+    )
 
 
 def local_bytes(tensors) -> int:
@@ -89,6 +92,7 @@ def measure(frozen_towers: bool, steps: int, global_batch_size: int) -> dict:
         model.freeze_towers()
     built_rss = rss_bytes("VmRSS")
     shard_model(model)
+    sharded_rss = rss_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:  # resets VmHWM to the current RSS
         handle.write("5")
     optimizer = torch.optim.AdamW([parameter for parameter in model.parameters() if parameter.requires_grad], lr=1e-5)
@@ -104,18 +108,18 @@ def measure(frozen_towers: bool, steps: int, global_batch_size: int) -> dict:
         "gradient_bytes": local_bytes(trainable),
         "optimizer_bytes": local_bytes(optimizer_state),
         "built_rss": built_rss,
+        "sharded_rss": sharded_rss,
         "training_peak_rss": rss_bytes("VmHWM"),
     }
 
 
-def worker(output_dir: str, steps: int, global_batch_size: int):
+def worker(output_dir: str, setting: str, steps: int, global_batch_size: int):
     init_process_group()
     rank, world_size = rank_and_world_size()
     try:
-        for setting, frozen_towers in SETTINGS.items():
-            result = measure(frozen_towers, steps, global_batch_size)
-            with open(os.path.join(output_dir, f"{setting}-{world_size}-{rank}.json"), "w") as handle:
-                json.dump(result, handle)
+        result = measure(SETTINGS[setting], steps, global_batch_size)
+        with open(os.path.join(output_dir, f"{setting}-{world_size}-{rank}.json"), "w") as handle:
+            json.dump(result, handle)
     finally:
         dist.destroy_process_group()
 
@@ -124,8 +128,8 @@ def table(output_dir: str, process_counts: list[int]) -> str:
     gib = 1024**3
     lines = [
         "| setting | processes | parameters / process | gradients / process | AdamW state / process | RSS once built "
-        "| peak RSS training |",
-        "|---|---|---|---|---|---|---|",
+        "| RSS once sharded | peak RSS training |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for setting in SETTINGS:
         for count in process_counts:
@@ -137,7 +141,14 @@ def table(output_dir: str, process_counts: list[int]) -> str:
             name = f"{setting} ({first['trainable'] / 1e6:.0f}M of {first['parameters'] / 1e6:.0f}M trained)"
             cells = [
                 max(run[key] for run in runs) / gib
-                for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "built_rss", "training_peak_rss")
+                for key in (
+                    "parameter_bytes",
+                    "gradient_bytes",
+                    "optimizer_bytes",
+                    "built_rss",
+                    "sharded_rss",
+                    "training_peak_rss",
+                )
             ]
             lines.append(f"| {name} | {count} | " + " | ".join(f"{cell:.2f} GiB" for cell in cells) + " |")
     return "\n".join(lines)
@@ -148,17 +159,22 @@ def main():
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--global-batch-size", type=int, default=4)
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)  # a process of a launch
+    # A process of a launch: the folder its measurements go to, and the setting.
+    parser.add_argument("--worker", nargs=2, metavar=("DIR", "SETTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.steps, args.global_batch_size)
+        worker(*args.worker, args.steps, args.global_batch_size)
         return
+    # One launch per measurement. A fixed mmap threshold makes glibc hand every large tensor's memory back when it
+    # is freed, so that the RSS once sharded shows what the process still holds.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
     with tempfile.TemporaryDirectory() as output_dir:
-        for count in args.processes:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(count)]
-            command += [__file__, "--worker", output_dir, "--steps", str(args.steps)]
-            command += ["--global-batch-size", str(args.global_batch_size)]
-            subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for setting in SETTINGS:
+            for count in args.processes:
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+                command += [str(count), __file__, "--worker", output_dir, setting, "--steps", str(args.steps)]
+                command += ["--global-batch-size", str(args.global_batch_size)]
+                subprocess.run(command, check=True, env=environment)
         print(table(output_dir, args.processes))
 
 

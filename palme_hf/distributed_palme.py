@@ -177,6 +177,7 @@ class StopOnInterrupt:
         self.previous_handler = None
 
     def interrupt(self, signum, frame):
+        """The SIGINT handler: remembers the request and restores the default handler."""
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("Interrupted: saving a checkpoint after this step (Ctrl-C again aborts at once).", file=sys.stderr)
@@ -189,6 +190,7 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous_handler)
 
     def should_stop(self) -> bool:
+        """Whether Ctrl-C reached any process (a collective: every process calls it after each step)."""
         stop = torch.tensor([float(self.interrupted)])
         if rank_and_world_size()[1] > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
