@@ -226,7 +226,7 @@ def train_with_fsdp(args: argparse.Namespace, trained, train_dataset, collator, 
             json.dump(vars(args), handle, indent=2)
     shard_model(trained, reshard_after_forward=args.fsdp == "full")
     trainable = [parameter for parameter in trained.parameters() if parameter.requires_grad]
-    # The Trainer's optimizer (AdamW without weight decay, at the constant learning rate of `lr_scheduler_type`).
+    # As the Trainer path trains: AdamW without weight decay at a constant learning rate, gradients clipped to norm 1.
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0)
     losses, interrupted = train_sharded(
         trained,

@@ -37,7 +37,9 @@ def command(nproc: int, *arguments: str) -> list[str]:
 
 
 def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS}
+    """One thread a process (the test machine's cores are few), and tests/ on the path for the worker's helpers."""
+    python_path = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
 
 
 def run(nproc: int, *arguments: str, cwd) -> subprocess.CompletedProcess:
