@@ -208,7 +208,7 @@ def train_sharded(
     seed: int = 0,
     max_grad_norm: float = 1.0,
     checkpoints_dir: str | None = None,
-    save_steps: int | None = None,
+    save_steps: int = 500,
     resume_from: str | None = None,
 ) -> tuple[list[float], bool]:
     """
