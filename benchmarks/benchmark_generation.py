@@ -39,10 +39,13 @@ import torch
 from transformers import CompileConfig, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+from palme_hf.kernels_palme import use_matrix_vector_decoding
 
 MODELS = ["llama", "standard", "parallel", "hierarchical", "hierarchical-w128"]
 SECTIONS = ["decode", "batch-decode", "compile", "prefill", "train", "memory"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# `--matrix-vector-decoding`: every model, Llama included, computes a single bfloat16 row on CPU with `torch.mv`
+MATRIX_VECTOR_DECODING = False
 
 
 def build_model(name: str, dtype: torch.dtype, device: str, max_length: int):
@@ -70,6 +73,8 @@ def build_model(name: str, dtype: torch.dtype, device: str, max_length: int):
         model = PalmEForConditionalGeneration(config)
         image = config.vision_config.image_size
     model = model.to(device, dtype).eval()
+    if MATRIX_VECTOR_DECODING:
+        use_matrix_vector_decoding(model)
     vocab_size = model.config.get_text_config().vocab_size
 
     def make_inputs(batch_size: int, length: int) -> dict:
@@ -254,7 +259,14 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--matrix-vector-decoding",
+        action="store_true",
+        help="apply palme_hf.kernels_palme.use_matrix_vector_decoding to every model, Llama included",
+    )
     args = parser.parse_args()
+    global MATRIX_VECTOR_DECODING
+    MATRIX_VECTOR_DECODING = args.matrix_vector_decoding
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     os.environ["BENCH_THREADS"] = str(torch.get_num_threads())

@@ -1,6 +1,7 @@
-"""The documented transformer blocks as cache-aware Transformers layers: PaLM's parallel block with multi-query
-attention (`ParallelTransformerBlock`, `TransformerBlock`) and a Perceiver layer (`PerceiverLayer`). Every attention
-goes through [`PalmEAttention`] and every rotary/xpos embedding through [`PalmERotaryEmbedding`]."""
+"""PaLM's parallel decoder layer, and the documented transformer blocks over it and over the attention core: PaLM's
+parallel block with multi-query attention (`ParallelTransformerBlock`, `TransformerBlock`) and a Perceiver layer
+(`PerceiverLayer`). Every attention goes through [`PalmEAttention`] and every rotary/xpos embedding through
+[`PalmERotaryEmbedding`]."""
 
 from collections.abc import Mapping, Sequence
 
@@ -14,9 +15,16 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
 from .compat_palme import accept_past_key_values
-from .configuration_palme import check_positive_ints
+from .configuration_palme import PalmETextConfig, PalmEVisionConfig, check_positive_ints
 from .conversion_blocks import load_parallel_block_reference
-from .layers_palme import PalmEAttention, PalmECrossAttention, PalmEMLP, PalmERotaryEmbedding, RotaryTables
+from .layers_palme import (
+    PalmEAttention,
+    PalmECrossAttention,
+    PalmEMLP,
+    PalmERotaryEmbedding,
+    PalmETextCrossAttention,
+    RotaryTables,
+)
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
@@ -33,28 +41,35 @@ def check_hidden_states(name: str, states: torch.Tensor, dim: int) -> None:
         raise ValueError(f"`{name}` must have shape (batch_size, seq_len, {dim}), got {tuple(states.shape)}.")
 
 
-def attention_config(
+def block_attn_implementation(
     attn_implementation: str | None, config: PreTrainedConfig | None, default: str = "eager"
-) -> PreTrainedConfig:
+) -> str:
     """
-    The config whose `_attn_implementation` a block's attention reads at every call: `config` itself (a model's
-    config, when the block is one of its layers), or a config of the block's own using `attn_implementation`.
+    The attention implementation a documented block starts with: `attn_implementation` (`default` when not given),
+    refused with `config`, whose `_attn_implementation` the block reads instead.
     """
-    if config is not None:
-        if attn_implementation is not None:
-            raise ValueError(
-                f"Pass either `config` or `attn_implementation` ({attn_implementation!r}), not both: with `config`, "
-                "the block uses `config._attn_implementation`."
-            )
-        return config
+    if config is not None and attn_implementation is not None:
+        raise ValueError(
+            f"Pass either `config` or `attn_implementation` ({attn_implementation!r}), not both: with `config`, "
+            "the block uses `config._attn_implementation`."
+        )
     attn_implementation = default if attn_implementation is None else attn_implementation
     if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
             f"`attn_implementation` must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_implementation!r}."
         )
-    config = PreTrainedConfig()
-    config._attn_implementation = attn_implementation
-    return config
+    return attn_implementation
+
+
+def share_attention_config(block: nn.Module, config: PreTrainedConfig | None):
+    """Makes every attention of `block` read its kernel from `config` (a model's config the block is a layer of), when
+    given: the block's own config keeps its geometry."""
+    if config is None:
+        return
+    block.config = config
+    for module in block.modules():
+        if isinstance(module, (PalmEAttention, PalmECrossAttention)):
+            module.config = config
 
 
 def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
@@ -66,14 +81,76 @@ def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.M
     return tuple(finetune_modules)
 
 
-class ParallelTransformerBlock(GradientCheckpointingLayer):
+class PalmEParallelDecoderLayer(GradientCheckpointingLayer):
     """
-    PaLM's parallel transformer block, as zeta documents it (`zeta.structs.simple_transformer`): a bias-free LayerNorm
-    feeds, in parallel, multi-query attention (`heads` query heads, one shared key/value head, rotary embeddings over
-    the whole head) and a SwiGLU feed-forward; the block returns the sum of the two branches. The residual is added by
-    the caller. The positional arguments are zeta's (causal, no xpos, no query/key normalisation, no dropout); the
-    keyword-only ones are the options of PaLM's block, which [`TransformerBlock`] exposes in zeta's order and a
-    `block_type="parallel"` model sets from its config.
+    PaLM's parallel decoder layer (`block_type="parallel"`): a bias-free LayerNorm feeds, in parallel, multi-query
+    attention (one shared key/value head, rotary/xpos over the whole head, optional query/key l2-normalisation) and a
+    SwiGLU feed-forward of width `intermediate_size`; both branches are added to the residual. Then, with
+    `add_cross_attention`, pre-norm cross-attention to the image features with its residual.
+    """
+
+    def __init__(self, config: PalmETextConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.layer_idx = layer_idx
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
+        self.self_attn = PalmEAttention(
+            config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            num_key_value_heads=1,
+            is_causal=True,
+            qk_norm=config.qk_norm,
+            qk_norm_scale=config.qk_norm_scale,
+            attention_dropout=config.attention_dropout,
+            layer_idx=layer_idx,
+        )
+        self.mlp = PalmEMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False, gated=True)
+        self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
+
+    @accept_past_key_values
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: RotaryTables | None = None,
+        cache: Cache | None = None,
+        cross_attention_cache: EncoderDecoderCache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the input.
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens,
+                cross_attention_hidden_size)`, *optional*): the image features, for cross-attention.
+            attention_mask (`torch.Tensor`, *optional*): the causal mask the model prepared.
+            position_embeddings ([`RotaryTables`], *optional*): the rotary tables the model computed.
+            cache (`Cache`, *optional*): self-attention keys/values of earlier steps.
+            cross_attention_cache (`EncoderDecoderCache`, *optional*): the image keys/values.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`.
+        """
+        normed = self.input_layernorm(hidden_states)
+        attn_output, _ = self.self_attn(
+            normed, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
+        )
+        hidden_states = hidden_states + attn_output + self.mlp(normed)
+        if self.cross_attn is not None:
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cross_attention_cache, **kwargs)
+        return hidden_states
+
+
+class ParallelTransformerBlock(PalmEParallelDecoderLayer):
+    """
+    PaLM's parallel transformer block, as zeta documents it (`zeta.structs.simple_transformer`), over
+    [`PalmEParallelDecoderLayer`]: a bias-free LayerNorm feeds, in parallel, multi-query attention (`heads` query
+    heads, one shared key/value head, rotary embeddings over the whole head) and a SwiGLU feed-forward; the block
+    returns the sum of the two branches. The residual is added by the caller. The positional arguments are zeta's
+    (causal, no xpos, no query/key normalisation, no dropout); the keyword-only ones are the options of PaLM's block,
+    which [`TransformerBlock`] exposes in zeta's order and a `block_type="parallel"` model sets from its config.
 
     Args:
         dim (`int`): width of the input and output.
@@ -132,7 +209,6 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         layer_norm_eps: float = 1e-5,
         own_rotary: bool = True,
     ):
-        super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, ff_mult=ff_mult)
         if dim_head % 2 != 0:
             raise ValueError(f"`dim_head` must be even (rotary embeddings rotate feature pairs), got {dim_head}.")
@@ -140,32 +216,38 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         check_probability("ff_dropout", ff_dropout)
         if use_xpos and causal and xpos_scale_base <= 0:
             raise ValueError(f"`xpos_scale_base` must be positive, got {xpos_scale_base!r}.")
-
-        self.config = attention_config(attn_implementation, config)
-        self.hidden_size = dim
-        self.layer_idx = layer_idx
-        self.xpos_offset = xpos_offset
-        self.input_layernorm = nn.LayerNorm(dim, eps=layer_norm_eps, bias=False)
-        self.rotary_emb = (
-            PalmERotaryEmbedding(
-                dim_head, base=rope_theta, use_xpos=use_xpos and causal, xpos_scale_base=xpos_scale_base
-            )
-            if own_rotary
-            else None
-        )
-        self.self_attn = PalmEAttention(
-            self.config,
+        use_xpos = use_xpos and causal
+        layer_config = PalmETextConfig(
+            block_type="parallel",
             hidden_size=dim,
-            num_heads=heads,
             head_dim=dim_head,
-            num_key_value_heads=1,
-            is_causal=causal,
+            num_attention_heads=heads,
+            intermediate_size=dim * ff_mult,
+            num_hidden_layers=layer_idx + 1,
+            hidden_act=hidden_act,
+            layer_norm_eps=layer_norm_eps,
+            rope_theta=rope_theta,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            xpos_offset=xpos_offset,
             qk_norm=qk_rmsnorm,
             qk_norm_scale=qk_scale,
             attention_dropout=attn_dropout,
-            layer_idx=layer_idx,
+            add_cross_attention=False,
         )
-        self.mlp = PalmEMLP(dim, dim * ff_mult, hidden_act, bias=False, gated=True, dropout=ff_dropout)
+        layer_config._attn_implementation = block_attn_implementation(attn_implementation, config)
+        super().__init__(layer_config, layer_idx)
+        self.config = layer_config
+        share_attention_config(self, config)
+        # zeta's options that a decoder layer's config does not carry
+        self.self_attn.is_causal = causal
+        self.mlp.dropout.p = ff_dropout
+        self.xpos_offset = xpos_offset
+        self.rotary_emb = (
+            PalmERotaryEmbedding(dim_head, base=rope_theta, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base)
+            if own_rotary
+            else None
+        )
 
     @accept_past_key_values
     def forward(
@@ -187,10 +269,8 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
             cache (`Cache`, *optional*): keys/values of earlier steps (the single multi-query head), updated
                 at `layer_idx`; causal blocks only.
             position_embeddings ([`RotaryTables`], *optional*): the rotary tables of the tokens' positions, computed
-                once per forward pass by a model whose layers share them (as in `modeling_llama.py`). The
-                `attention_mask` is then the model's prepared mask too (4-D, or `None` for causal attention without
-                padding) and `position_ids` is not read. Without them the block computes both from `attention_mask`
-                and `position_ids`.
+                once per forward pass by a model whose layers share them (as in `modeling_llama.py`); `position_ids`
+                is then not read. Without them the block computes them from `position_ids`.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
@@ -198,15 +278,15 @@ class ParallelTransformerBlock(GradientCheckpointingLayer):
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
         if cache is not None and not self.self_attn.is_causal:
             raise ValueError("`cache` needs a causal block (`causal=True`).")
-        if position_embeddings is None:
-            if self.rotary_emb is None:
-                raise ValueError(
-                    "This ParallelTransformerBlock was built with `own_rotary=False`: pass `position_embeddings` and "
-                    "the prepared `attention_mask`."
-                )
-            attention_mask, position_ids = self.prepare_mask_and_positions(
-                hidden_states, attention_mask, position_ids, cache
+        if position_embeddings is None and self.rotary_emb is None:
+            raise ValueError(
+                "This ParallelTransformerBlock was built with `own_rotary=False`: pass `position_embeddings` and "
+                "the prepared `attention_mask`."
             )
+        attention_mask, position_ids = self.prepare_mask_and_positions(
+            hidden_states, attention_mask, position_ids, cache
+        )
+        if position_embeddings is None:
             position_embeddings = self.rotary_emb(
                 position_ids, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
             )
@@ -354,14 +434,6 @@ class TransformerBlock(ParallelTransformerBlock):
         self.finetune_modules = (
             None if finetune_modules is None else nn.ModuleList(check_finetune_modules(finetune_modules))
         )
-        self._attach_adapters(self.finetune_modules)
-
-    def _attach_adapters(self, adapters: Sequence[nn.Module] | None):
-        attention = self.self_attn
-        for projection, adapter in zip(
-            (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj), adapters or (None,) * 4
-        ):
-            projection.attach(adapter)
 
     @accept_past_key_values
     def forward(
@@ -382,13 +454,22 @@ class TransformerBlock(ParallelTransformerBlock):
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`: attention branch + feed-forward branch.
         """
-        if finetune_modules is None:
+        adapters = self.finetune_modules if finetune_modules is None else check_finetune_modules(finetune_modules)
+        if adapters is None:
             return super().forward(hidden_states, attention_mask, position_ids, cache, **kwargs)
-        self._attach_adapters(check_finetune_modules(finetune_modules))
+        # Each adapter's output on a projection's input is added to the projection's output, for this call only.
+        attention = self.self_attn
+        hooks = [
+            projection.register_forward_hook(lambda _, inputs, output, adapter=adapter: output + adapter(inputs[0]))
+            for projection, adapter in zip(
+                (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj), adapters
+            )
+        ]
         try:
             return super().forward(hidden_states, attention_mask, position_ids, cache, **kwargs)
         finally:
-            self._attach_adapters(self.finetune_modules)
+            for hook in hooks:
+                hook.remove()
 
 
 class PalmEPerceiverSublayer(nn.Module):
@@ -508,7 +589,18 @@ class PerceiverLayer(nn.Module):
         check_positive_ints(dim=dim, heads=heads, depth=depth, dim_head=dim_head, ff_mult=ff_mult)
         check_probability("dropout", dropout)
         check_probability("ff_dropout", ff_dropout)
-        self.config = attention_config(attn_implementation, config)
+        attn_implementation = block_attn_implementation(attn_implementation, config)
+        if config is None:
+            # the layers' own configuration: the attention implementation they read at every call
+            config = PalmEVisionConfig(
+                hidden_size=dim,
+                num_attention_heads=heads,
+                head_dim=dim_head,
+                intermediate_size=dim * ff_mult,
+                attention_dropout=dropout,
+            )
+            config._attn_implementation = attn_implementation
+        self.config = config
         self.hidden_size = dim
         self.layers = nn.ModuleList(
             [

@@ -336,19 +336,19 @@ class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
         },
         # Multi-query attention: the single key/value head cannot be split, every rank keeps `k_proj` and `v_proj`.
         "parallel": {
-            "layers.*.block.self_attn.q_proj": "colwise",
-            "layers.*.block.self_attn.o_proj": "rowwise",
-            "layers.*.block.mlp.gate_proj": "colwise",
-            "layers.*.block.mlp.up_proj": "colwise",
-            "layers.*.block.mlp.down_proj": "rowwise",
+            "layers.*.self_attn.q_proj": "colwise",
+            "layers.*.self_attn.o_proj": "rowwise",
+            "layers.*.mlp.gate_proj": "colwise",
+            "layers.*.mlp.up_proj": "colwise",
+            "layers.*.mlp.down_proj": "rowwise",
         },
         "hierarchical": {
-            "layers.*.block.self_attn.q_proj": "colwise",
-            "layers.*.block.self_attn.k_proj": "colwise",
-            "layers.*.block.self_attn.v_proj": "colwise",
-            "layers.*.block.self_attn.o_proj": "rowwise",
-            "layers.*.block.mlp.fc1": "colwise",
-            "layers.*.block.mlp.fc2": "rowwise",
+            "layers.*.self_attn.q_proj": "colwise",
+            "layers.*.self_attn.k_proj": "colwise",
+            "layers.*.self_attn.v_proj": "colwise",
+            "layers.*.self_attn.o_proj": "rowwise",
+            "layers.*.mlp.fc1": "colwise",
+            "layers.*.mlp.fc2": "rowwise",
         },
     }
     standard_attention_tp_plan = {

@@ -1,9 +1,8 @@
-"""`HierarchicalBlock` (zeta's documented block; original: `simple_hierarchical_transformer.HierarchicalBlock`) as a
-cache-aware Transformers layer. Attention goes through [`PalmEAttention`], rotary embeddings through
-[`PalmERotaryEmbedding`]."""
+"""The hierarchical decoder layer and `HierarchicalBlock` (zeta's documented block; original:
+`simple_hierarchical_transformer.HierarchicalBlock`) over it, with the masks a model prepares for them once per forward
+pass. Attention goes through [`PalmEAttention`], rotary embeddings through [`PalmERotaryEmbedding`]."""
 
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,11 +12,20 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from .blocks_palme import attention_config, check_hidden_states
+from .blocks_palme import block_attn_implementation, check_hidden_states, share_attention_config
 from .compat_palme import accept_past_key_values
-from .configuration_palme import check_positive_ints, hierarchical_cache_layout
+from .configuration_palme import PalmETextConfig, check_positive_ints, hierarchical_cache_layout
 from .conversion_blocks import load_hierarchical_block_reference
-from .layers_palme import PalmEAttention, PalmEMLP, PalmERotaryEmbedding, RotaryTables, add_bias_to_mask
+from .layers_palme import (
+    PalmEAttention,
+    PalmEMLP,
+    PalmERotaryEmbedding,
+    PalmETextCrossAttention,
+    RotaryTables,
+    WindowedAttentionMask,
+    add_bias_to_mask,
+    in_windows,
+)
 
 
 class HierarchicalRMSNorm(nn.Module):
@@ -74,37 +82,43 @@ def token_shift(
     return torch.cat((kept, shifted), dim=-1)
 
 
-def keys_are_tokens(attention_mask: torch.Tensor, sequence_length: int, key_indices: torch.Tensor) -> torch.Tensor:
+def keys_are_tokens(
+    attention_mask: torch.Tensor, sequence_length: int, key_start: int, kv_length: int
+) -> torch.Tensor:
     """
-    Which keys are tokens, `(batch_size, kv_len)`, from a 2-D padding mask `(batch_size, sequence_length)` over the
-    cached and the new tokens; keys beyond it (empty slots of a static cache) count as tokens: they are later than
-    every query.
+    Which keys are tokens, `(batch_size, kv_length)`, from a 2-D padding mask `(batch_size, sequence_length)` over the
+    cached and the new tokens, for the keys at sequence indices `key_start + arange(kv_length)`; keys beyond it (empty
+    slots of a static cache) count as tokens: they are later than every query.
     """
     if attention_mask.shape[-1] != sequence_length:
         raise ValueError(
             f"A 2-D `attention_mask` must cover the cached and the new tokens: length {sequence_length}, "
             f"got shape {tuple(attention_mask.shape)}."
         )
-    missing = max(int(key_indices[-1]) + 1 - sequence_length, 0)
-    return nn.functional.pad(attention_mask.bool(), (0, missing), value=True)[:, key_indices]
+    missing = max(key_start + kv_length - sequence_length, 0)
+    return nn.functional.pad(attention_mask.bool(), (0, missing), value=True)[:, key_start : key_start + kv_length]
 
 
 def hierarchical_attention_mask(
-    query_indices: torch.Tensor,
-    key_indices: torch.Tensor,
+    query_start: int,
+    seq_len: int,
+    key_start: int,
+    kv_length: int,
     group_size: int,
     window_size: int | None,
     attention_mask: torch.Tensor | None,
     dtype: torch.dtype,
+    device: torch.device,
 ) -> torch.Tensor:
     """
-    The additive mask of the block's attention: token `i` attends to token `j` when `j` is in the same group
+    The additive mask of the hierarchical attention: token `i` attends to token `j` when `j` is in the same group
     (`i - j` a multiple of `group_size`), not later (`j <= i`) and, with a window, at most `window_size` group steps
     back (`i - j <= window_size * group_size`); padding keys (from `attention_mask`) are masked too.
 
     Args:
-        query_indices (`torch.LongTensor` of shape `(seq_len,)`): sequence indices of the queries.
-        key_indices (`torch.LongTensor` of shape `(kv_len,)`): sequence indices of the keys the cache returns.
+        query_start, seq_len (`int`): the queries are at sequence indices `query_start + arange(seq_len)`.
+        key_start, kv_length (`int`): the keys the cache returns are at sequence indices
+            `key_start + arange(kv_length)`.
         attention_mask (`torch.Tensor`, *optional*): `(batch_size, past_len + seq_len)` with 1/True for tokens and
             0/False for padding, or a 4-D mask `(batch_size, 1, seq_len, kv_len)`, boolean (True = attend) or additive
             (0 = attend).
@@ -113,6 +127,8 @@ def hierarchical_attention_mask(
         `torch.FloatTensor` of shape `(batch_size or 1, 1, seq_len, kv_len)` in `dtype`: 0 where attending, the
         dtype's minimum elsewhere.
     """
+    query_indices = torch.arange(seq_len, device=device) + query_start
+    key_indices = torch.arange(kv_length, device=device) + key_start
     distance = query_indices[:, None] - key_indices[None, :]
     allowed = (distance >= 0) & (distance % group_size == 0)
     if window_size is not None:
@@ -121,7 +137,7 @@ def hierarchical_attention_mask(
 
     if attention_mask is not None:
         if attention_mask.ndim == 2:
-            is_token = keys_are_tokens(attention_mask, int(query_indices[-1]) + 1, key_indices)
+            is_token = keys_are_tokens(attention_mask, query_start + seq_len, key_start, kv_length)
             allowed = allowed & is_token[:, None, None, :]
         elif attention_mask.ndim == 4:
             if tuple(attention_mask.shape[-2:]) != tuple(allowed.shape[-2:]):
@@ -139,22 +155,6 @@ def hierarchical_attention_mask(
     return add_bias_to_mask(allowed, torch.zeros((), device=allowed.device), dtype)
 
 
-def in_windows(states: torch.Tensor, dim: int, left: int, num_chunks: int, span: int, chunk_size: int) -> torch.Tensor:
-    """
-    The windows of keys the chunks of queries of [`windowed_attention`] see: `states` along `dim` are at sequence
-    indices `left` onwards, counted from `span` before the first query; chunk `c` sees the `chunk_size + span` indices
-    from `c * chunk_size` (zeros where `states` hold nothing).
-
-    Returns:
-        `torch.Tensor` of shape `(..., num_chunks, chunk_size + span)`: `states` with `dim` moved last, in windows.
-    """
-    length = span + num_chunks * chunk_size
-    states = states.movedim(dim, -1)
-    states = nn.functional.pad(states, (left, 0)) if left > 0 else states[..., -left:]
-    states = nn.functional.pad(states[..., :length], (0, max(length - states.shape[-1], 0)))
-    return states.unfold(-1, chunk_size + span, chunk_size)
-
-
 def windowed_attention_mask(
     batch_size: int,
     seq_len: int,
@@ -169,8 +169,8 @@ def windowed_attention_mask(
     device: torch.device,
 ) -> torch.Tensor:
     """
-    The band mask of [`windowed_attention`]: query `i` attends to key `j` when `0 <= i - j <= span`, `i - j` is a
-    multiple of `group_size` and `j` is a token the cache holds.
+    The band mask of [`windowed_attention_forward`]: query `i` attends to key `j` when `0 <= i - j <= span`, `i - j`
+    is a multiple of `group_size` and `j` is a token the cache holds.
 
     Args:
         query_start (`int`): sequence index of the first of the `seq_len` queries.
@@ -200,82 +200,206 @@ def windowed_attention_mask(
     return add_bias_to_mask(allowed, torch.zeros((), device=device), dtype)
 
 
-def windowed_attention(
-    attention: PalmEAttention,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: torch.Tensor,
-    query_start: int,
-    key_start: int,
-    span: int,
-    chunk_size: int,
-    **kwargs: Unpack[TransformersKwargs],
-) -> torch.Tensor:
+def window_chunk_size(attention_span: int) -> int:
+    """Queries per chunk of the window kernel: at least 64, and at least the span a query sees."""
+    return max(attention_span, 64)
+
+
+def check_hierarchical_cache(cache: Cache | None, layer_idx: int, layer_type: str):
+    """Refuses a cache whose layer `layer_idx` cannot hold the hierarchical layer's token-shift state."""
+    cache_layer = None
+    if cache is not None and layer_idx < len(cache.layers):
+        cache_layer = cache.layers[layer_idx]
+    if cache is not None and not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
+        layer = "no layer" if cache_layer is None else type(cache_layer).__name__
+        raise ValueError(
+            f"HierarchicalBlock keeps token-shift state in the cache: its layer {layer_idx} must be of type "
+            f"{layer_type!r} (build the cache with `DynamicCache(config=block.config)`), got {layer}."
+        )
+
+
+def create_hierarchical_mask(
+    attn_implementation: str,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: Cache | None,
+    window_size: int | None,
+    group_size: int,
+    layer_idx: int = 0,
+) -> torch.Tensor | WindowedAttentionMask | None:
     """
-    Banded causal attention in time and memory linear in the sequence length: query `i` attends to key `j` when
-    `0 <= i - j <= span` and `i - j` is a multiple of `group_size` (the mask [`hierarchical_attention_mask`] builds
-    densely, for `span = window_size * group_size`). The queries are cut into chunks of `chunk_size`; each chunk sees
-    the `chunk_size + span` keys ending at its last query, and all chunks go through `attention.attend` (the registered
-    kernel and the output projection) as one batch, with one small mask.
+    The attention mask of hierarchical layers (which share window, group size and cache layout, so that a model
+    prepares it once per forward pass, as `create_causal_mask` for other layers), for the input `inputs_embeds`
+    `(batch_size, seq_len, hidden_size)` after the tokens in `cache` (its layer `layer_idx`):
 
-    Args:
-        query (`torch.FloatTensor` of shape `(batch_size, num_heads, seq_len, head_dim)`): at sequence indices
-            `query_start + arange(seq_len)`.
-        key, value (`torch.FloatTensor` of shape `(batch_size, num_key_value_heads, kv_len, head_dim)`): at sequence
-            indices `key_start + arange(kv_len)`, with `key_start + kv_len >= query_start + seq_len`.
-        mask (`torch.FloatTensor` of shape `(batch_size * num_chunks, 1, chunk_size, chunk_size + span)`): from
-            [`windowed_attention_mask`].
+    - over more keys than a window needs, with the sdpa kernel and a padding mask or none: the band of the chunked
+      window kernel, a [`WindowedAttentionMask`], in time and memory linear in the length;
+    - when the queries see every key the cache returns causally, without groups or padding (a decoding step with no
+      mask, or a full-attention sdpa prompt from an empty cache, or a window decoding step from a `DynamicCache`,
+      which keeps just the window): `None`, plain causal attention;
+    - else the dense additive mask of [`hierarchical_attention_mask`].
 
-    Returns:
-        `torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, the attention's output.
+    `attention_mask` is as in [`HierarchicalBlock.forward`]. A compiled graph keeps the dense mask: the other two
+    branch on the cache's fill. Nothing here reads a tensor's values on a decoding step (one query, or a padding
+    mask), which would make the host wait for the device.
     """
-    batch_size, _, seq_len, _ = query.shape
-    num_chunks = -(-seq_len // chunk_size)
-    padded_len = num_chunks * chunk_size
-    # keys at sequence indices `query_start - span` to `query_start + padded_len`: positions the cache does not hold
-    # are zeros and masked
-    left = key_start - (query_start - span)
+    batch_size, seq_len = inputs_embeds.shape[:2]
+    past_seen_tokens = cache.get_seq_length(layer_idx) if cache is not None else 0
+    kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, layer_idx)
+    padding_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+    span = None if window_size is None else window_size * group_size
+    compiling = torch.compiler.is_compiling()
+    if (
+        not compiling
+        and span is not None
+        and kv_length > window_chunk_size(span) + span
+        and (attention_mask is None or padding_mask is not None)
+        and attn_implementation == "sdpa"
+    ):
+        chunk_size = window_chunk_size(span)
+        key_is_token = None
+        if padding_mask is not None:
+            key_is_token = keys_are_tokens(padding_mask, past_seen_tokens + seq_len, kv_offset, kv_length)
+        mask = windowed_attention_mask(
+            batch_size,
+            seq_len,
+            kv_length,
+            query_start=past_seen_tokens,
+            key_start=kv_offset,
+            span=span,
+            group_size=group_size,
+            chunk_size=chunk_size,
+            key_is_token=key_is_token,
+            dtype=inputs_embeds.dtype,
+            device=inputs_embeds.device,
+        )
+        return WindowedAttentionMask(mask, past_seen_tokens, kv_offset, span, chunk_size)
 
-    def batched_windows(states: torch.Tensor) -> torch.Tensor:
-        # (batch, heads, kv_len, head_dim) -> (batch * num_chunks, heads, window, head_dim)
-        # contiguous: with a strided last dimension (a view of the unfolded windows) sdpa falls back to its math kernel
-        windows = in_windows(states, 2, left, num_chunks, span, chunk_size).permute(0, 3, 1, 4, 2).contiguous()
-        return windows.view(batch_size * num_chunks, states.shape[1], chunk_size + span, states.shape[-1])
+    if (
+        not compiling
+        and attention_mask is None
+        and group_size == 1
+        and kv_offset + kv_length == past_seen_tokens + seq_len  # no empty static-cache slots
+        # causal attention without a mask: one query sees every key; sdpa aligns a prompt from an empty cache itself
+        and (seq_len == 1 or (kv_length == seq_len and attn_implementation == "sdpa"))
+        and (span is None or kv_length - 1 <= span)
+    ):
+        return None
+    return hierarchical_attention_mask(
+        past_seen_tokens,
+        seq_len,
+        kv_offset,
+        kv_length,
+        group_size,
+        window_size,
+        attention_mask,
+        inputs_embeds.dtype,
+        inputs_embeds.device,
+    )
 
-    chunked_query = nn.functional.pad(query, (0, 0, 0, padded_len - seq_len))
-    chunked_query = chunked_query.unflatten(2, (num_chunks, chunk_size)).transpose(1, 2).flatten(0, 1)
-    output, _ = attention.attend(chunked_query, batched_windows(key), batched_windows(value), mask, **kwargs)
-    return output.reshape(batch_size, padded_len, -1)[:, :seq_len]
 
-
-class HierarchicalAttentionMask(NamedTuple):
+class PalmEHierarchicalDecoderLayer(GradientCheckpointingLayer):
     """
-    The attention mask of one forward pass of hierarchical blocks, from [`HierarchicalBlock.prepare_attention`]. The
-    blocks of a model share window, group size and cache layout, so the model prepares it once for all its layers. A
-    named tuple, so that accelerate moves its mask to each layer's device as it moves the other inputs.
-
-    Attributes:
-        mask (`torch.FloatTensor`, *optional*): additive (0 = attend): for the dense kernel, of shape
-            `(batch_size or 1, 1, seq_len, kv_len)` over the keys the cache returns; for the windowed kernel, the band
-            mask of [`windowed_attention_mask`]; `None` for plain causal attention.
-        windowed (`bool`): whether the chunked window kernel [`windowed_attention`] runs.
-        query_start (`int`): windowed kernel: sequence index of the first query (the tokens the cache held before).
-        key_start (`int`): windowed kernel: sequence index of the first key the cache returns.
+    The hierarchical decoder layer (`block_type="hierarchical"`): causal attention (full, or over a local window of
+    the last `window_size` steps of the token's group), then a feed-forward, each pre-normalised, fed through a token
+    shift and added back to its input; then, with `add_cross_attention`, pre-norm cross-attention to the image features
+    with its residual. Full attention is RMS-normalised, window attention LayerNorm-normalised; `window_size=0` means
+    no attention. Groups (`compress_factor // stride` of them, interleaved) live in the mask the model prepares
+    ([`create_hierarchical_mask`]) and in the rotary positions (steps of the group), so tokens stay in sequence order.
     """
 
-    mask: torch.Tensor | None
-    windowed: bool = False
-    query_start: int = 0
-    key_start: int = 0
+    def __init__(self, config: PalmETextConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.layer_idx = layer_idx
+        self.window_size = config.window_size
+        self.group_size = config.compress_factor // config.stride
+        # distance, in tokens, from a query to the farthest key it sees
+        self.attention_span = None if config.window_size is None else config.window_size * self.group_size
+        self.cache_layer_type, _, self.num_token_shift_states = hierarchical_cache_layout(
+            config.window_size, config.compress_factor, config.stride
+        )
+        self.self_attn_norm = None
+        self.self_attn = None
+        if config.window_size != 0:
+            self.self_attn_norm = (
+                HierarchicalRMSNorm(config.hidden_size)
+                if config.window_size is None
+                else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            )
+            self.self_attn = PalmEAttention(
+                config,
+                hidden_size=config.hidden_size,
+                num_heads=config.num_attention_heads,
+                head_dim=config.head_dim,
+                is_causal=True,
+                layer_idx=layer_idx,
+            )
+        self.mlp_norm = HierarchicalRMSNorm(config.hidden_size)
+        self.mlp = PalmEMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=False)
+        self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Queries per chunk of the window kernel (`None` for full attention)."""
+        return None if self.attention_span is None else window_chunk_size(self.attention_span)
+
+    @accept_past_key_values
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | WindowedAttentionMask | None = None,
+        position_embeddings: RotaryTables | None = None,
+        cache: Cache | None = None,
+        cross_attention_cache: Cache | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the tokens after those
+                in the cache.
+            encoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_image_tokens,
+                cross_attention_hidden_size)`, *optional*): the image features, for cross-attention.
+            attention_mask (`torch.Tensor` or [`WindowedAttentionMask`], *optional*): from
+                [`create_hierarchical_mask`].
+            position_embeddings ([`RotaryTables`], *optional*): the rotary tables of the tokens' group steps
+                (`position_ids // group_size`).
+            cache (`Cache`, *optional*): keys/values and token-shift state of earlier steps, at `layer_idx`.
+            cross_attention_cache (`EncoderDecoderCache`, *optional*): the image keys/values.
+            token_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*): 1/True for the tokens, 0/False
+                for padding, whose features the token shift does not pass on.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`.
+        """
+        check_hierarchical_cache(cache, self.layer_idx, self.cache_layer_type)
+        if self.self_attn is not None:
+            shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
+            attn_output, _ = self.self_attn(
+                self.self_attn_norm(shifted),
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attn_output
+        shifted = token_shift(
+            hidden_states, self.group_size, token_mask, cache, self.layer_idx, self.num_token_shift_states - 1
+        )
+        hidden_states = hidden_states + self.mlp(self.mlp_norm(shifted))
+        if self.cross_attn is not None:
+            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cross_attention_cache, **kwargs)
+        return hidden_states
 
 
-class HierarchicalBlock(GradientCheckpointingLayer):
+class HierarchicalBlock(PalmEHierarchicalDecoderLayer):
     """
     The block of the simple hierarchical transformer (zeta's `HierarchicalBlock`, whose original is
-    `simple_hierarchical_transformer.HierarchicalBlock`): causal attention (full, or over a local window of the last
-    `window_size` steps), then a feed-forward, each pre-normalised, fed through a token shift and added back to its
-    input. The output is as long as the input.
+    `simple_hierarchical_transformer.HierarchicalBlock`), over [`PalmEHierarchicalDecoderLayer`]: causal attention
+    (full, or over a local window of the last `window_size` steps), then a feed-forward, each pre-normalised, fed
+    through a token shift and added back to its input. The output is as long as the input.
 
     With `compress_factor > 1` the sequence is split axially into `group_size = compress_factor // stride` interleaved
     groups (token `i` in group `i % group_size`, at step `i // group_size` of it): attention, rotary positions and the
@@ -321,14 +445,18 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             computed once per forward pass, builds its blocks with `own_rotary=False` and passes
             `position_embeddings`.
 
-    Attention kernels: over more keys than a window needs, window attention runs chunk by chunk
-    ([`windowed_attention`]), in time and memory linear in the length; a 4-D `attention_mask` and the eager
+    Attention kernels: over more keys than a window needs, window attention with sdpa runs chunk by chunk
+    ([`windowed_attention_forward`]), in time and memory linear in the length; a 4-D `attention_mask` and the eager
     implementation (which returns attention probabilities) use the dense mask. Without groups or padding, queries
     that see every key the cache returns (a full-attention prompt from an empty cache, a decoding step of window
     attention from a `DynamicCache`, which keeps just the window) take plain causal attention, without a mask.
-    [`~HierarchicalBlock.prepare_attention`] makes that choice and builds the mask; a model of such blocks does it
-    once per forward pass and passes the result to every block (`hierarchical_mask`).
+    [`create_hierarchical_mask`] makes that choice and builds the mask; a model of such layers calls it once per
+    forward pass for all of them.
 
+    Example:
+        >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
+        >>> block(torch.randn(1, 10, 512)).shape
+        torch.Size([1, 10, 512])
     Example:
         >>> block = HierarchicalBlock(dim=512, window_size=64, compress_factor=4)
         >>> block(torch.randn(1, 10, 512)).shape
@@ -356,7 +484,6 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         layer_norm_eps: float = 1e-5,
         own_rotary: bool = True,
     ):
-        super().__init__()
         check_positive_ints(dim=dim, dim_head=dim_head, heads=heads, compress_factor=compress_factor, stride=stride)
         if compress_factor & (compress_factor - 1) != 0:
             raise ValueError(f"`compress_factor` must be a power of two (1, 2, 4, ...), got {compress_factor}.")
@@ -375,51 +502,41 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             raise ValueError(
                 f"The feed-forward width `dim * ff_mult` must be a positive integer, got {dim} * {ff_mult!r}."
             )
-
-        self.hidden_size = dim
-        self.window_size = window_size
-        self.group_size = compress_factor // stride
-        self.layer_idx = layer_idx
-        self.xpos_offset = xpos_offset
-        self.has_attention = window_size != 0
-        # distance, in tokens, from a query to the farthest key it sees; window attention runs in chunks of queries
-        self.attention_span = None if window_size is None else window_size * self.group_size
-        self.chunk_size = None if window_size is None else max(self.attention_span, 64)
-        self.cache_layer_type, self.sliding_window, self.num_token_shift_states = hierarchical_cache_layout(
-            window_size, compress_factor, stride
+        use_xpos = window_size is None if use_xpos is None else use_xpos
+        # The configuration of a model of `layer_idx + 1` such layers: its cache layout (`layer_types`,
+        # `sliding_window`, `number_of_conv_states`) is what `DynamicCache(config=block.config)` reads.
+        layer_config = PalmETextConfig(
+            block_type="hierarchical",
+            hidden_size=dim,
+            head_dim=dim_head,
+            num_attention_heads=heads,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=layer_idx + 1,
+            window_size=window_size,
+            compress_factor=compress_factor,
+            stride=stride,
+            hidden_act=hidden_act,
+            layer_norm_eps=layer_norm_eps,
+            rope_theta=rope_theta,
+            use_xpos=use_xpos,
+            xpos_scale_base=xpos_scale_base,
+            xpos_offset=xpos_offset,
+            add_cross_attention=False,
         )
-
-        self.config = attention_config(attn_implementation, config, default="sdpa")
-        if config is None:
-            # The cache layout of a model of `layer_idx + 1` such blocks, for `DynamicCache(config=block.config)`.
-            self.config.num_hidden_layers = layer_idx + 1
-            self.config.layer_types = [self.cache_layer_type] * (layer_idx + 1)
-            self.config.sliding_window = self.sliding_window
-            self.config.number_of_conv_states = self.num_token_shift_states
-
-        self.self_attn_norm = None
+        layer_config._attn_implementation = block_attn_implementation(attn_implementation, config, default="sdpa")
+        super().__init__(layer_config, layer_idx)
+        self.config = layer_config
+        share_attention_config(self, config)
+        self.xpos_offset = xpos_offset
+        self.sliding_window = layer_config.sliding_window if window_size is not None else None
         self.rotary_emb = None
-        self.self_attn = None
-        if self.has_attention:
-            is_full_attention = window_size is None
-            self.self_attn_norm = (
-                HierarchicalRMSNorm(dim) if is_full_attention else nn.LayerNorm(dim, eps=layer_norm_eps)
+        if own_rotary and self.self_attn is not None:
+            self.rotary_emb = PalmERotaryEmbedding(
+                dim_head, base=rope_theta, use_xpos=use_xpos, xpos_scale_base=xpos_scale_base
             )
-            if own_rotary:
-                self.rotary_emb = PalmERotaryEmbedding(
-                    dim_head,
-                    base=rope_theta,
-                    use_xpos=is_full_attention if use_xpos is None else use_xpos,
-                    xpos_scale_base=xpos_scale_base,
-                )
-                # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer),
-                # which a checkpoint carries: keep them in the state dict.
-                self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
-            self.self_attn = PalmEAttention(
-                self.config, hidden_size=dim, num_heads=heads, head_dim=dim_head, is_causal=True, layer_idx=layer_idx
-            )
-        self.mlp_norm = HierarchicalRMSNorm(dim)
-        self.mlp = PalmEMLP(dim, intermediate_size, hidden_act, bias=False)
+            # The reference keeps its rotary frequencies as state (a frozen parameter or a persistent buffer),
+            # which a checkpoint carries: keep them in the state dict.
+            self.rotary_emb.register_buffer("inv_freq", self.rotary_emb.inv_freq, persistent=True)
 
     @accept_past_key_values
     def forward(
@@ -429,7 +546,6 @@ class HierarchicalBlock(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         position_embeddings: RotaryTables | None = None,
-        hierarchical_mask: HierarchicalAttentionMask | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         """
@@ -448,15 +564,12 @@ class HierarchicalBlock(GradientCheckpointingLayer):
             position_embeddings ([`RotaryTables`], *optional*): the rotary tables of `position_ids // group_size`,
                 from a [`PalmERotaryEmbedding`] like `block.rotary_emb`, computed once for all layers of a model;
                 required with `own_rotary=False`, else computed by the block.
-            hierarchical_mask ([`HierarchicalAttentionMask`], *optional*): the attention mask
-                [`~HierarchicalBlock.prepare_attention`] builds from `hidden_states`, `attention_mask` and `cache`,
-                prepared once for all layers of a model; else the block prepares it.
 
         Returns:
             `torch.FloatTensor` of shape `(batch_size, seq_len, dim)`.
         """
         check_hidden_states("hidden_states", hidden_states, self.hidden_size)
-        self.check_cache(cache)
+        check_hierarchical_cache(cache, self.layer_idx, self.cache_layer_type)
         batch_size, seq_len = hidden_states.shape[:2]
         token_mask = None
         if attention_mask is not None and attention_mask.ndim == 2:
@@ -482,125 +595,30 @@ class HierarchicalBlock(GradientCheckpointingLayer):
                 position_embeddings = self.rotary_emb(
                     position_ids // self.group_size, xpos_offset=self.xpos_offset, dtype=hidden_states.dtype
                 )
-            if hierarchical_mask is None:
-                hierarchical_mask = self.prepare_attention(hidden_states, attention_mask, cache)
-            shifted = token_shift(hidden_states, self.group_size, token_mask, cache, self.layer_idx, state_idx=0)
-            hidden_states = hidden_states + self.self_attention(
-                self.self_attn_norm(shifted), position_embeddings, hierarchical_mask, cache, **kwargs
-            )
-
-        shifted = token_shift(
-            hidden_states, self.group_size, token_mask, cache, self.layer_idx, self.num_token_shift_states - 1
+            attention_mask = self.prepare_attention(hidden_states, attention_mask, cache)
+        return super().forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            token_mask=token_mask,
+            **kwargs,
         )
-        return hidden_states + self.mlp(self.mlp_norm(shifted))
-
-    def check_cache(self, cache: Cache | None):
-        """Refuses a cache whose layer `layer_idx` cannot hold the block's token-shift state."""
-        cache_layer = None
-        if cache is not None and self.layer_idx < len(cache.layers):
-            cache_layer = cache.layers[self.layer_idx]
-        if cache is not None and not isinstance(cache_layer, LinearAttentionCacheLayerMixin):
-            layer = "no layer" if cache_layer is None else type(cache_layer).__name__
-            raise ValueError(
-                f"HierarchicalBlock keeps token-shift state in the cache: its layer {self.layer_idx} must be of type "
-                f"{self.cache_layer_type!r} (build the cache with `DynamicCache(config=block.config)`), got {layer}."
-            )
 
     def prepare_attention(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: Cache | None = None
-    ) -> HierarchicalAttentionMask | None:
-        """
-        The attention mask of the kernel that fits (see the class docstring), for the block's input `hidden_states`
-        `(batch_size, seq_len, dim)` after the tokens in `cache`, with `attention_mask` as in
-        [`~HierarchicalBlock.forward`]. Blocks of one window, group size and cache layout share it: a model of such
-        blocks prepares it once per forward pass and passes it to each as `hierarchical_mask`.
-
-        Returns:
-            [`HierarchicalAttentionMask`], or `None` for a block without attention (`window_size=0`).
-        """
-        if self.self_attn is None:
-            return None
-        self.check_cache(cache)
-        batch_size, seq_len = hidden_states.shape[:2]
-        past_seen_tokens = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        kv_length, kv_offset = (seq_len, 0) if cache is None else cache.get_mask_sizes(seq_len, self.layer_idx)
-        padding_mask = attention_mask is not None and attention_mask.ndim == 2
-        # A compiled graph keeps the dense mask: the shortcuts below branch on the cache's fill.
-        compiling = torch.compiler.is_compiling()
-        if (
-            not compiling
-            and self.window_size is not None
-            and kv_length > self.chunk_size + self.attention_span
-            and (attention_mask is None or padding_mask)
-            and self.config._attn_implementation != "eager"
-        ):
-            key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
-            mask = windowed_attention_mask(
-                batch_size,
-                seq_len,
-                kv_length,
-                query_start=past_seen_tokens,
-                key_start=kv_offset,
-                span=self.attention_span,
-                group_size=self.group_size,
-                chunk_size=self.chunk_size,
-                key_is_token=(
-                    keys_are_tokens(attention_mask, past_seen_tokens + seq_len, key_indices) if padding_mask else None
-                ),
-                dtype=hidden_states.dtype,
-                device=hidden_states.device,
-            )
-            return HierarchicalAttentionMask(mask, windowed=True, query_start=past_seen_tokens, key_start=kv_offset)
-
-        if (
-            not compiling
-            and self.group_size == 1
-            and kv_offset + kv_length == past_seen_tokens + seq_len  # no empty static-cache slots
-            # causal attention without a mask is aligned at the start: one query, or no past
-            and (seq_len == 1 or kv_length == seq_len)
-            and (self.window_size is None or kv_length - 1 <= self.attention_span)
-            and (attention_mask is None or (padding_mask and attention_mask.all()))
-        ):
-            return HierarchicalAttentionMask(None)  # every key the query sees, causally: what every kernel does
-        query_indices = torch.arange(seq_len, device=hidden_states.device) + past_seen_tokens
-        key_indices = torch.arange(kv_length, device=hidden_states.device) + kv_offset
-        mask = hierarchical_attention_mask(
-            query_indices, key_indices, self.group_size, self.window_size, attention_mask, hidden_states.dtype
-        )
-        return HierarchicalAttentionMask(mask)
-
-    def self_attention(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: RotaryTables,
-        hierarchical_mask: HierarchicalAttentionMask,
-        cache: Cache | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """The attention branch on the normalised, shifted `hidden_states` `(batch_size, seq_len, dim)`, with the
-        kernel and mask `hierarchical_mask` prepared."""
-        if hierarchical_mask.windowed:
-            query, key, value = self.self_attn.project(hidden_states, position_embeddings, cache)
-            return windowed_attention(
-                self.self_attn,
-                query,
-                key,
-                value,
-                hierarchical_mask.mask,
-                query_start=hierarchical_mask.query_start,
-                key_start=hierarchical_mask.key_start,
-                span=self.attention_span,
-                chunk_size=self.chunk_size,
-                **kwargs,
-            )
-        attn_output, _ = self.self_attn(
+    ) -> torch.Tensor | WindowedAttentionMask | None:
+        """The mask [`create_hierarchical_mask`] prepares for this block's input `hidden_states` `(batch_size,
+        seq_len, dim)` after the tokens in `cache`, with `attention_mask` as in [`~HierarchicalBlock.forward`]."""
+        return create_hierarchical_mask(
+            self.self_attn.config._attn_implementation,
             hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=hierarchical_mask.mask,
-            cache=cache,
-            **kwargs,
+            attention_mask,
+            cache,
+            self.window_size,
+            self.group_size,
+            self.layer_idx,
         )
-        return attn_output
 
     @classmethod
     def from_reference_state_dict(cls, state_dict: Mapping[str, torch.Tensor], **kwargs) -> "HierarchicalBlock":

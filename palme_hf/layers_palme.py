@@ -135,9 +135,19 @@ class PalmERotaryEmbedding(nn.Module):
                 "shorter chunks through the cache, use a wider dtype or turn xpos off."
             )
 
+    def xpos_positions_fit(self, first: int, last: int, xpos_offset: int, dtype: torch.dtype) -> bool:
+        """Whether every position from `first` to `last` is within `max_xpos_distance(dtype)` of `xpos_offset`: a
+        bound a model knows without reading its positions, so that a decoding step need not check them."""
+        limit = self.max_xpos_distance(dtype)
+        return xpos_offset - limit <= first and last <= xpos_offset + limit
+
     @torch.no_grad()
     def forward(
-        self, position_ids: torch.Tensor, xpos_offset: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        position_ids: torch.Tensor,
+        xpos_offset: int = 0,
+        dtype: torch.dtype = torch.float32,
+        check_positions: bool = True,
     ) -> RotaryTables:
         """
         Args:
@@ -145,6 +155,8 @@ class PalmERotaryEmbedding(nn.Module):
             xpos_offset (`int`): the position at which the xpos scale is 1.
             dtype (`torch.dtype`): the dtype of the states to rotate (under autocast, the autocast dtype is used); it
                 bounds the xpos positions.
+            check_positions (`bool`): with xpos, check the positions against that bound, which reads them on the
+                host; a model that knows them to be within it (`xpos_positions_fit`) skips it.
 
         Returns:
             [`RotaryTables`] of shape `(batch_size, 1, seq_len, rotary_dim)`, in float32 (float64 for float64 states),
@@ -158,7 +170,7 @@ class PalmERotaryEmbedding(nn.Module):
         if torch.is_autocast_enabled(device_type):
             # the projections give queries, keys and values in the autocast dtype
             dtype = torch.get_autocast_dtype(device_type)
-        if self.use_xpos and not torch.compiler.is_compiling():
+        if self.use_xpos and check_positions and not torch.compiler.is_compiling():
             self.check_xpos_positions(position_ids, xpos_offset, dtype)
         # MPS has no float64
         precise_dtype = torch.float32 if device_type == "mps" else torch.float64
@@ -294,71 +306,109 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention; keys and values may have fewer heads than queries (multi-query / grouped attention)."""
+    """Plain attention; keys and values may have fewer heads than queries (multi-query / grouped attention). The
+    mask, prepared by the model, is additive or boolean (True = attend)."""
     if module.num_key_value_groups > 1:
         key = key.repeat_interleave(module.num_key_value_groups, dim=1)
         value = value.repeat_interleave(module.num_key_value_groups, dim=1)
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros_like(attention_mask, dtype=attn_weights.dtype).masked_fill(
+                ~attention_mask, torch.finfo(attn_weights.dtype).min
+            )
         attn_weights = attn_weights + attention_mask
-    elif module.is_causal and query.shape[2] > 1:
-        causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
-        causal = causal.tril(key.shape[2] - query.shape[2])
-        attn_weights = attn_weights.masked_fill(~causal, torch.finfo(attn_weights.dtype).min)
     attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value)
     return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
-def linear(hidden_states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+class WindowedAttentionMask(NamedTuple):
     """
-    `nn.functional.linear`, except for a single bfloat16 row on CPU (a decoding step at batch 1), which goes through
-    `torch.mv`: there torch's matrix product reads a bfloat16 weight no faster than a float32 one, while its
-    matrix-vector product takes about half the time (docs/speed.md). Compiled graphs keep the matrix product,
-    which inductor lowers better than `torch.mv`.
-    """
-    if (
-        not torch.compiler.is_compiling()
-        and hidden_states.dtype == torch.bfloat16
-        and hidden_states.device.type == "cpu"
-        and hidden_states.numel() == hidden_states.shape[-1]
-        and not hasattr(weight, "to_local")  # a tensor-parallel shard keeps its own path
-    ):
-        vector = hidden_states.reshape(-1)
-        output = torch.mv(weight, vector) if bias is None else torch.addmv(bias, weight, vector)
-        return output.view(*hidden_states.shape[:-1], -1)
-    return nn.functional.linear(hidden_states, weight, bias)
+    The mask of [`windowed_attention_forward`], which a model prepares once per forward pass when banded causal
+    attention over many keys runs chunk by chunk (the hierarchical block's window attention): query `i` attends to key
+    `j` when `0 <= i - j <= span` and `i - j` is a multiple of the group size. A named tuple, so that accelerate moves
+    its mask to each layer's device as it moves the other inputs.
 
-
-class PalmELinear(nn.Linear):
-    """`nn.Linear` (same parameters and state-dict keys) computed by [`linear`]."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`hidden_states @ weight.T + bias`: `(..., in_features)` to `(..., out_features)`."""
-        return linear(hidden_states, self.weight, self.bias)
-
-
-class PalmEAdaptableLinear(nn.Linear):
-    """
-    A bias-free `nn.Linear` (same parameters and state-dict keys) to which an adapter can be attached as `adapter`
-    (e.g. a LoRA module): its output on the same input is then added. How `TransformerBlock`'s `finetune_modules`
-    reach the attention projections; PEFT wraps it as any `nn.Linear`.
+    Attributes:
+        mask (`torch.FloatTensor` of shape `(batch_size * num_chunks, 1, chunk_size, chunk_size + span)`): additive
+            (0 = attend), the band of each chunk of queries over the keys it sees.
+        query_start (`int`): sequence index of the first query (the tokens the cache held before).
+        key_start (`int`): sequence index of the first key the cache returns.
+        span (`int`): distance, in tokens, from a query to the farthest key it sees.
+        chunk_size (`int`): queries per chunk.
     """
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
-        self.adapter = None
+    mask: torch.Tensor
+    query_start: int
+    key_start: int
+    span: int
+    chunk_size: int
 
-    def attach(self, adapter: nn.Module | None):
-        """Attaches `adapter` (`None` detaches) without registering it here: its owner keeps it and its parameters."""
-        object.__setattr__(self, "adapter", adapter)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The projection of `hidden_states` (`(..., in_features)` to `(..., out_features)`), plus the adapter's
-        output on `hidden_states` when one is attached."""
-        output = linear(hidden_states, self.weight, self.bias)
-        return output if self.adapter is None else output + self.adapter(hidden_states)
+def in_windows(states: torch.Tensor, dim: int, left: int, num_chunks: int, span: int, chunk_size: int) -> torch.Tensor:
+    """
+    The windows of keys the chunks of queries of [`windowed_attention_forward`] see: `states` along `dim` are at
+    sequence indices `left` onwards, counted from `span` before the first query; chunk `c` sees the
+    `chunk_size + span` indices from `c * chunk_size` (zeros where `states` hold nothing).
+
+    Returns:
+        `torch.Tensor` of shape `(..., num_chunks, chunk_size + span)`: `states` with `dim` moved last, in windows.
+    """
+    length = span + num_chunks * chunk_size
+    states = states.movedim(dim, -1)
+    states = nn.functional.pad(states, (left, 0)) if left > 0 else states[..., -left:]
+    states = nn.functional.pad(states[..., :length], (0, max(length - states.shape[-1], 0)))
+    return states.unfold(-1, chunk_size + span, chunk_size)
+
+
+def windowed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: WindowedAttentionMask,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """
+    Banded causal attention in time and memory linear in the sequence length, with the signature of Transformers'
+    attention functions: the queries are cut into chunks of `chunk_size`; each chunk sees the `chunk_size + span` keys
+    ending at its last query, and all chunks go through the sdpa function of Transformers' registry as one batch,
+    with one small mask.
+
+    Args:
+        query (`torch.FloatTensor` of shape `(batch_size, num_heads, seq_len, head_dim)`): at sequence indices
+            `query_start + arange(seq_len)`.
+        key, value (`torch.FloatTensor` of shape `(batch_size, num_key_value_heads, kv_len, head_dim)`): at sequence
+            indices `key_start + arange(kv_len)`, with `key_start + kv_len >= query_start + seq_len`.
+        attention_mask ([`WindowedAttentionMask`]): the band and the layout of the chunks.
+
+    Returns:
+        The output `(batch_size, seq_len, num_heads, head_dim)`, as Transformers' attention functions return it, and
+        `None` for the attention probabilities.
+    """
+    mask, query_start, key_start, span, chunk_size = attention_mask
+    batch_size, num_heads, seq_len, head_dim = query.shape
+    num_chunks = -(-seq_len // chunk_size)
+    padded_len = num_chunks * chunk_size
+    # keys at sequence indices `query_start - span` to `query_start + padded_len`: positions the cache does not hold
+    # are zeros and masked
+    left = key_start - (query_start - span)
+
+    def batched_windows(states: torch.Tensor) -> torch.Tensor:
+        # (batch, heads, kv_len, head_dim) -> (batch * num_chunks, heads, window, head_dim)
+        # contiguous: with a strided last dimension (a view of the unfolded windows) sdpa falls back to its math kernel
+        windows = in_windows(states, 2, left, num_chunks, span, chunk_size).permute(0, 3, 1, 4, 2).contiguous()
+        return windows.view(batch_size * num_chunks, states.shape[1], chunk_size + span, states.shape[-1])
+
+    chunked_query = nn.functional.pad(query, (0, 0, 0, padded_len - seq_len))
+    chunked_query = chunked_query.unflatten(2, (num_chunks, chunk_size)).transpose(1, 2).flatten(0, 1)
+    output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
+        module, chunked_query, batched_windows(key), batched_windows(value), mask, **kwargs
+    )
+    output = output.reshape(batch_size, padded_len, num_heads, head_dim)[:, :seq_len]
+    return output, None
 
 
 class PalmEAttention(nn.Module):
@@ -409,10 +459,10 @@ class PalmEAttention(nn.Module):
         self.scaling = qk_norm_scale if qk_norm else head_dim**-0.5
         key_value_size = hidden_size if key_value_size is None else key_value_size
 
-        self.q_proj = PalmEAdaptableLinear(hidden_size, num_heads * head_dim)
-        self.k_proj = PalmEAdaptableLinear(key_value_size, self.num_key_value_heads * head_dim)
-        self.v_proj = PalmEAdaptableLinear(key_value_size, self.num_key_value_heads * head_dim)
-        self.o_proj = PalmEAdaptableLinear(num_heads * head_dim, hidden_size)
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(key_value_size, self.num_key_value_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
         self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
         self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
 
@@ -422,57 +472,11 @@ class PalmEAttention(nn.Module):
         heads too unless a single one is kept whole (multi-query attention)."""
         return local_out_features(self.q_proj) // local_out_features(self.k_proj)
 
-    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, seq_len, hidden_size)` -> `(batch_size, num_heads, seq_len, head_dim)`, normalised."""
-        query = self.q_proj(hidden_states)
-        query = query.view(*hidden_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        return query if self.q_norm is None else self.q_norm(query)
-
-    def project_keys_values(
-        self, key_states: torch.Tensor, value_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(batch_size, num_key_value_heads, kv_len, head_dim)` of their inputs; keys normalised."""
-        key = self.k_proj(key_states).view(*key_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        value = self.v_proj(value_states).view(*value_states.shape[:-1], -1, self.head_dim).transpose(1, 2)
-        return (key if self.k_norm is None else self.k_norm(key)), value
-
-    def attend(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention kernel of `config._attn_implementation` and the output projection."""
-        implementation = self.config._attn_implementation
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-        batch_size, num_heads, query_length, head_dim = query.shape
-        if implementation == "sdpa" and query_length == 1 and key.shape[1] == 1 < num_heads and attention_mask is None:
-            # Multi-query decoding: the query heads of one token attend to the single key/value head as the rows of
-            # one head, as Transformers' sdpa function itself does when a mask is given; without one it picks
-            # `enable_gqa`, which sdpa's CPU kernel runs three times slower (8 heads over 1k keys at batch 8: 434
-            # against 138 us). The rows are not causal to each other.
-            query = query.view(batch_size, 1, num_heads, head_dim)
-            kwargs["is_causal"] = False
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(batch_size, query_length, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
-
     def forward(
         self,
         hidden_states: torch.Tensor,
         position_embeddings: RotaryTables | None = None,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | WindowedAttentionMask | None = None,
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -481,47 +485,75 @@ class PalmEAttention(nn.Module):
             hidden_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`): the input.
             position_embeddings ([`RotaryTables`], *optional*): from [`PalmERotaryEmbedding`], computed once per
                 forward pass.
-            attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask, broadcastable
-                to `(batch_size, num_heads, seq_len, kv_len)`.
+            attention_mask (`torch.Tensor` or [`WindowedAttentionMask`], *optional*): the mask the model prepared:
+                boolean (True = attend) or additive float, broadcastable to `(batch_size, num_heads, seq_len,
+                kv_len)`; or the band of the chunked window kernel.
             cache (`Cache`, *optional*): self-attention keys/values of earlier steps, updated at `layer_idx`.
 
         Returns:
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
-        query, key, value = self.project(hidden_states, position_embeddings, cache)
-        return self.attend(query, key, value, attention_mask, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
 
-    def project(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: RotaryTables | None = None,
-        cache: Cache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """
-        The first half of [`~PalmEAttention.forward`], for callers that attend in their own way: queries
-        `(batch_size, num_heads, seq_len, head_dim)` and keys and values `(batch_size, num_key_value_heads, kv_len,
-        head_dim)`, rotated, the keys and values those the cache returns after taking the new ones.
-        """
-        query = self.project_queries(hidden_states)
-        key, value = self.project_keys_values(hidden_states, hidden_states)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if self.q_norm is not None:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+
         if position_embeddings is not None:
-            query = apply_rotary_pos_emb(query, position_embeddings.query_cos, position_embeddings.query_sin)
-            key = apply_rotary_pos_emb(key, position_embeddings.key_cos, position_embeddings.key_sin)
+            query_states = apply_rotary_pos_emb(
+                query_states, position_embeddings.query_cos, position_embeddings.query_sin
+            )
+            key_states = apply_rotary_pos_emb(key_states, position_embeddings.key_cos, position_embeddings.key_sin)
             if self.rotate_values:
-                value = apply_rotary_pos_emb(value, position_embeddings.key_cos, position_embeddings.key_sin)
+                value_states = apply_rotary_pos_emb(
+                    value_states, position_embeddings.key_cos, position_embeddings.key_sin
+                )
+
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        return query, key, value
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        if isinstance(attention_mask, WindowedAttentionMask):
+            # the model chose the chunked window kernel for this pass (sdpa only): it calls sdpa chunk by chunk
+            attention_interface = windowed_attention_forward
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
 
 
-class PalmECrossAttention(PalmEAttention):
+class PalmECrossAttention(nn.Module):
     """
     Cross-attention: queries from `hidden_states` (the text, or a Perceiver's latents), keys and values from the
     context (the image features). In an `EncoderDecoderCache` the context's keys/values are computed on the pass that
     gives the context (replacing any held before) and read back on passes that do not (a Python-level flag, so
     `torch.compile` traces a prefill graph and a decoding graph without breaks).
 
-    Args: as [`PalmEAttention`], without `num_key_value_heads`, `is_causal` and `rotate_values`.
+    Args:
+        config: the model configuration; only its attention implementation (`config._attn_implementation`) is read.
+        hidden_size (`int`): width of the queries' input.
+        num_heads (`int`): attention heads.
+        head_dim (`int`): width of each head.
+        key_value_size (`int`, *optional*): width of the context, `hidden_size` by default.
+        qk_norm (`bool`): l2-normalise queries and keys, with learned gains; the scale is then `qk_norm_scale`.
+        attention_dropout (`float`): dropout on attention probabilities while training.
+        layer_idx (`int`, *optional*): the index of this layer in the cache.
     """
 
     def __init__(
@@ -536,18 +568,27 @@ class PalmECrossAttention(PalmEAttention):
         attention_dropout: float = 0.0,
         layer_idx: int | None = None,
     ):
-        super().__init__(
-            config,
-            hidden_size,
-            num_heads,
-            head_dim,
-            key_value_size=key_value_size,
-            is_causal=False,
-            qk_norm=qk_norm,
-            qk_norm_scale=qk_norm_scale,
-            attention_dropout=attention_dropout,
-            layer_idx=layer_idx,
-        )
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.is_causal = False
+        self.attention_dropout = attention_dropout
+        self.layer_idx = layer_idx
+        self.scaling = qk_norm_scale if qk_norm else head_dim**-0.5
+        key_value_size = hidden_size if key_value_size is None else key_value_size
+
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(key_value_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(key_value_size, num_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_norm = PalmEQKNorm(head_dim) if qk_norm else None
+        self.k_norm = PalmEQKNorm(head_dim) if qk_norm else None
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """Query heads per key/value head on this rank: 1, the context has as many heads as the queries."""
+        return local_out_features(self.q_proj) // local_out_features(self.k_proj)
 
     def forward(
         self,
@@ -573,25 +614,89 @@ class PalmECrossAttention(PalmEAttention):
         Returns:
             The output `(batch_size, seq_len, hidden_size)` and the attention probabilities (eager only, else `None`).
         """
-        query = self.project_queries(hidden_states)
+        input_shape = hidden_states.shape[:-1]
+        query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            query_states = self.q_norm(query_states)
+
         if key_value_states is not None:
             value_states = key_value_states if value_states is None else value_states
-            key, value = self.project_keys_values(key_value_states, value_states)
+            context_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+            key_states = self.k_proj(key_value_states).view(context_shape).transpose(1, 2)
+            if self.k_norm is not None:
+                key_states = self.k_norm(key_states)
+            value_states = self.v_proj(value_states).view(context_shape).transpose(1, 2)
             if cache is not None:
                 if image_is_cached(cache, self.layer_idx):
                     # a context given with a cache that holds one replaces it: never attend to a stale image
                     cache.cross_attention_cache.layers[self.layer_idx].reset()
-                key, value = cache.cross_attention_cache.update(key, value, self.layer_idx)
+                key_states, value_states = cache.cross_attention_cache.update(key_states, value_states, self.layer_idx)
                 cache.is_updated[self.layer_idx] = True
         elif image_is_cached(cache, self.layer_idx):
-            layer = cache.cross_attention_cache.layers[self.layer_idx]
-            key, value = layer.keys, layer.values
+            key_states = cache.cross_attention_cache.layers[self.layer_idx].keys
+            value_states = cache.cross_attention_cache.layers[self.layer_idx].values
         else:
             raise ValueError(
                 "Cross-attention needs `key_value_states` (the image features) when the cache holds none: "
                 "pass `pixel_values` on the first forward pass."
             )
-        return self.attend(query, key, value, attention_mask, **kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class PalmETextCrossAttention(nn.Module):
+    """Pre-norm cross-attention from the text to the image features, with its residual: the part of a decoder layer
+    (of every block type) that sees the image when `config.add_cross_attention`."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = PalmECrossAttention(
+            config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            key_value_size=config.cross_attention_hidden_size,
+            qk_norm=config.qk_norm,
+            qk_norm_scale=config.qk_norm_scale,
+            attention_dropout=config.attention_dropout,
+            layer_idx=layer_idx,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        cache: EncoderDecoderCache | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        """
+        `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
+        num_image_tokens, cross_attention_hidden_size), or to their keys/values in the cross-attention part `cache`.
+        With neither (a text-only forward pass) the layer is skipped, as Mllama skips its cross-attention layers.
+        """
+        if encoder_hidden_states is None and not image_is_cached(cache, self.attention.layer_idx):
+            return hidden_states
+        attn_output, _ = self.attention(
+            self.layer_norm(hidden_states), key_value_states=encoder_hidden_states, cache=cache, **kwargs
+        )
+        return hidden_states + attn_output
 
 
 class PalmEMLP(nn.Module):
@@ -622,12 +727,12 @@ class PalmEMLP(nn.Module):
         super().__init__()
         self.gated = gated
         if gated:
-            self.gate_proj = PalmELinear(hidden_size, intermediate_size, bias=bias)
-            self.up_proj = PalmELinear(hidden_size, intermediate_size, bias=bias)
-            self.down_proj = PalmELinear(intermediate_size, hidden_size, bias=bias)
+            self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         else:
-            self.fc1 = PalmELinear(hidden_size, intermediate_size, bias=bias)
-            self.fc2 = PalmELinear(intermediate_size, hidden_size, bias=bias)
+            self.fc1 = nn.Linear(hidden_size, intermediate_size, bias=bias)
+            self.fc2 = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.activation_fn = ACT2FN[hidden_act]
         self.dropout = nn.Dropout(dropout)
         self.output_dropout = nn.Dropout(dropout) if output_dropout else nn.Identity()

@@ -32,7 +32,7 @@ from transformers.utils import CONFIG_NAME, TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .blocks_palme import ParallelTransformerBlock, PerceiverLayer
+from .blocks_palme import PalmEParallelDecoderLayer, PerceiverLayer
 from .compat_palme import (
     CACHE_NAME,
     NewestNamesPreTrainedModel,
@@ -41,19 +41,18 @@ from .compat_palme import (
     slice_logits_to_keep,
 )
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
-from .hierarchical_palme import HierarchicalAttentionMask, HierarchicalBlock
+from .hierarchical_palme import PalmEHierarchicalDecoderLayer, create_hierarchical_mask
 from .layers_palme import (
     PalmEAlibiBias,
     PalmEAttention,
     PalmECrossAttention,
-    PalmELinear,
     PalmEMLP,
     PalmEQKNorm,
     PalmERotaryEmbedding,
+    PalmETextCrossAttention,
     RotaryTables,
     add_bias_to_mask,
     alibi_slopes,
-    image_is_cached,
     split_cache,
 )
 from .model_card_palme import write_model_card
@@ -108,10 +107,31 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int):
         raise ValueError(f"`input_ids` contains token id {bad}, outside the vocabulary (0 to {vocab_size - 1}).")
 
 
+def cached_length(cache: Cache | None, seq_len: int, attention_mask: torch.Tensor | None) -> int | torch.Tensor:
+    """
+    The number of tokens `cache` holds before the `seq_len` new ones. A static cache counts them in a tensor, whose
+    value the host would have to wait for: on a decoding step (one new token) the 2-D padding mask, which covers the
+    cached and the new tokens, gives the count without that wait. Compiled graphs keep the tensor.
+    """
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if not isinstance(length, torch.Tensor) or torch.compiler.is_compiling():
+        return length
+    if seq_len == 1 and attention_mask is not None and attention_mask.ndim == 2:
+        return attention_mask.shape[1] - seq_len
+    return int(length)
+
+
 # The attribute of a cache that holds the images whose features it holds (keys/values of their placeholders, or their
 # cross-attention keys/values), `(num_images, num_channels, height, width)`: the prefill sets it, so that images given
 # again with the cache can be told apart from new ones. A copy of the cache (`copy.deepcopy`) copies it.
 CACHED_IMAGES_ATTRIBUTE = "palme_cached_images"
+
+
+# Checkpoint keys that changed, old pattern to new, applied when loading: the parallel and hierarchical decoder layers
+# of palme-hf 0.2 and earlier held their block as `layers.N.block`.
+SAVED_KEY_MAPPING = {r"(layers\.\d+)\.block\.": r"\1."}
 
 
 def unreadable_safetensors_files(folder: str) -> list[str]:
@@ -180,47 +200,6 @@ class PalmEVisionEncoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
-class PalmETextCrossAttention(nn.Module):
-    """Pre-norm cross-attention from the text to the image features, with its residual."""
-
-    def __init__(self, config: PalmETextConfig, layer_idx: int):
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.attention = PalmECrossAttention(
-            config,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            head_dim=config.head_dim,
-            key_value_size=config.cross_attention_hidden_size,
-            qk_norm=config.qk_norm,
-            qk_norm_scale=config.qk_norm_scale,
-            attention_dropout=config.attention_dropout,
-            layer_idx=layer_idx,
-        )
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
-        cache: EncoderDecoderCache | None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """
-        `hidden_states` (batch_size, seq_len, hidden_size) attend to `encoder_hidden_states` (batch_size,
-        num_image_tokens, cross_attention_hidden_size), or to their keys/values in the cross-attention part `cache`.
-        With neither (a text-only forward pass) the layer is skipped, as Mllama skips its cross-attention layers.
-        """
-        if encoder_hidden_states is None and not image_is_cached(cache, self.attention.layer_idx):
-            return hidden_states
-        attn_output, _ = self.attention(
-            self.layer_norm(hidden_states),
-            key_value_states=encoder_hidden_states,
-            cache=cache,
-            **kwargs,
-        )
-        return hidden_states + attn_output
-
-
 class PalmETextDecoderLayer(GradientCheckpointingLayer):
     """
     Pre-norm decoder layer: causal self-attention (rotary/xpos, ALiBi through the mask), then cross-attention to the
@@ -255,7 +234,6 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: RotaryTables | None = None,
         cache: Cache | None = None,
         cross_attention_cache: EncoderDecoderCache | None = None,
-        position_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         attn_output, _ = self.self_attn(
@@ -271,77 +249,11 @@ class PalmETextDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_layer_norm(hidden_states))
 
 
-class PalmEBlockDecoderLayer(GradientCheckpointingLayer):
-    """
-    A decoder layer built on one of the documented blocks (`config.block_type`): the block (PaLM's parallel
-    [`ParallelTransformerBlock`], whose branches are added to the residual here, or [`HierarchicalBlock`], which adds
-    its own), then, when `add_cross_attention`, pre-norm cross-attention to the image features with a residual. The
-    blocks take the rotary embeddings and the attention mask the text model computes once per forward pass (the
-    causal mask of the parallel block, the [`HierarchicalAttentionMask`] of the hierarchical one).
-    """
-
-    def __init__(self, config: PalmETextConfig, layer_idx: int):
-        super().__init__()
-        if config.block_type == "parallel":
-            self.block = ParallelTransformerBlock(
-                config.hidden_size,
-                dim_head=config.head_dim,
-                heads=config.num_attention_heads,
-                ff_mult=config.intermediate_size // config.hidden_size,
-                qk_rmsnorm=config.qk_norm,
-                qk_scale=config.qk_norm_scale,
-                attn_dropout=config.attention_dropout,
-                config=config,
-                layer_idx=layer_idx,
-                hidden_act=config.hidden_act,
-                layer_norm_eps=config.layer_norm_eps,
-                own_rotary=False,
-            )
-        else:
-            self.block = HierarchicalBlock(
-                config.hidden_size,
-                dim_head=config.head_dim,
-                heads=config.num_attention_heads,
-                window_size=config.window_size,
-                compress_factor=config.compress_factor,
-                stride=config.stride,
-                ff_mult=config.intermediate_size / config.hidden_size,
-                config=config,
-                layer_idx=layer_idx,
-                hidden_act=config.hidden_act,
-                layer_norm_eps=config.layer_norm_eps,
-                own_rotary=False,
-            )
-        self.block_adds_residual = config.block_type == "hierarchical"
-        self.cross_attn = PalmETextCrossAttention(config, layer_idx) if config.add_cross_attention else None
-
-    @accept_past_key_values
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        cross_attention_cache: EncoderDecoderCache | None = None,
-        position_embeddings: RotaryTables | None = None,
-        hierarchical_mask: HierarchicalAttentionMask | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        block_kwargs = {"hierarchical_mask": hierarchical_mask} if isinstance(self.block, HierarchicalBlock) else {}
-        block_output = self.block(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            position_embeddings=position_embeddings,
-            **block_kwargs,
-            **kwargs,
-        )
-        hidden_states = block_output if self.block_adds_residual else hidden_states + block_output
-        if self.cross_attn is not None:
-            hidden_states = self.cross_attn(hidden_states, encoder_hidden_states, cross_attention_cache, **kwargs)
-        return hidden_states
+DECODER_LAYER_CLASSES = {
+    "standard": PalmETextDecoderLayer,
+    "parallel": PalmEParallelDecoderLayer,
+    "hierarchical": PalmEHierarchicalDecoderLayer,
+}
 
 
 class PalmEPerceiverResampler(nn.Module):
@@ -381,7 +293,8 @@ class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
         "PalmEVisionEmbeddings",
         "PalmEVisionEncoderLayer",
         "PalmETextDecoderLayer",
-        "PalmEBlockDecoderLayer",
+        "PalmEParallelDecoderLayer",
+        "PalmEHierarchicalDecoderLayer",
         "PalmEPerceiverResampler",
     ]
     _skip_keys_device_placement = ["cache", "past_key_values"]
@@ -415,6 +328,7 @@ class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
                 f"{CONFIG_NAME} is missing from {folder}: it is not a saved model folder (save_pretrained writes "
                 f"{CONFIG_NAME} beside the weights), or pass `config=`."
             )
+        kwargs["key_mapping"] = {**SAVED_KEY_MAPPING, **(kwargs.get("key_mapping") or {})}
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
@@ -426,12 +340,6 @@ class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
         # `push_to_hub` saves Transformers' empty model card just before uploading: describe this model instead.
         write_model_card(self, working_dir, repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # Every attention layer (in layers_palme.py) looks its kernel up in ALL_ATTENTION_FUNCTIONS at each call, under
-        # the config's `_attn_implementation`; Transformers' source heuristic does not see across modules.
-        return True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -494,12 +402,12 @@ class PalmETextModel(PalmEPreTrainedModel):
     config: PalmETextConfig
     input_modalities = ("text",)
     _can_record_outputs = {
-        "hidden_states": [PalmETextDecoderLayer, PalmEBlockDecoderLayer],
+        "hidden_states": [PalmETextDecoderLayer, PalmEParallelDecoderLayer, PalmEHierarchicalDecoderLayer],
         "attentions": OutputRecorder(PalmEAttention, index=1, layer_name="self_attn"),
-        "cross_attentions": OutputRecorder(PalmEAttention, index=1, layer_name="cross_attn.attention"),
+        "cross_attentions": OutputRecorder(PalmECrossAttention, index=1, layer_name="cross_attn.attention"),
     }
     # Hierarchical layers saved by palme-hf 0.1 kept rotary frequencies per block; the text model computes them now.
-    _keys_to_ignore_on_load_unexpected = [r"layers\.\d+\.block\.rotary_emb\.inv_freq$"]
+    _keys_to_ignore_on_load_unexpected = [r"layers\.\d+\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: PalmETextConfig):
         super().__init__(config)
@@ -511,7 +419,6 @@ class PalmETextModel(PalmEPreTrainedModel):
         )
         # The layers share one rotary embedding (the hierarchical blocks' over the steps of their groups) and the
         # standard layers one ALiBi bias, computed once per forward pass.
-        is_standard = config.block_type == "standard"
         self.rotary_position_divisor = config.compress_factor // config.stride
         self.rotary_emb = (
             PalmERotaryEmbedding(
@@ -527,7 +434,7 @@ class PalmETextModel(PalmEPreTrainedModel):
         self.alibi = (
             PalmEAlibiBias(config.alibi_num_heads, config.num_attention_heads) if config.alibi_num_heads > 0 else None
         )
-        layer_class = PalmETextDecoderLayer if is_standard else PalmEBlockDecoderLayer
+        layer_class = DECODER_LAYER_CLASSES[config.block_type]
         self.layers = nn.ModuleList([layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
@@ -569,12 +476,9 @@ class PalmETextModel(PalmEPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            inputs_embeds = self.embed_tokens(input_ids)
-        batch_size, seq_len = inputs_embeds.shape[:2]
+        batch_size, seq_len = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if seq_len == 0:
-            raise ValueError(f"The input holds no tokens (shape {tuple(inputs_embeds.shape[:2])}): give at least one.")
+            raise ValueError(f"The input holds no tokens (shape {(batch_size, seq_len)}): give at least one.")
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -589,8 +493,17 @@ class PalmETextModel(PalmEPreTrainedModel):
             cache = EncoderDecoderCache(cache, DynamicCache())
         self_attention_cache, cross_attention_cache = split_cache(cache)
 
-        past_seen_tokens = self_attention_cache.get_seq_length() if self_attention_cache is not None else 0
-        if encoder_hidden_states is not None and past_seen_tokens > 0 and not torch.compiler.is_compiling():
+        past_seen_tokens = cached_length(self_attention_cache, seq_len, attention_mask)
+        # Checks that read token ids or positions make the host wait for the device: they run on the passes that
+        # bring a prompt, not on the one-token steps of decoding, whose tokens the model itself chose, nor in compiled
+        # graphs (generate() compiles the decoding steps), where the cache's length is a tensor too.
+        compiling = torch.compiler.is_compiling()
+        is_decoding_step = compiling or (seq_len == 1 and past_seen_tokens > 0)
+        if inputs_embeds is None:
+            if not is_decoding_step:
+                check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        if encoder_hidden_states is not None and not compiling and past_seen_tokens > 0:
             raise ValueError(
                 f"`encoder_hidden_states` were given with a cache that already holds {past_seen_tokens} tokens, "
                 "computed with another image or none: they would be mixed. Leave them out to continue with the cached "
@@ -606,23 +519,34 @@ class PalmETextModel(PalmEPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        # Positions given with a cache are at most the number of tokens seen (generate() counts the tokens of each
+        # row): a bound that needs no read of their values.
+        last_position = past_seen_tokens + seq_len - 1
 
         if self.embed_positions is not None:
-            if not torch.compiler.is_compiling() and int(position_ids.max()) >= self.config.max_position_embeddings:
-                raise ValueError(
-                    f"Position {int(position_ids.max())} is beyond `max_position_embeddings` "
-                    f"({self.config.max_position_embeddings}) of this model's absolute positions: the sequence (with "
-                    "its cached past) is too long."
-                )
+            max_positions = self.config.max_position_embeddings
+            if not is_decoding_step or (not compiling and last_position >= max_positions):
+                last_given = int(position_ids.max())
+                if last_given >= max_positions:
+                    raise ValueError(
+                        f"Position {last_given} is beyond `max_position_embeddings` ({max_positions}) of this model's "
+                        "absolute positions: the sequence (with its cached past) is too long."
+                    )
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids) * self.config.hidden_size**-0.5
 
-        hierarchical_mask = None
+        layer_kwargs = {}
         if self.config.block_type == "hierarchical":
-            causal_mask = attention_mask  # the padding mask, which the token shift needs as well
-            # The layers share window, group size and cache layout: the first prepares the mask for all.
-            hierarchical_mask = self.layers[0].block.prepare_attention(
-                inputs_embeds, attention_mask, self_attention_cache
+            causal_mask = create_hierarchical_mask(
+                self.config._attn_implementation,
+                inputs_embeds,
+                attention_mask,
+                self_attention_cache,
+                self.config.window_size,
+                self.rotary_position_divisor,
             )
+            if attention_mask is not None and attention_mask.ndim == 2:
+                # padding tokens pass nothing on through the token shift
+                layer_kwargs["token_mask"] = attention_mask[:, -seq_len:]
         else:
             causal_mask = create_causal_mask(
                 self.config,
@@ -630,7 +554,8 @@ class PalmETextModel(PalmEPreTrainedModel):
                 attention_mask,
                 self_attention_cache,
                 position_ids=position_ids,
-                allow_is_causal_skip=self.alibi is None,
+                # skipping the mask reads the padding mask; a decoding step keeps it rather than wait for the device
+                allow_is_causal_skip=self.alibi is None and not is_decoding_step,
             )
         if self.alibi is not None:
             query_positions = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
@@ -639,10 +564,18 @@ class PalmETextModel(PalmEPreTrainedModel):
 
         position_embeddings = None
         if self.rotary_emb is not None:
+            divisor = self.rotary_position_divisor
             position_embeddings = self.rotary_emb(
-                position_ids // self.rotary_position_divisor,
+                position_ids // divisor,
                 xpos_offset=self.config.xpos_offset,
                 dtype=inputs_embeds.dtype,
+                check_positions=not is_decoding_step
+                or not (
+                    compiling
+                    or self.rotary_emb.xpos_positions_fit(
+                        0, last_position // divisor, self.config.xpos_offset, inputs_embeds.dtype
+                    )
+                ),
             )
 
         hidden_states = inputs_embeds
@@ -653,10 +586,9 @@ class PalmETextModel(PalmEPreTrainedModel):
                 encoder_hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
-                hierarchical_mask=hierarchical_mask,
-                position_ids=position_ids,
                 cache=self_attention_cache,
                 cross_attention_cache=cross_attention_cache,
+                **layer_kwargs,
                 **kwargs,
             )
 
@@ -802,14 +734,19 @@ class PalmEModel(PalmEPreTrainedModel):
             image_features = image_outputs.pooler_output
 
         if self.config.vision_integration == "prefix":
+            # as in the text model, a one-token decoding step (a token the model chose) is not read on the host
+            is_decoding_step = torch.compiler.is_compiling() or (
+                input_ids is not None and input_ids.shape[1] == 1 and cached_length(cache, 1, attention_mask) > 0
+            )
             if inputs_embeds is None:
-                check_token_ids(input_ids, self.config.text_config.vocab_size)
+                if not is_decoding_step:
+                    check_token_ids(input_ids, self.config.text_config.vocab_size)
                 inputs_embeds = self.get_input_embeddings()(input_ids)
             if image_features is not None:
                 inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, image_features)
             elif (
                 input_ids is not None
-                and not torch.compiler.is_compiling()
+                and not is_decoding_step
                 and bool((input_ids == self.config.image_token_id).any())
             ):
                 raise ValueError(
@@ -893,7 +830,7 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
             )
         super().__init__(config)
         self.model = PalmETextModel(config)
-        self.lm_head = PalmELinear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
         self.post_init()
 
     @classmethod
@@ -972,7 +909,7 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         self.model = PalmEModel(config)
         text_config = config.text_config
         own_decoder = is_own_tower(text_config, PalmETextConfig)
-        self.lm_head = PalmELinear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=own_decoder)
         if not own_decoder:
             # the token embeddings' name is the language model's own (`wte` in GPT-2)
             embeddings = self.model.language_model.get_input_embeddings().weight

@@ -275,3 +275,29 @@ def break_model_folder(model_dir, case: str):
     else:
         with open(os.path.join(model_dir, "model.safetensors.index.json"), "w") as handle:
             handle.write('{"weight_map": {"lm_head.weight": "../model.safetensors"}}')
+
+
+# What makes the host wait for the device: reading a tensor's value into Python.
+HOST_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__")
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts the calls of `HOST_SYNC_METHODS` on tensors inside the block: yields a dict, method name to count."""
+    counts = dict.fromkeys(HOST_SYNC_METHODS, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNC_METHODS}
+
+    def counting(name):
+        def method(tensor, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](tensor, *args, **kwargs)
+
+        return method
+
+    for name in HOST_SYNC_METHODS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)

@@ -240,7 +240,6 @@ AWAITING_DOCSTRINGS = {
     "configuration_palme.PalmETextConfig.from_dict",
     "configuration_palme.PalmEVisionConfig.num_patches",
     "configuration_palme.check_activation",
-    "modeling_palme.PalmEBlockDecoderLayer.forward",
     "modeling_palme.PalmEForCausalLM.from_pretrained",
     "modeling_palme.PalmEForCausalLM.get_input_embeddings",
     "modeling_palme.PalmEForCausalLM.get_output_embeddings",

@@ -6,11 +6,19 @@ import copy
 
 import pytest
 import torch
+from transformers.cache_utils import Cache, EncoderDecoderCache, StaticCache, StaticLayer
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration
 from palme_hf.compat_palme import CACHE_NAME
 
-from helpers import BLOCK_TYPES, combination_model, tiny_inputs, tiny_text_tower_config, tiny_vision_tower_config
+from helpers import (
+    BLOCK_TYPES,
+    combination_model,
+    count_host_syncs,
+    tiny_inputs,
+    tiny_text_tower_config,
+    tiny_vision_tower_config,
+)
 
 COMBINATIONS = [(block_type, integration) for block_type in BLOCK_TYPES for integration in ("reference", "prefix")]
 STRATEGIES = {
@@ -248,3 +256,37 @@ def test_a_separate_draft_model_assists_prompts_ending_in_text_and_in_an_image(t
     for prompt in ([5, 6, *placeholders, 7], [5, 6, *placeholders]):
         inputs = dict(input_ids=torch.tensor([prompt]), pixel_values=torch.rand(1, 3, 32, 32))
         assert torch.equal(generate(model, assistant_model=draft, **inputs), generate(model, **inputs))
+
+
+@pytest.mark.parametrize("cache_class", ["dynamic", "static"])
+@pytest.mark.parametrize("block_type, integration", COMBINATIONS)
+def test_a_cached_decoding_step_never_waits_for_the_device(block_type, integration, cache_class):
+    # A decoding step as generate() takes it (one token, the padding mask, the positions of its rows) reads no tensor
+    # value on the host: on a GPU each read would stall the pipeline. The prompt is left-padded.
+    model = combination_model(block_type, integration, None)
+    pixel_values, input_ids = tiny_inputs(model)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    cache = None
+    if cache_class == "static":
+        cache = StaticCache(config=model.config.text_config, max_cache_len=input_ids.shape[1] + 4)
+        if integration == "reference":
+            cross_cache = Cache(layers=[StaticLayer(model.config.num_image_tokens) for _ in range(2)])
+            cache = EncoderDecoderCache(cache, cross_cache)
+    with torch.no_grad():
+        prompt = model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, cache=cache, use_cache=True
+        )
+        next_tokens = prompt.logits[:, -1:].argmax(-1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)], dim=1)
+        position_ids = attention_mask.sum(dim=1, keepdim=True) - 1
+        with count_host_syncs() as counts:
+            step = model(
+                input_ids=next_tokens,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=getattr(prompt, CACHE_NAME),
+                use_cache=True,
+            )
+    assert counts == dict.fromkeys(counts, 0)
+    assert torch.isfinite(step.logits).all()

@@ -7,6 +7,8 @@ from safetensors.torch import load_file
 from transformers import DynamicCache, StaticCache
 
 from palme_hf import HierarchicalBlock, PalmEForConditionalGeneration
+from palme_hf.hierarchical_palme import create_hierarchical_mask
+from palme_hf.layers_palme import WindowedAttentionMask
 
 from helpers import FIXTURES, fixture_path, tiny_inputs, tiny_model
 
@@ -308,7 +310,7 @@ def test_models_saved_with_per_block_rotary_frequencies_load_without_unexpected_
     assert info["unexpected_keys"] == set() and info["missing_keys"] == set()
     # the text model computes the rotary embeddings once per forward pass, for every layer
     assert model.model.language_model.rotary_emb is not None
-    assert all(layer.block.rotary_emb is None for layer in model.model.language_model.layers)
+    assert all(not hasattr(layer, "rotary_emb") for layer in model.model.language_model.layers)
     io = load_file(os.path.join(folder, "io.safetensors"))
     with torch.no_grad():
         logits = model.eval()(pixel_values=io["pixel_values"], input_ids=io["input_ids"]).logits
@@ -319,16 +321,24 @@ def test_model_layers_share_the_windowed_mask_and_match_the_dense_mask():
     # The text model prepares one mask for all its layers. Over more keys than a chunk and its window, sdpa takes the
     # windowed kernel (a padded prompt, then a long chunk after it from the cache); eager takes the dense mask.
     model = tiny_model(block_type="hierarchical", window_size=3, compress_factor=2)
-    block = model.model.language_model.layers[0].block
-    length = 2 * block.chunk_size + block.attention_span + 10
+    layer = model.model.language_model.layers[0]
+    length = 2 * layer.chunk_size + layer.attention_span + 10
     pixel_values, input_ids = tiny_inputs(model, length=length)
     attention_mask = torch.ones(2, length, dtype=torch.long)
     attention_mask[1, :4] = 0
     prompt_len = length - 70
-    assert prompt_len > block.chunk_size + block.attention_span
+    assert prompt_len > layer.chunk_size + layer.attention_span
+
+    def prepare(length, attention_mask, cache=None):
+        text_config = model.config.text_config
+        inputs_embeds = torch.zeros(2, length, 48)
+        return create_hierarchical_mask(
+            text_config._attn_implementation, inputs_embeds, attention_mask, cache, layer.window_size, layer.group_size
+        )
+
     with torch.no_grad():
-        prepared = block.prepare_attention(torch.zeros(2, prompt_len, 48), attention_mask[:, :prompt_len])
-        assert prepared.windowed
+        prepared = prepare(prompt_len, attention_mask[:, :prompt_len])
+        assert isinstance(prepared, WindowedAttentionMask)
         prompt = model(
             pixel_values=pixel_values,
             input_ids=input_ids[:, :prompt_len],
@@ -336,11 +346,11 @@ def test_model_layers_share_the_windowed_mask_and_match_the_dense_mask():
             use_cache=True,
         )
         cache = prompt.past_key_values
-        assert block.prepare_attention(torch.zeros(2, 70, 48), attention_mask, cache.self_attention_cache).windowed
+        assert isinstance(prepare(70, attention_mask, cache.self_attention_cache), WindowedAttentionMask)
         rest = model(input_ids=input_ids[:, prompt_len:], attention_mask=attention_mask, cache=cache)
         windowed = torch.cat([prompt.logits, rest.logits], dim=1)
         model.set_attn_implementation("eager")
-        assert not block.prepare_attention(torch.zeros(2, length, 48), attention_mask).windowed
+        assert not isinstance(prepare(length, attention_mask), WindowedAttentionMask)
         dense = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits
     is_token = attention_mask.bool()
     torch.testing.assert_close(windowed[is_token], dense[is_token], atol=1e-5, rtol=1e-5)

@@ -16,7 +16,6 @@ from transformers import (
 )
 
 from palme_hf import (
-    HierarchicalBlock,
     PalmEConfig,
     PalmEForCausalLM,
     PalmEForConditionalGeneration,
@@ -202,7 +201,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(variant, use_reentrant)
 def test_weight_init_and_no_split_modules():
     model = tiny_model()
     text = model.model.language_model
-    assert {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEBlockDecoderLayer"} <= set(
+    assert {"PalmEVisionEncoderLayer", "PalmETextDecoderLayer", "PalmEParallelDecoderLayer"} <= set(
         model._no_split_modules
     )
     assert torch.equal(text.layers[0].self_attn_layer_norm.weight, torch.ones(48))
@@ -262,7 +261,7 @@ MASK_CASES = {
 @pytest.mark.parametrize("case", MASK_CASES)
 def test_rotary_tables_and_masks_are_computed_once_per_forward(case, monkeypatch):
     # As in modeling_llama.py: the text model computes them, every layer reuses them. The hierarchical layers share
-    # one window, group size and cache layout, hence one mask, which the first layer's block prepares.
+    # one window, group size and cache layout, hence one mask, which the text model prepares.
     block_type, options, length, prompt_mask = MASK_CASES[case]
     model = tiny_model(block_type=block_type, **options)
     pixel_values, input_ids = tiny_inputs(model, length=length)
@@ -292,8 +291,8 @@ def test_rotary_tables_and_masks_are_computed_once_per_forward(case, monkeypatch
         ):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
-    prepare = HierarchicalBlock.prepare_attention
-    monkeypatch.setattr(HierarchicalBlock, "prepare_attention", counting("prepare_attention", prepare))
+    prepare = modeling_palme.create_hierarchical_mask
+    monkeypatch.setattr(modeling_palme, "create_hierarchical_mask", counting("prepare_attention", prepare))
     with torch.no_grad():
         cached = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
         builds = [name for name in mask_calls if name != "prepare_attention"]

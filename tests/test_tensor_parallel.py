@@ -87,8 +87,8 @@ CASES = {
     "parallel": (
         lambda: combination_model("parallel", "reference", None),
         {
-            **split(f"{TEXT_LAYERS}.block.self_attn", MULTI_QUERY_ATTENTION),
-            **split(f"{TEXT_LAYERS}.block.mlp", SWIGLU_MLP),
+            **split(f"{TEXT_LAYERS}.self_attn", MULTI_QUERY_ATTENTION),
+            **split(f"{TEXT_LAYERS}.mlp", SWIGLU_MLP),
             **CROSS_ATTENTION,
         },
     ),
@@ -96,15 +96,15 @@ CASES = {
     "parallel_prefix_resampler": (
         lambda: combination_model("parallel", "prefix", 4),
         {
-            **split(f"{TEXT_LAYERS}.block.self_attn", MULTI_QUERY_ATTENTION),
-            **split(f"{TEXT_LAYERS}.block.mlp", SWIGLU_MLP),
+            **split(f"{TEXT_LAYERS}.self_attn", MULTI_QUERY_ATTENTION),
+            **split(f"{TEXT_LAYERS}.mlp", SWIGLU_MLP),
         },
     ),
     "hierarchical": (
         lambda: combination_model("hierarchical", "reference", None),
         {
-            **split(f"{TEXT_LAYERS}.block.self_attn", ATTENTION),
-            **split(f"{TEXT_LAYERS}.block.mlp", {"fc1.weight": 0, "fc2.weight": 1}),
+            **split(f"{TEXT_LAYERS}.self_attn", ATTENTION),
+            **split(f"{TEXT_LAYERS}.mlp", {"fc1.weight": 0, "fc2.weight": 1}),
             **CROSS_ATTENTION,
         },
     ),
