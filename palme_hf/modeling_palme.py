@@ -649,7 +649,7 @@ class PalmEModel(PalmEPreTrainedModel):
             image_features = self.multi_modal_projector(image_features)
         return BaseModelOutputWithPooling(
             last_hidden_state=vision_outputs.last_hidden_state,
-            pooler_output=image_features,
+            pooler_output=image_features.clone(),  # not a view (of a biased projector's product, or of the slice)
             hidden_states=vision_outputs.hidden_states,
             attentions=vision_outputs.attentions,
         )
@@ -878,7 +878,9 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        # A biased head's 3-D output is a view of its 2-D product; the outputs handed out are tensors of their own, on
+        # which FSDP2's pre-backward hooks see every in-place change.
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)).clone()
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
@@ -1040,7 +1042,8 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+        # Not a view of the head's product (see PalmEForCausalLM.forward).
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep)).clone()
 
         loss = None
         if labels is not None:
