@@ -10,6 +10,9 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from .configuration_palme import PalmEConfig
 
 IMAGE_TOKEN = "<image>"
+# The markers and placeholder tokens of the observations beside images: state vectors and object vectors.
+STATE_TOKEN = "<state>"
+OBJECT_TOKEN = "<obj>"
 
 
 class PalmEMultiModalProjector(nn.Module):
@@ -49,14 +52,20 @@ def patch_features(last_hidden_state: torch.Tensor, num_patches: int) -> torch.T
     return last_hidden_state[:, last_hidden_state.shape[1] - num_patches :]
 
 
+def add_placeholder_token(tokenizer, token: str) -> int:
+    """
+    Adds the placeholder `token` (`<image>`, `<state>`, `<obj>`) to `tokenizer` as an added special token (as Llava's
+    tokenizers hold theirs) unless it is one already, so that it never shadows a word of the vocabulary; returns its
+    id.
+    """
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
 def add_image_token(tokenizer, image_token: str = IMAGE_TOKEN) -> int:
-    """
-    Adds `image_token` to `tokenizer` as an added special token (as Llava's tokenizers hold it) unless it is one
-    already, so that it never shadows a word of the vocabulary; returns its id.
-    """
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(image_token)
+    """Adds the image placeholder `image_token` to `tokenizer` (see `add_placeholder_token`); returns its id."""
+    return add_placeholder_token(tokenizer, image_token)
 
 
 def load_state(module: nn.Module, state_dict: dict, what: str):
