@@ -2,14 +2,19 @@
 encoder into the placeholders of its token, in `forward`, `generate` (cache, static cache, beams, samples), with
 `inputs_embeds`, save/load, PEFT and frozen towers, on PalmE's own decoder and on a Transformers language model."""
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, StaticCache
+from jinja2.exceptions import TemplateError
+from transformers import AutoModelForImageTextToText, AutoProcessor, StaticCache
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.compat_palme import CACHE_NAME
 
 from helpers import count_host_syncs, tiny_config, tiny_embodied_model
+from tiny_captioner import build_tokenizer
+from tiny_captioner import tiny_config as captioner_config
 
 TEXT_TOWERS = ["palme", "llama"]
 
@@ -299,3 +304,134 @@ def test_bad_options_are_value_errors(options, message):
 def test_observations_need_the_prefix_route():
     with pytest.raises(ValueError, match=r"`state_dim` needs `vision_integration='prefix'`"):
         tiny_config("reference", vocab_size=100, observations=dict(state_dim=6, state_token_id=98))
+
+
+def embodied_captioner_config(tokenizer) -> PalmEConfig:
+    """A tiny captioner for `tokenizer` (whose last token is `<image>`) that also takes state and object vectors,
+    whose markers `PalmEProcessor.from_model_config` adds after it."""
+    return tiny_config(
+        "prefix",
+        vision=dict(patch_size=16, num_hidden_layers=1),
+        image_token_id=len(tokenizer) - 1,
+        vocab_size=len(tokenizer) + 2,
+        observations=dict(
+            state_dim=6,
+            num_state_tokens=2,
+            state_token_id=len(tokenizer),
+            object_dim=4,
+            object_token_id=len(tokenizer) + 1,
+        ),
+    )
+
+
+@pytest.fixture
+def embodied_processor():
+    tokenizer = build_tokenizer()
+    return PalmEProcessor.from_model_config(embodied_captioner_config(tokenizer), tokenizer)
+
+
+def test_the_processor_expands_each_marker_into_its_placeholders(embodied_processor):
+    processor = embodied_processor
+    tokenizer = processor.tokenizer
+    assert (processor.state_token, processor.state_token_id, processor.num_state_tokens) == ("<state>", 17, 2)
+    assert (processor.object_token, processor.object_token_id, processor.num_object_tokens) == ("<obj>", 18, 1)
+    objects = torch.rand(2, 4)
+    inputs = processor(
+        images=PIL.Image.new("RGB", (8, 8)),
+        text="<image> a <state> red <obj> <obj> circle",
+        states=np.arange(6),
+        objects=objects,
+    )
+    a, red, circle = tokenizer.convert_tokens_to_ids(["a", "red", "circle"])
+    assert inputs["input_ids"].tolist() == [[tokenizer.bos_token_id, *[16] * 4, a, 17, 17, red, 18, 18, circle]]
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "state_values", "object_values"}
+    assert inputs["state_values"].dtype == torch.float32 and inputs["state_values"].tolist() == [list(range(6))]
+    assert torch.equal(inputs["object_values"], objects)
+
+
+def test_values_given_one_group_per_text_are_the_flat_values(embodied_processor):
+    texts = ["<state> a <obj>", "<obj> <obj> red <state>"]
+    states, objects = torch.rand(2, 6), torch.rand(3, 4)
+    flat = embodied_processor(text=texts, states=states, objects=objects, padding=True)
+    grouped = embodied_processor(
+        text=texts, states=[states[:1], states[1:]], objects=[objects[:1], objects[1:]], padding=True
+    )
+    listed = embodied_processor(text=texts, states=list(states), objects=objects.tolist(), padding=True)
+    for outputs in (grouped, listed):
+        assert outputs.keys() == flat.keys()
+        for key in flat:
+            torch.testing.assert_close(outputs[key], flat[key])
+    assert (flat["input_ids"] == 17).sum(dim=1).tolist() == [2, 2]
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (dict(text="<state> a", states=torch.rand(2, 6)), r"1 state markers '<state>' \(\[1\] per text\) but 2 state"),
+        (dict(text=["<obj> a", "b"], objects=None), r"1 object markers '<obj>' \(\[1, 0\] per text\) but 0 object"),
+        (dict(text=["<obj>", "a"], objects=[torch.rand(0, 4), torch.rand(1, 4)]), r"Text 0 .* holds 1 object markers"),
+        (dict(text=["<obj>"], objects=[torch.rand(1, 4), torch.rand(1, 4)]), "Got 2 groups of `objects` for 1 texts"),
+        (
+            dict(text="<state>", states=torch.rand(1, 2, 6)),
+            r"`states` must be state vectors of one width.*\(1, 2, 6\)",
+        ),
+        (dict(images=PIL.Image.new("RGB", (8, 8)), states=torch.rand(1, 6)), "`states` were given without `text`"),
+    ],
+)
+def test_the_processor_refuses_values_that_do_not_fit_the_markers(embodied_processor, inputs, message):
+    with pytest.raises(ValueError, match=message):
+        embodied_processor(**inputs)
+
+
+def test_a_processor_without_state_vectors_refuses_them():
+    tokenizer = build_tokenizer()
+    processor = PalmEProcessor.from_model_config(captioner_config(len(tokenizer), cross_attend=False), tokenizer)
+    assert processor.state_token is None and "<state>" not in tokenizer.get_vocab()
+    with pytest.raises(ValueError, match=r"`states` were given, but this processor takes no state vectors"):
+        processor(text="a", states=torch.rand(1, 6))
+    with pytest.raises(TemplateError, match="This PalmE processor takes no object vectors, got a object item"):
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "object"}]}])
+
+
+def test_the_chat_template_writes_state_and_object_items(embodied_processor, tmp_path):
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {"type": "state"},
+                {"type": "text", "text": "a"},
+                {"type": "object"},
+                {"type": "text", "text": "red"},
+                {"type": "object"},
+            ],
+        }
+    ]
+    prompt = embodied_processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert prompt == "Q: <image> <state> a <obj> red <obj> A:"
+    embodied_processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is PalmEProcessor
+    assert (loaded.state_token_id, loaded.num_state_tokens, loaded.object_token_id) == (17, 2, 18)
+    assert loaded.apply_chat_template(conversation, add_generation_prompt=True) == prompt
+    inputs = dict(images=torch.rand(3, 32, 32), text=prompt, states=torch.rand(1, 6), objects=torch.rand(2, 4))
+    expected, outputs = embodied_processor(**inputs), loaded(**inputs)
+    assert outputs.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(outputs[key], expected[key]), key
+
+
+def test_the_processor_feeds_forward_and_generate(embodied_processor):
+    model = PalmEForConditionalGeneration(embodied_captioner_config(build_tokenizer())).eval()
+    inputs = embodied_processor(
+        images=[PIL.Image.new("RGB", (8, 8), "red")],
+        text=["<state> a <obj>", "<image> <obj> <obj> red <state>"],
+        states=torch.rand(2, 6),
+        objects=torch.rand(3, 4),
+        padding=True,
+    )
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    texts = embodied_processor.post_process_image_text_to_text(generated)
+    assert texts[1].startswith("red") and not any("<state>" in text or "<obj>" in text for text in texts)
