@@ -1065,10 +1065,12 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         initialised projector (and resampler, with `num_latents`).
 
         The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
-        [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
-        the head grow to hold it. `dtype` is what `from_pretrained` takes (`torch.bfloat16`, `"bfloat16"`, `"auto"`:
-        the checkpoints' own): the towers load and the model is built in it, as `from_pretrained` builds a model, so
-        that the rotary frequencies stay float32; without it the model is float32. The loading arguments of
+        [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); with `state_dim` (or
+        `object_dim`) and no `image_token_id`, the `<state>` (`<obj>`) token follows it, unless its id is given. The
+        token embeddings and the head grow to hold them. `dtype` is what `from_pretrained` takes (`torch.bfloat16`,
+        `"bfloat16"`, `"auto"`: the checkpoints' own): the towers load and the model is built in it, as
+        `from_pretrained` builds a model, so that the rotary frequencies stay float32; without it the model is
+        float32. The loading arguments of
         `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`,
         `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and `device_map` as one device) go
         to the towers' loaders; the other `kwargs` to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`;

@@ -521,13 +521,21 @@ class PalmEProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained_towers(
-        cls, vision_model: str, text_model: str, num_latents: int | None = None, **kwargs
+        cls,
+        vision_model: str,
+        text_model: str,
+        num_latents: int | None = None,
+        num_state_tokens: int | None = None,
+        num_object_tokens: int | None = None,
+        **kwargs,
     ) -> "PalmEProcessor":
         """
         The processor of [`PalmEForConditionalGeneration.from_pretrained_towers`]`(vision_model, text_model)`: the
         vision tower's image processor and the language model's tokenizer (each a local folder or Hub id; the vision
         half of a CLIP or SigLIP dual encoder), with `<image>` added to the tokenizer as a special token, expanded into
-        one placeholder per image feature (the tower's patches, or `num_latents` with a resampler). The arguments that
+        one placeholder per image feature (the tower's patches, or `num_latents` with a resampler). For a model that
+        takes state (object) vectors, `num_state_tokens` (`num_object_tokens`), its `config.num_state_tokens`, adds
+        `<state>` (`<obj>`) after `<image>`, as the model's loader does. The arguments that
         say where to read from (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`, ...) go to
         every loader; the other `kwargs` to `AutoImageProcessor.from_pretrained`.
         """
@@ -535,9 +543,19 @@ class PalmEProcessor(ProcessorMixin):
         image_processor = AutoImageProcessor.from_pretrained(vision_model, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(text_model, **hub_kwargs)
         add_image_token(tokenizer)
+        for token, num_tokens in ((STATE_TOKEN, num_state_tokens), (OBJECT_TOKEN, num_object_tokens)):
+            if num_tokens is not None:
+                add_placeholder_token(tokenizer, token)
         _, vision_config = vision_tower_class_and_config(vision_model, **hub_kwargs)
         num_image_tokens = num_latents if num_latents is not None else num_patches_of(vision_config)
-        return cls(image_processor, tokenizer, image_token=IMAGE_TOKEN, num_image_tokens=num_image_tokens)
+        return cls(
+            image_processor,
+            tokenizer,
+            image_token=IMAGE_TOKEN,
+            num_image_tokens=num_image_tokens,
+            num_state_tokens=num_state_tokens,
+            num_object_tokens=num_object_tokens,
+        )
 
     def __call__(self, images=None, text=None, states=None, objects=None, **kwargs) -> BatchFeature:
         """

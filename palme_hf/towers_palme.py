@@ -170,8 +170,14 @@ def load_pretrained_towers(
                 f"({type(error).__name__}: {str(error)[:200]})."
             ) from error
         image_token_id = add_image_token(tokenizer)
-    if image_token_id >= text.config.vocab_size:
-        text.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        # the placeholders of the state and object vectors the model takes follow, as the processor adds them
+        for kind, token in (("state", STATE_TOKEN), ("object", OBJECT_TOKEN)):
+            if config_kwargs.get(f"{kind}_dim") is not None and config_kwargs.get(f"{kind}_token_id") is None:
+                config_kwargs[f"{kind}_token_id"] = add_placeholder_token(tokenizer, token)
+    placeholder_ids = [image_token_id, config_kwargs.get("state_token_id"), config_kwargs.get("object_token_id")]
+    largest_id = max(token_id for token_id in placeholder_ids if isinstance(token_id, int))
+    if largest_id >= text.config.vocab_size:
+        text.resize_token_embeddings(largest_id + 1, mean_resizing=False)
     config_kwargs.setdefault("vision_integration", "prefix")
     config = PalmEConfig(
         vision_config=vision.config, text_config=text.config, image_token_id=image_token_id, **config_kwargs

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, StaticCache
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.compat_palme import CACHE_NAME
 
-from helpers import count_host_syncs, tiny_config, tiny_embodied_model
+from helpers import count_host_syncs, save_tiny_towers, tiny_config, tiny_embodied_model
 from tiny_captioner import build_tokenizer
 from tiny_captioner import tiny_config as captioner_config
 
@@ -435,3 +435,24 @@ def test_the_processor_feeds_forward_and_generate(embodied_processor):
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     texts = embodied_processor.post_process_image_text_to_text(generated)
     assert texts[1].startswith("red") and not any("<state>" in text or "<obj>" in text for text in texts)
+
+
+def test_pretrained_towers_take_state_and_object_vectors(tmp_path):
+    vision_dir, text_dir = save_tiny_towers(tmp_path, "vit", "llama")
+    model = PalmEForConditionalGeneration.from_pretrained_towers(
+        vision_dir, text_dir, state_dim=6, num_state_tokens=2, object_dim=4
+    ).eval()
+    processor = PalmEProcessor.from_pretrained_towers(vision_dir, text_dir, num_state_tokens=2, num_object_tokens=1)
+    # the captioner's 16 words, then "<image>", "<state>" and "<obj>", in the model and in the processor
+    ids = (model.config.image_token_id, model.config.state_token_id, model.config.object_token_id)
+    assert ids == (processor.image_token_id, processor.state_token_id, processor.object_token_id) == (16, 17, 18)
+    assert model.config.text_config.vocab_size == 19
+    inputs = processor(
+        images=[PIL.Image.new("RGB", (8, 8), "red")],
+        text=["<image> <state> a <obj> <obj>", "<obj> red <state>"],
+        states=[torch.rand(1, 6), torch.rand(1, 6)],
+        objects=[torch.rand(2, 4), torch.rand(1, 4)],
+        padding=True,
+    )
+    generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False))
