@@ -943,8 +943,9 @@ def repeat_groups(values: torch.Tensor, group_sizes: list[int], expand_size: int
 class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
     """
     The PalmE text decoder with its language-model head, for text alone (`AutoModelForCausalLM`). Loads a text decoder
-    saved on its own or the text half of a [`PalmEForConditionalGeneration`] checkpoint (its image encoder, resampler
-    and projector are left out); cross-attention layers, if the decoder has them, are skipped without an image.
+    saved on its own or the text half of a [`PalmEForConditionalGeneration`] checkpoint (its image encoder, resampler,
+    projector and state and object encoders are left out); cross-attention layers, if the decoder has them, are
+    skipped without an image.
     """
 
     config: PalmETextConfig
@@ -952,7 +953,9 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
-    _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_model|resampler|multi_modal_projector)\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^model\.(vision_model|resampler|multi_modal_projector|state_encoder|object_encoder)\."
+    ]
 
     def __init__(self, config: PalmETextConfig | PalmEConfig):
         config = config.get_text_config()
@@ -1070,11 +1073,11 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         token embeddings and the head grow to hold them. `dtype` is what `from_pretrained` takes (`torch.bfloat16`,
         `"bfloat16"`, `"auto"`: the checkpoints' own): the towers load and the model is built in it, as
         `from_pretrained` builds a model, so that the rotary frequencies stay float32; without it the model is
-        float32. The loading arguments of
-        `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`,
-        `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and `device_map` as one device) go
-        to the towers' loaders; the other `kwargs` to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`;
-        `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        float32. The loading arguments of `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`,
+        `trust_remote_code`, `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and
+        `device_map` as one device) go to the towers' loaders; the other `kwargs` to [`PalmEConfig`]
+        (`vision_integration` defaults to `"prefix"`; `projector_type`, `num_latents`, `state_dim`, ...). Freeze
+        towers for training with [`freeze_towers`].
         """
         return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **kwargs)
 

@@ -9,7 +9,7 @@ import torch
 from jinja2.exceptions import TemplateError
 from transformers import AutoModelForImageTextToText, AutoProcessor, StaticCache
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.compat_palme import CACHE_NAME
 
 from helpers import count_host_syncs, save_tiny_towers, tiny_config, tiny_embodied_model
@@ -208,6 +208,16 @@ def test_save_and_load(tmp_path):
         assert [getattr(loaded.config, key) for key in options] == [6, 2, 98, 4, 1]
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(**inputs).logits, model(**inputs).logits)
+
+
+def test_the_text_decoder_of_an_embodied_checkpoint_loads_alone(tmp_path):
+    model = tiny_embodied_model("palme")
+    model.save_pretrained(tmp_path)
+    decoder, loading_info = PalmEForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not loading_info["missing_keys"] and not loading_info["unexpected_keys"]
+    text = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.eval()(input_ids=text).logits, model(input_ids=text).logits)
 
 
 def test_frozen_towers_leave_the_encoders_trainable():
