@@ -1,12 +1,14 @@
 """State vectors and object vectors beside images (the PaLM-E paper's multimodal sentences): each kind through its own
-encoder into the placeholders of its token, in `forward`, `generate` (cache, static cache, beams, samples), with
-`inputs_embeds`, save/load, PEFT and frozen towers, on PalmE's own decoder and on a Transformers language model."""
+encoder into the placeholders of its token, in `forward`, `generate` (cache, static cache, compile, beams, samples),
+with `inputs_embeds`, save/load, PEFT and frozen towers, on PalmE's own decoder and on a Transformers language model;
+the processor's `states=` and `objects=` and its chat template."""
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from jinja2.exceptions import TemplateError
+from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import AutoModelForImageTextToText, AutoProcessor, StaticCache
 
 from palme_hf import PalmEConfig, PalmEForCausalLM, PalmEForConditionalGeneration, PalmEProcessor
@@ -466,3 +468,18 @@ def test_pretrained_towers_take_state_and_object_vectors(tmp_path):
     )
     generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(generated, model.generate(**inputs, max_new_tokens=3, do_sample=False, use_cache=False))
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_decoding_matches_eager():
+    model = tiny_embodied_model("palme")
+    batch, _ = texts_with_different_counts(model)
+    kwargs = dict(**batch, do_sample=False, max_new_tokens=5, min_new_tokens=5, cache_implementation="static")
+    eager = model.generate(**kwargs)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    model.forward = torch.compile(model.forward, fullgraph=True, backend=counter)
+    compiled = model.generate(**kwargs)
+    # one graph for the prefill (with the images, states and objects), one for the decoding steps
+    assert counter.frame_count >= 2
+    assert torch.equal(compiled, eager)
