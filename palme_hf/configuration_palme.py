@@ -706,6 +706,41 @@ def num_patches_of(vision_config: PreTrainedConfig) -> int:
     return (sizes[0] // patches[0]) * (sizes[1] // patches[1])
 
 
+def check_observation_options(
+    name: str, kind: str, dim: int | None, num_tokens: int, token_id: int | None, config: "PalmEConfig"
+):
+    """
+    The options of one kind of observation beside images (`kind` "state" or "object"): with `{kind}_dim` set, a
+    positive width and number of tokens and a placeholder token of the vocabulary, other than the image placeholder,
+    on the `"prefix"` route; without it, no placeholder (it would be ignored).
+    """
+    check_positive_ints(name, **{f"num_{kind}_tokens": num_tokens})
+    if dim is None:
+        if token_id is not None:
+            raise ValueError(
+                f"{name}: `{kind}_token_id` ({token_id!r}) is set but `{kind}_dim` is not: set `{kind}_dim`, the "
+                f"width of the {kind} vectors, to give the model {kind} inputs."
+            )
+        return
+    check_positive_ints(name, **{f"{kind}_dim": dim})
+    if config.vision_integration != "prefix":
+        raise ValueError(
+            f"{name}: `{kind}_dim` needs `vision_integration='prefix'`: {kind} vectors enter the token sequence as "
+            f"the images do there, got `vision_integration={config.vision_integration!r}`."
+        )
+    vocab_size = config.text_config.vocab_size
+    if not (isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < vocab_size):
+        raise ValueError(
+            f"{name}: `{kind}_dim` needs `{kind}_token_id`, the id of its placeholder token in [0, {vocab_size}) "
+            f"(added to the tokenizer as PalmEProcessor adds it), got {token_id!r}."
+        )
+    if token_id == config.image_token_id:
+        raise ValueError(
+            f"{name}: `{kind}_token_id` ({token_id}) is the image placeholder `image_token_id`: each kind of "
+            "observation needs its own placeholder token."
+        )
+
+
 class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     r"""
     Configuration of a PalmE model: the image encoder (`vision_config`), the text decoder (`text_config`) and how the
@@ -737,6 +772,19 @@ class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
             Llava's).
         tie_word_embeddings (`bool`, *optional*): `text_config.tie_word_embeddings`, where it is set; Transformers
             reads it here.
+        state_dim (`int`, *optional*): when set, the text also takes state vectors of `state_dim` values (the PaLM-E
+            paper's state estimates), each mapped by an MLP into `num_state_tokens` embeddings that replace as many
+            `state_token_id` placeholders (`"prefix"` integration only). Off by default.
+        num_state_tokens (`int`, defaults to 1): embeddings each state vector gives the text.
+        state_token_id (`int`, *optional*): the state placeholder token, the id of the `<state>` token added to the
+            tokenizer (required with `state_dim`).
+        object_dim (`int`, *optional*): when set, the text also takes object vectors of `object_dim` values (the
+            paper's object-centric representations, one vector per object), each mapped by an MLP into
+            `num_object_tokens` embeddings that replace as many `object_token_id` placeholders (`"prefix"` integration
+            only). Off by default.
+        num_object_tokens (`int`, defaults to 1): embeddings each object vector gives the text.
+        object_token_id (`int`, *optional*): the object placeholder token, the id of the `<obj>` token added to the
+            tokenizer (required with `object_dim`).
     """
 
     model_type = "palme"
@@ -750,6 +798,12 @@ class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     resampler_depth: int = 2
     projector_type: Literal["linear", "mlp"] = "linear"
     tie_word_embeddings: bool | None = None
+    state_dim: int | None = None
+    num_state_tokens: int = 1
+    state_token_id: int | None = None
+    object_dim: int | None = None
+    num_object_tokens: int = 1
+    object_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
         name = type(self).__name__
@@ -810,6 +864,13 @@ class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
             self.tie_word_embeddings = self.text_config.tie_word_embeddings
         elif self.tie_word_embeddings != self.text_config.tie_word_embeddings:
             raise ValueError(f"{name}: set `tie_word_embeddings` in `text_config`, the decoder's option.")
+        check_observation_options(name, "state", self.state_dim, self.num_state_tokens, self.state_token_id, self)
+        check_observation_options(name, "object", self.object_dim, self.num_object_tokens, self.object_token_id, self)
+        if self.state_dim is not None and self.object_dim is not None and self.state_token_id == self.object_token_id:
+            raise ValueError(
+                f"{name}: `state_token_id` and `object_token_id` are both {self.state_token_id}: each kind of "
+                "observation needs its own placeholder token."
+            )
         super().__post_init__(**kwargs)
 
     @property

@@ -10,6 +10,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticCache, StaticLayer
 from transformers.generation import (
     GenerationConfig,
@@ -281,6 +282,39 @@ class PalmEPerceiverResampler(nn.Module):
         """`(batch_size, num_patches, hidden_size)` -> `(batch_size, num_latents, hidden_size)`."""
         latents = self.latents.unsqueeze(0).expand(image_features.shape[0], -1, -1)
         return self.perceiver(latents, image_features, image_features)
+
+
+class PalmEObservationEncoder(nn.Module):
+    """
+    The encoder of one kind of observation beside images, the PaLM-E paper's state vectors or object vectors: an MLP,
+    linear-GELU-linear, from the `input_dim` values of one observation to `num_tokens` embeddings of the decoder width.
+    """
+
+    def __init__(self, input_dim: int, num_tokens: int, hidden_size: int):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.linear_1 = nn.Linear(input_dim, hidden_size)
+        self.act = ACT2FN["gelu"]
+        self.linear_2 = nn.Linear(hidden_size, num_tokens * hidden_size)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        """`(num_values, input_dim)` -> `(num_values, num_tokens, hidden_size)`."""
+        hidden_states = self.linear_2(self.act(self.linear_1(values.to(self.linear_1.weight.dtype))))
+        return hidden_states.view(values.shape[0], self.num_tokens, -1)
+
+
+def build_observation_encoder(config: PalmEConfig, kind: str) -> PalmEObservationEncoder | None:
+    """The encoder of `kind` ("state" or "object") observations, `None` when `config.{kind}_dim` is not set."""
+    input_dim = getattr(config, f"{kind}_dim")
+    if input_dim is None:
+        return None
+    num_tokens = getattr(config, f"num_{kind}_tokens")
+    return PalmEObservationEncoder(input_dim, num_tokens, config.text_config.hidden_size)
+
+
+# The kinds of observation beside images, each with its encoder (`PalmEModel.{kind}_encoder`) and its values' name in
+# `forward` and `generate`, given in the order of their placeholders.
+OBSERVATION_KINDS = {"state": "state_values", "object": "object_values"}
 
 
 class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
@@ -614,6 +648,8 @@ class PalmEModel(PalmEPreTrainedModel):
         )
         self.resampler = PalmEPerceiverResampler(config) if config.num_latents is not None else None
         self.multi_modal_projector = build_projector(config)
+        self.state_encoder = build_observation_encoder(config, "state")
+        self.object_encoder = build_observation_encoder(config, "object")
         self.language_model = (
             PalmETextModel(text_config)
             if is_own_tower(text_config, PalmETextConfig)
@@ -654,15 +690,92 @@ class PalmEModel(PalmEPreTrainedModel):
             attentions=vision_outputs.attentions,
         )
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int | None = None
+    ) -> torch.Tensor:
         """
-        Where the image placeholders are, `(batch_size, seq_len)`: the `image_token_id` tokens of `input_ids`, or, with
-        `inputs_embeds` only, the positions holding that token's embedding.
+        Where the image placeholders are (or those of `token_id`, a state or object placeholder), `(batch_size,
+        seq_len)`: the `image_token_id` tokens of `input_ids`, or, with `inputs_embeds` only, the positions holding
+        that token's embedding.
         """
+        token_id = self.config.image_token_id if token_id is None else token_id
         if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(dim=-1)
+            return input_ids == token_id
+        placeholder = torch.tensor(token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(placeholder)).all(dim=-1)
+
+    def _observation_encoder(self, kind: str) -> PalmEObservationEncoder:
+        """The encoder of `kind` observations; a `ValueError` when the model takes none (their values were given)."""
+        encoder = getattr(self, f"{kind}_encoder")
+        if encoder is None:
+            raise ValueError(
+                f"`{OBSERVATION_KINDS[kind]}` were given, but this model takes no {kind} vectors (`config.{kind}_dim` "
+                f"is None): build it with `{kind}_dim` and `{kind}_token_id` in its PalmEConfig."
+            )
+        return encoder
+
+    def get_observation_features(self, kind: str, values: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        Encodes observations of `kind` (`"state"` or `"object"`), `values` `(num_values, config.{kind}_dim)` in the
+        order of their placeholders, into the embeddings that replace those, `(num_values, config.num_{kind}_tokens,
+        text hidden size)`.
+
+        Raises:
+            `ValueError` when the model takes no such observations, for values of another width, and for NaN or
+            infinite values (checked on the host, at prefill: values are given with the prompt only).
+        """
+        name, encoder = OBSERVATION_KINDS[kind], self._observation_encoder(kind)
+        width = getattr(self.config, f"{kind}_dim")
+        if values.ndim != 2 or values.shape[1] != width:
+            raise ValueError(
+                f"`{name}` must have shape (num_{kind}s, {kind}_dim) = (num_{kind}s, {width}), one row per {kind} in "
+                f"the order of their placeholders; got {tuple(values.shape)}."
+            )
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(values).all()):
+            raise ValueError(f"`{name}` hold NaN or infinite values: give finite {kind} vectors.")
+        return encoder(values)
+
+    def _merge_observations(
+        self,
+        kind: str,
+        values: torch.FloatTensor | None,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        is_decoding_step: bool,
+    ) -> torch.Tensor:
+        """
+        Replaces the placeholders of `kind` by the features of `values`, in order, as images replace theirs: the first
+        `num_{kind}_tokens` placeholders of the batch (read sequence by sequence) by the first value's, and so on.
+        Placeholders without values (read on the host, except on a decoding step) and values without placeholders
+        are a `ValueError`.
+        """
+        token_id, name = getattr(self.config, f"{kind}_token_id"), OBSERVATION_KINDS[kind]
+        if values is None:
+            if token_id is not None and input_ids is not None and not is_decoding_step:
+                if bool((input_ids == token_id).any()):
+                    raise ValueError(
+                        f"`input_ids` hold {kind} placeholder tokens (id {token_id}) but no `{name}` were given."
+                    )
+            return inputs_embeds
+        features = self.get_observation_features(kind, values)
+        placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id)
+        if not torch.compiler.is_compiling():
+            num_values, per_value = features.shape[:2]
+            counts = placeholder_mask.sum(dim=1).tolist()
+            if sum(counts) == 0:
+                raise ValueError(
+                    f"`{name}` were given ({num_values}), but the text holds no {kind} placeholder tokens (id "
+                    f"{token_id}): put {per_value} placeholders where each {kind} goes (PalmEProcessor expands its "
+                    f"{kind} marker into them), or leave `{name}` out."
+                )
+            if sum(counts) != num_values * per_value or any(count % per_value for count in counts):
+                raise ValueError(
+                    f"The text holds {sum(counts)} {kind} placeholder tokens (id {token_id}; {counts} per sequence), "
+                    f"but {num_values} `{name}` were given, which need {per_value} placeholders each "
+                    f"({num_values * per_value} in all, a multiple of {per_value} per sequence)."
+                )
+        mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features.to(inputs_embeds.dtype))
 
     def _merge_image_features(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
@@ -696,6 +809,8 @@ class PalmEModel(PalmEPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        state_values: torch.FloatTensor | None = None,
+        object_values: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PalmEModelOutputWithPast:
         r"""
@@ -705,9 +820,18 @@ class PalmEModel(PalmEPreTrainedModel):
             with cross-attention one image per sequence; with `"prefix"` integration the images of all sequences in
             the order of their placeholders (any number per sequence). May be omitted once the cache holds the image
             (cross-attention) or after the placeholders were consumed (prefix).
+        state_values (`torch.FloatTensor` of shape `(num_states, config.state_dim)`, *optional*): the state vectors
+            of all sequences in the order of their placeholders, `config.num_state_tokens` `config.state_token_id`
+            tokens each (any number per sequence). Given with the placeholders only: the cache holds them after.
+        object_values (`torch.FloatTensor` of shape `(num_objects, config.object_dim)`, *optional*): the object
+            vectors, as `state_values`, with `config.num_object_tokens` `config.object_token_id` placeholders each.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Specify exactly one of `input_ids` or `inputs_embeds`.")
+        observation_values = {"state": state_values, "object": object_values}
+        for kind, values in observation_values.items():
+            if values is not None:
+                self._observation_encoder(kind)  # values for a kind the model does not take are refused at once
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         if pixel_values is not None and pixel_values.ndim != 4:
             raise ValueError(
@@ -753,6 +877,8 @@ class PalmEModel(PalmEPreTrainedModel):
                     f"`input_ids` hold image placeholder tokens (id {self.config.image_token_id}) but no "
                     "`pixel_values` were given."
                 )
+            for kind, values in observation_values.items():
+                inputs_embeds = self._merge_observations(kind, values, input_ids, inputs_embeds, is_decoding_step)
             input_ids = None
         else:
             kwargs["encoder_hidden_states"] = image_features
@@ -807,11 +933,19 @@ class PalmEModel(PalmEPreTrainedModel):
         )
 
 
+def repeat_groups(values: torch.Tensor, group_sizes: list[int], expand_size: int) -> torch.Tensor:
+    """`values` cut into consecutive groups of `group_sizes` (one per text), each group repeated `expand_size` times in
+    turn: [a, b] -> [a, b, a, b] for a text of two values and `expand_size=2`."""
+    groups = torch.split(values, group_sizes)
+    return torch.cat([group for group in groups for _ in range(expand_size)])
+
+
 class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
     """
     The PalmE text decoder with its language-model head, for text alone (`AutoModelForCausalLM`). Loads a text decoder
-    saved on its own or the text half of a [`PalmEForConditionalGeneration`] checkpoint (its image encoder, resampler
-    and projector are left out); cross-attention layers, if the decoder has them, are skipped without an image.
+    saved on its own or the text half of a [`PalmEForConditionalGeneration`] checkpoint (its image encoder, resampler,
+    projector and state and object encoders are left out); cross-attention layers, if the decoder has them, are
+    skipped without an image.
     """
 
     config: PalmETextConfig
@@ -819,7 +953,9 @@ class PalmEForCausalLM(PalmEPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
-    _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_model|resampler|multi_modal_projector)\."]
+    _keys_to_ignore_on_load_unexpected = [
+        r"^model\.(vision_model|resampler|multi_modal_projector|state_encoder|object_encoder)\."
+    ]
 
     def __init__(self, config: PalmETextConfig | PalmEConfig):
         config = config.get_text_config()
@@ -934,14 +1070,16 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         initialised projector (and resampler, with `num_latents`).
 
         The image placeholder is the `<image>` token added to `text_model`'s tokenizer, as
-        [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); the token embeddings and
-        the head grow to hold it. `dtype` is what `from_pretrained` takes (`torch.bfloat16`, `"bfloat16"`, `"auto"`:
-        the checkpoints' own): the towers load and the model is built in it, as `from_pretrained` builds a model, so
-        that the rotary frequencies stay float32; without it the model is float32. The loading arguments of
-        `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`,
-        `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and `device_map` as one device) go
-        to the towers' loaders; the other `kwargs` to [`PalmEConfig`] (`vision_integration` defaults to `"prefix"`;
-        `projector_type`, `num_latents`, ...). Freeze towers for training with [`freeze_towers`].
+        [`PalmEProcessor.from_pretrained_towers`] adds it (or `image_token_id`, when given); with `state_dim` (or
+        `object_dim`) and no `image_token_id`, the `<state>` (`<obj>`) token follows it, unless its id is given. The
+        token embeddings and the head grow to hold them. `dtype` is what `from_pretrained` takes (`torch.bfloat16`,
+        `"bfloat16"`, `"auto"`: the checkpoints' own): the towers load and the model is built in it, as
+        `from_pretrained` builds a model, so that the rotary frequencies stay float32; without it the model is
+        float32. The loading arguments of `from_pretrained` (`revision`, `cache_dir`, `token`, `local_files_only`,
+        `trust_remote_code`, `attn_implementation`, `variant`, `use_safetensors`, `low_cpu_mem_usage`, and
+        `device_map` as one device) go to the towers' loaders; the other `kwargs` to [`PalmEConfig`]
+        (`vision_integration` defaults to `"prefix"`; `projector_type`, `num_latents`, `state_dim`, ...). Freeze
+        towers for training with [`freeze_towers`].
         """
         return load_pretrained_towers(cls, vision_model, text_model, image_token_id, dtype, **kwargs)
 
@@ -949,9 +1087,9 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         """
         Freezes the towers for training, as the PaLM-E paper's variants do: `vision_model=True` freezes the image
         encoder, `language_model=True` the decoder with its head (token embeddings included); `False` makes that tower
-        trainable again. What joins image and text stays trainable: the projector and the resampler, and with
-        cross-attention the decoder's cross-attention layers (as Flamingo trains them between frozen towers); both
-        `True` trains those only. Returns the model.
+        trainable again. What joins image and text stays trainable: the projector and the resampler, the state and
+        object encoders, and with cross-attention the decoder's cross-attention layers (as Flamingo trains them
+        between frozen towers); both `True` trains those only. Returns the model.
         """
         for parameter in self.model.vision_model.parameters():
             parameter.requires_grad_(not vision_model)
@@ -969,9 +1107,19 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         trains in full, for any text tower (Llama, GPT-2, Qwen2, Gemma, PalmE's own, ...):
         `get_peft_model(model, LoraConfig(r=8, **model.lora_targets()))`. `target_modules` are the full names of the
         language model's linear layers (`nn.Linear`, and GPT-2's `Conv1D`), its cross-attention layers left out;
-        `modules_to_save` those of the projector, the resampler and the cross-attention layers that the model has.
+        `modules_to_save` those of the projector, the resampler, the state and object encoders and the
+        cross-attention layers that the model has.
         """
-        joining = [module for module in (self.model.multi_modal_projector, self.model.resampler) if module is not None]
+        joining = [
+            module
+            for module in (
+                self.model.multi_modal_projector,
+                self.model.resampler,
+                self.model.state_encoder,
+                self.model.object_encoder,
+            )
+            if module is not None
+        ]
         joining += [module for module in self.model.modules() if isinstance(module, PalmETextCrossAttention)]
         names = {module: name for name, module in self.named_modules()}
         modules_to_save = [names[module] for module in joining]
@@ -1010,6 +1158,8 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        state_values: torch.FloatTensor | None = None,
+        object_values: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> PalmECausalLMOutputWithPast:
         r"""
@@ -1017,6 +1167,9 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             aligned with `input_ids` (shifted inside); -100 is ignored.
         logits_to_keep (`int` or `torch.Tensor`): compute logits for the last `logits_to_keep` positions only
             (0 = all).
+        state_values (`torch.FloatTensor` of shape `(num_states, config.state_dim)`, *optional*),
+        object_values (`torch.FloatTensor` of shape `(num_objects, config.object_dim)`, *optional*): the state and
+            object vectors of the text's placeholders, in order, as [`PalmEModel.forward`] takes them.
 
         Example:
 
@@ -1038,6 +1191,8 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            state_values=state_values,
+            object_values=object_values,
             return_dict=True,
             **kwargs,
         )
@@ -1062,9 +1217,11 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
     def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
         processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         if self.config.vision_integration == "prefix":
-            # The image placeholder stands for image features, never a token to generate: suppressed here rather
-            # than through `generation_config.suppress_tokens`, which a user's generation config would replace.
-            processors.append(SuppressTokensLogitsProcessor([self.config.image_token_id], device=self.device))
+            # The placeholders stand for image (state, object) features, never a token to generate: suppressed here
+            # rather than through `generation_config.suppress_tokens`, which a user's generation config would replace.
+            placeholders = [self.config.image_token_id, self.config.state_token_id, self.config.object_token_id]
+            placeholders = [token_id for token_id in placeholders if token_id is not None]
+            processors.append(SuppressTokensLogitsProcessor(placeholders, device=self.device))
         return processors
 
     def _expand_inputs_for_generation(
@@ -1078,16 +1235,28 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
         # may hold several images, which are repeated as its group, [a, b] -> [a, b, a, b], so that every copy of
         # the text sees its own images (repeating them one by one, [a, a, b, b], would mix them across copies), as
         # Transformers expands its VLMs' image features.
+        # State and object vectors are repeated the same way, by their own placeholders.
         pixel_values = model_kwargs.pop("pixel_values", None)
         if pixel_values is not None and expand_size > 1:
             pixel_values = self._repeat_images_per_text(
                 pixel_values, input_ids, model_kwargs.get("inputs_embeds"), expand_size
             )
+        observation_values = {kind: model_kwargs.pop(name, None) for kind, name in OBSERVATION_KINDS.items()}
+        if expand_size > 1:
+            observation_values = {
+                kind: self._repeat_observations_per_text(
+                    kind, values, input_ids, model_kwargs.get("inputs_embeds"), expand_size
+                )
+                for kind, values in observation_values.items()
+            }
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
         )
         if pixel_values is not None:
             model_kwargs["pixel_values"] = pixel_values
+        for kind, values in observation_values.items():
+            if values is not None:
+                model_kwargs[OBSERVATION_KINDS[kind]] = values
         return input_ids, model_kwargs
 
     def _repeat_images_per_text(
@@ -1114,14 +1283,43 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
                 f"{self.config.num_image_tokens} per image, but {pixel_values.shape[0]} images were given: give one "
                 "image per placeholder run, in order."
             )
-        groups = torch.split(pixel_values, images_per_text)
-        return torch.cat([group for group in groups for _ in range(expand_size)])
+        return repeat_groups(pixel_values, images_per_text, expand_size)
+
+    def _repeat_observations_per_text(
+        self,
+        kind: str,
+        values: torch.FloatTensor | None,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor | None,
+        expand_size: int,
+    ) -> torch.FloatTensor | None:
+        """
+        The values of `kind` observations, `(num_values, {kind}_dim)`, with each text's values repeated `expand_size`
+        times as a group, as [`_repeat_images_per_text`] repeats images; `None` stays `None`.
+        """
+        if values is None:
+            return None
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = None  # generate() gives an empty tensor with `inputs_embeds`
+        self.model._observation_encoder(kind)  # values of a kind the model does not take are refused here
+        token_id, per_value = getattr(self.config, f"{kind}_token_id"), getattr(self.config, f"num_{kind}_tokens")
+        placeholders = self.model.get_placeholder_mask(input_ids, inputs_embeds, token_id).sum(dim=1)
+        values_per_text = (placeholders // per_value).tolist()
+        if sum(values_per_text) != values.shape[0] or any(placeholders % per_value):
+            raise ValueError(
+                f"The texts hold {placeholders.tolist()} {kind} placeholder tokens (id {token_id}), {per_value} per "
+                f"{kind}, but {values.shape[0]} `{OBSERVATION_KINDS[kind]}` were given: give one per placeholder run, "
+                "in order."
+            )
+        return repeat_groups(values, values_per_text, expand_size)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
+        state_values: torch.FloatTensor | None = None,
+        object_values: torch.FloatTensor | None = None,
         **kwargs,
     ):
         if kwargs.get("next_sequence_length") == 0:
@@ -1132,14 +1330,22 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             )
         cache = kwargs.get(CACHE_NAME)
         past_length = cache.get_seq_length() if cache is not None else 0
-        # An assistant's cache cut back inside the prompt's image placeholders (after a rejected draft) cannot take
-        # the rest of the images' features: the prompt is read again, with its images. A one-token step is a
-        # generated token, never a placeholder, and is not looked at (that would synchronise every decoding step).
+        # An assistant's cache cut back inside the prompt's image (state, object) placeholders (after a rejected
+        # draft) cannot take the rest of their features: the prompt is read again, with its values. A one-token step
+        # is a generated token, never a placeholder, and is not looked at (that would synchronise every decoding step).
+        given = {
+            self.config.image_token_id: pixel_values,
+            self.config.state_token_id: state_values,
+            self.config.object_token_id: object_values,
+        }
+        placeholder_ids = [token_id for token_id, values in given.items() if values is not None]
         if (
-            pixel_values is not None
+            placeholder_ids
             and self.config.vision_integration == "prefix"
             and 0 < past_length < input_ids.shape[1] - 1
-            and bool((input_ids[:, past_length:] == self.config.image_token_id).any())
+            and bool(
+                torch.isin(input_ids[:, past_length:], torch.tensor(placeholder_ids, device=input_ids.device)).any()
+            )
         ):
             cache.crop(-past_length)
             kwargs["next_sequence_length"] = None
@@ -1147,10 +1353,17 @@ class PalmEForConditionalGeneration(PalmEPreTrainedModel, GenerationMixin):
             input_ids, inputs_embeds=inputs_embeds, pixel_values=pixel_values, **kwargs
         )
         # generate() passes the image on its first step only, and never to an assistant model (assisted decoding).
-        # The image belongs wherever the cache holds none of it yet: at prefill, an assistant's included.
+        # The image belongs wherever the cache holds none of it yet: at prefill, an assistant's included. So do the
+        # state and object vectors, which generate() would otherwise pass on every step.
         cache = model_inputs.get(CACHE_NAME)
-        if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
-            model_inputs["pixel_values"] = pixel_values
+        prefill = cache is None or cache.get_seq_length() == 0
+        for name, values in (
+            ("pixel_values", pixel_values),
+            ("state_values", state_values),
+            ("object_values", object_values),
+        ):
+            if values is not None and prefill:
+                model_inputs[name] = values
         return model_inputs
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):

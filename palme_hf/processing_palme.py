@@ -29,7 +29,10 @@ from .configuration_palme import PalmEConfig, num_patches_of
 from .towers_palme import (
     HUB_ARGUMENTS,
     IMAGE_TOKEN,
+    OBJECT_TOKEN,
+    STATE_TOKEN,
     add_image_token,
+    add_placeholder_token,
     split_loading_arguments,
     vision_tower_class_and_config,
 )
@@ -306,7 +309,8 @@ class PalmEImageProcessor(PilBackend):
 # The default chat template, for instruction-style prompts as in the PaLM-E paper ("Q: <image> What is this? A:"):
 # a user turn with text is `Q: ...`, an assistant turn `A: ...`, and the generation prompt `A:` follows a question; an
 # image item becomes the image marker (nothing with cross-attention, where the image is not in the text), so that a
-# user turn of an image alone is the captioning prompt. Parts are joined by single spaces; system turns are plain text.
+# user turn of an image alone is the captioning prompt; a state or object item becomes its marker (refused by a
+# processor that takes none). Parts are joined by single spaces; system turns are plain text.
 CHAT_TEMPLATE = """
 {%- set ns = namespace(parts=[], asked=false) -%}
 {%- for message in messages -%}
@@ -319,8 +323,15 @@ CHAT_TEMPLATE = """
         {%- elif item['type'] == 'text' -%}
             {%- set turn.words = turn.words + [item['text'] | trim] -%}
             {%- set turn.has_text = true -%}
+        {%- elif item['type'] in observation_markers -%}
+            {%- if not observation_markers[item['type']] -%}
+                {{- raise_exception('This PalmE processor takes no ' ~ item['type'] ~ ' vectors, got a '
+                    ~ item['type'] ~ ' item.') -}}
+            {%- endif -%}
+            {%- set turn.words = turn.words + [observation_markers[item['type']]] -%}
         {%- else -%}
-            {{- raise_exception('PalmE messages hold "image" and "text" items, got a ' ~ item['type'] ~ ' item.') -}}
+            {{- raise_exception('PalmE messages hold "image", "state", "object" and "text" items, got a '
+                ~ item['type'] ~ ' item.') -}}
         {%- endif -%}
     {%- endfor -%}
     {%- set content = turn.words | reject('equalto', '') | join(' ') -%}
@@ -341,9 +352,41 @@ CHAT_TEMPLATE = """
 """
 
 
-def default_chat_template(image_token: str | None) -> str:
-    """`CHAT_TEMPLATE` with `image_token` as the image marker (none: cross-attention)."""
-    return "{%- set image_marker = " + json.dumps(image_token or "") + " -%}" + CHAT_TEMPLATE
+def default_chat_template(
+    image_token: str | None, state_token: str | None = None, object_token: str | None = None
+) -> str:
+    """
+    `CHAT_TEMPLATE` with `image_token` as the image marker (none: cross-attention), and `state_token` and
+    `object_token` as the markers of state and object items (none: the processor takes no such vectors).
+    """
+    observation_markers = {"state": state_token or "", "object": object_token or ""}
+    return (
+        "{%- set image_marker = " + json.dumps(image_token or "") + " -%}"
+        "{%- set observation_markers = " + json.dumps(observation_markers) + " -%}" + CHAT_TEMPLATE
+    )
+
+
+def placeholder_token(
+    tokenizer, kind: str, token: str | None, num_tokens: int | None
+) -> tuple[str | None, int | None]:
+    """
+    The marker and placeholder token of `kind` ("image", "state", "object") and its id: `(None, None)` without
+    `num_tokens` (the processor takes no such input); else `token` must be a single token of `tokenizer`, also when
+    written twice in a row, and `num_tokens` a positive integer (a `ValueError` naming them otherwise).
+    """
+    if num_tokens is None:
+        return None, None
+    if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens <= 0:
+        raise ValueError(f"`num_{kind}_tokens` must be a positive integer or None, got {num_tokens!r}.")
+    if not token:
+        raise ValueError(f"`{kind}_token` must be a token of the tokenizer when `num_{kind}_tokens` is set.")
+    encoded = tokenizer.encode(token * 2, add_special_tokens=False)
+    if len(encoded) != 2 or encoded[0] != encoded[1] or encoded[0] == tokenizer.unk_token_id:
+        raise ValueError(
+            f"`{kind}_token` {token!r} must be a single token of the tokenizer, also when written twice in a row (add "
+            f"it as a special token); {token * 2!r} encodes to {encoded}."
+        )
+    return token, encoded[0]
 
 
 def _is_one_list_per_text(images) -> bool:
@@ -379,6 +422,12 @@ class PalmEProcessor(ProcessorMixin):
     image. [`PalmEProcessor.from_model_config`] builds one that matches a model,
     [`PalmEProcessor.from_pretrained_towers`] one for a model built from two pretrained towers.
 
+    A model that also takes state vectors or object vectors (`config.state_dim`, `config.object_dim`) has a marker
+    for each kind, `state_token` (`"<state>"`) and `object_token` (`"<obj>"`), expanded as the image marker into
+    `num_state_tokens` / `num_object_tokens` placeholders: `processor(images=..., states=..., objects=...,
+    text="Q: <image> <state> Object 1 is <obj>. Object 2 is <obj>. Which object is largest? A:")` gives
+    `state_values` and `object_values` beside `pixel_values`, the vectors in the order of their markers.
+
     Args:
         image_processor ([`PalmEImageProcessor`] or the vision tower's image processor): the image processor.
         tokenizer ([`PreTrainedTokenizerBase`]): the tokenizer.
@@ -387,11 +436,17 @@ class PalmEProcessor(ProcessorMixin):
             together still split into tokens). Unused with cross-attention.
         num_image_tokens (`int`, *optional*): placeholders per image, the model's `config.num_image_tokens`, for
             `"prefix"` integration; `None` for cross-attention.
+        state_token (`str`, defaults to `"<state>"`), num_state_tokens (`int`, *optional*): the state marker and
+            placeholder token, a single token of the tokenizer, and the placeholders per state vector
+            (`config.num_state_tokens`); `None`: the processor takes no state vectors.
+        object_token (`str`, defaults to `"<obj>"`), num_object_tokens (`int`, *optional*): the same for object
+            vectors (`config.num_object_tokens`).
         chat_template (`str`, *optional*): a Jinja chat template; by default `CHAT_TEMPLATE`, the PaLM-E paper's
             `Q: ... A:` prompts with the image marker where a message's image item is:
             `processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
             "what is this?"}]}], add_generation_prompt=True)` is `"Q: <image> what is this? A:"` (`"Q: what is this?
-            A:"` with cross-attention).
+            A:"` with cross-attention); `{"type": "state"}` and `{"type": "object"}` items are the state and object
+            markers.
     """
 
     # `processor(...)` output feeds the model directly
@@ -405,26 +460,22 @@ class PalmEProcessor(ProcessorMixin):
         image_token: str | None = IMAGE_TOKEN,
         num_image_tokens: int | None = None,
         chat_template: str | None = None,
+        state_token: str | None = STATE_TOKEN,
+        num_state_tokens: int | None = None,
+        object_token: str | None = OBJECT_TOKEN,
+        num_object_tokens: int | None = None,
         **kwargs,
     ):
         self.num_image_tokens = num_image_tokens
-        self.image_token = None
-        self.image_token_id = None
-        if num_image_tokens is not None:
-            if not isinstance(num_image_tokens, int) or isinstance(num_image_tokens, bool) or num_image_tokens <= 0:
-                raise ValueError(f"`num_image_tokens` must be a positive integer or None, got {num_image_tokens!r}.")
-            if not image_token:
-                raise ValueError("`image_token` must be a token of the tokenizer when `num_image_tokens` is set.")
-            encoded = tokenizer.encode(image_token * 2, add_special_tokens=False)
-            if len(encoded) != 2 or encoded[0] != encoded[1] or encoded[0] == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"`image_token` {image_token!r} must be a single token of the tokenizer, also when written twice "
-                    f"in a row (add it as a special token); {image_token * 2!r} encodes to {encoded}."
-                )
-            self.image_token = image_token
-            self.image_token_id = encoded[0]
+        self.image_token, self.image_token_id = placeholder_token(tokenizer, "image", image_token, num_image_tokens)
+        self.num_state_tokens = num_state_tokens
+        self.state_token, self.state_token_id = placeholder_token(tokenizer, "state", state_token, num_state_tokens)
+        self.num_object_tokens = num_object_tokens
+        self.object_token, self.object_token_id = placeholder_token(
+            tokenizer, "object", object_token, num_object_tokens
+        )
         if chat_template is None:
-            chat_template = default_chat_template(self.image_token)
+            chat_template = default_chat_template(self.image_token, self.state_token, self.object_token)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
     @classmethod
@@ -445,23 +496,46 @@ class PalmEProcessor(ProcessorMixin):
             return cls(image_processor, tokenizer, image_token=None)
         if image_token == IMAGE_TOKEN:
             add_image_token(tokenizer, image_token)
-        processor = cls(image_processor, tokenizer, image_token=image_token, num_image_tokens=config.num_image_tokens)
-        if processor.image_token_id != config.image_token_id:
-            raise ValueError(
-                f"`image_token` {image_token!r} is token {processor.image_token_id} of the tokenizer, but the model's "
-                f"image placeholder is `config.image_token_id` = {config.image_token_id}."
-            )
+        # the markers of the state and object vectors the model takes, added as the image marker is
+        observations = {}
+        for kind, token in (("state", STATE_TOKEN), ("object", OBJECT_TOKEN)):
+            if getattr(config, f"{kind}_dim") is not None:
+                add_placeholder_token(tokenizer, token)
+                observations[f"{kind}_token"] = token
+                observations[f"num_{kind}_tokens"] = getattr(config, f"num_{kind}_tokens")
+        processor = cls(
+            image_processor,
+            tokenizer,
+            image_token=image_token,
+            num_image_tokens=config.num_image_tokens,
+            **observations,
+        )
+        for kind in ("image", "state", "object"):
+            token_id, expected = getattr(processor, f"{kind}_token_id"), getattr(config, f"{kind}_token_id")
+            if token_id != expected:
+                raise ValueError(
+                    f"`{kind}_token` {getattr(processor, f'{kind}_token')!r} is token {token_id} of the tokenizer, "
+                    f"but the model's {kind} placeholder is `config.{kind}_token_id` = {expected}."
+                )
         return processor
 
     @classmethod
     def from_pretrained_towers(
-        cls, vision_model: str, text_model: str, num_latents: int | None = None, **kwargs
+        cls,
+        vision_model: str,
+        text_model: str,
+        num_latents: int | None = None,
+        num_state_tokens: int | None = None,
+        num_object_tokens: int | None = None,
+        **kwargs,
     ) -> "PalmEProcessor":
         """
         The processor of [`PalmEForConditionalGeneration.from_pretrained_towers`]`(vision_model, text_model)`: the
         vision tower's image processor and the language model's tokenizer (each a local folder or Hub id; the vision
         half of a CLIP or SigLIP dual encoder), with `<image>` added to the tokenizer as a special token, expanded into
-        one placeholder per image feature (the tower's patches, or `num_latents` with a resampler). The arguments that
+        one placeholder per image feature (the tower's patches, or `num_latents` with a resampler). For a model that
+        takes state (object) vectors, `num_state_tokens` (`num_object_tokens`), its `config.num_state_tokens`, adds
+        `<state>` (`<obj>`) after `<image>`, as the model's loader does. The arguments that
         say where to read from (`revision`, `cache_dir`, `token`, `local_files_only`, `trust_remote_code`, ...) go to
         every loader; the other `kwargs` to `AutoImageProcessor.from_pretrained`.
         """
@@ -469,9 +543,96 @@ class PalmEProcessor(ProcessorMixin):
         image_processor = AutoImageProcessor.from_pretrained(vision_model, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(text_model, **hub_kwargs)
         add_image_token(tokenizer)
+        for token, num_tokens in ((STATE_TOKEN, num_state_tokens), (OBJECT_TOKEN, num_object_tokens)):
+            if num_tokens is not None:
+                add_placeholder_token(tokenizer, token)
         _, vision_config = vision_tower_class_and_config(vision_model, **hub_kwargs)
         num_image_tokens = num_latents if num_latents is not None else num_patches_of(vision_config)
-        return cls(image_processor, tokenizer, image_token=IMAGE_TOKEN, num_image_tokens=num_image_tokens)
+        return cls(
+            image_processor,
+            tokenizer,
+            image_token=IMAGE_TOKEN,
+            num_image_tokens=num_image_tokens,
+            num_state_tokens=num_state_tokens,
+            num_object_tokens=num_object_tokens,
+        )
+
+    def __call__(self, images=None, text=None, states=None, objects=None, **kwargs) -> BatchFeature:
+        """
+        The model's inputs for `images` and `text` (see the class), and for `states` and `objects`, the state and
+        object vectors of the texts' markers: each a tensor or array `(num_values, dim)` of all the texts' vectors in
+        the order of their markers, a list of vectors, or one `(n, dim)` group per text (each holding as many vectors
+        as its text has markers). They are returned as float32 tensors, `state_values` and `object_values`, and each
+        marker is expanded into its placeholders.
+        """
+        observation_values = {}
+        for kind, values in (("state", states), ("object", objects)):
+            text, observation_values[f"{kind}_values"] = self._expand_observation_markers(kind, values, text)
+        outputs = super().__call__(images=images, text=text, **kwargs)
+        outputs.update({name: values for name, values in observation_values.items() if values is not None})
+        return outputs
+
+    def _expand_observation_markers(
+        self, kind: str, values, text: str | list[str] | None
+    ) -> tuple[str | list[str] | None, torch.Tensor | None]:
+        """
+        `text` with each marker of `kind` ("state" or "object") expanded into its placeholders, and `values` as one
+        float32 tensor `(num_values, dim)`, in the order of the markers.
+
+        Raises:
+            `ValueError` when the counts of values and markers differ (in all or text by text), for values a processor
+            without that kind's marker is given, and for values given without text.
+        """
+        token, per_value, argument = getattr(self, f"{kind}_token"), getattr(self, f"num_{kind}_tokens"), f"{kind}s"
+        if values is not None and token is None:
+            raise ValueError(
+                f"`{argument}` were given, but this processor takes no {kind} vectors (`num_{kind}_tokens` is None): "
+                f"build it with `PalmEProcessor.from_model_config` for a model with `{kind}_dim`."
+            )
+        if values is not None and text is None:
+            raise ValueError(f"`{argument}` were given without `text`: give the text that holds their markers.")
+        if token is None or text is None:
+            return text, None
+        texts = [text] if isinstance(text, str) else list(text)
+        counts = [sample.count(token) for sample in texts]
+        values = None if values is None else self._observations_as_tensor(kind, values, texts, counts)
+        num_values = 0 if values is None else values.shape[0]
+        if num_values != sum(counts):
+            raise ValueError(
+                f"The texts hold {sum(counts)} {kind} markers {token!r} ({counts} per text) but {num_values} {kind} "
+                f"vectors were given (`{argument}`): give one {kind} vector per marker, in order."
+            )
+        expanded = [sample.replace(token, token * per_value) for sample in texts]
+        return (expanded[0] if isinstance(text, str) else expanded), (values if num_values else None)
+
+    def _observations_as_tensor(self, kind: str, values, texts: list[str], counts: list[int]) -> torch.Tensor:
+        """
+        `values` of `kind` as a float32 tensor `(num_values, dim)`: a tensor or array of that shape, one vector, a
+        list of vectors, or a list of one `(n, dim)` group per text, each of as many vectors as its text has markers
+        (`counts`).
+        """
+        argument = f"{kind}s"
+        if isinstance(values, (list, tuple)) and len(values) > 0 and all(np.ndim(group) == 2 for group in values):
+            if len(values) != len(texts):
+                raise ValueError(
+                    f"Got {len(values)} groups of `{argument}` for {len(texts)} texts: give one group per text."
+                )
+            for index, (group, count) in enumerate(zip(values, counts)):
+                if len(group) != count:
+                    raise ValueError(
+                        f"Text {index} ({texts[index][:80]!r}) holds {count} {kind} markers, but its group of "
+                        f"`{argument}` holds {len(group)}: give each text its own {kind} vectors, in order."
+                    )
+            values = np.concatenate([np.asarray(group, dtype=np.float32) for group in values])
+        tensor = torch.as_tensor(np.asarray(values, dtype=np.float32))
+        if tensor.ndim == 1:
+            tensor = tensor.reshape(1, -1) if tensor.numel() else tensor.reshape(0, 0)
+        if tensor.ndim != 2:
+            raise ValueError(
+                f"`{argument}` must be {kind} vectors of one width: a (num_{kind}s, dim) tensor or array, a list of "
+                f"vectors, or one (n, dim) group per text; got shape {tuple(tensor.shape)}."
+            )
+        return tensor
 
     @property
     def unused_input_names(self) -> list[str]:
@@ -533,14 +694,16 @@ class PalmEProcessor(ProcessorMixin):
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """
         Decodes `generate()` output, `(batch_size, seq_len)` or `(seq_len,)` ids, into text (a list of strings or one
-        string). With `skip_special_tokens`, the image placeholders, which stand for the image, are dropped too.
+        string). With `skip_special_tokens`, the image (state, object) placeholders, which stand for those inputs, are
+        dropped too.
         """
         sequences = generated_outputs.tolist() if hasattr(generated_outputs, "tolist") else list(generated_outputs)
-        if skip_special_tokens and self.image_token_id is not None:
+        placeholders = {self.image_token_id, self.state_token_id, self.object_token_id} - {None}
+        if skip_special_tokens and placeholders:
             if sequences and isinstance(sequences[0], list):
-                sequences = [[token for token in ids if token != self.image_token_id] for ids in sequences]
+                sequences = [[token for token in ids if token not in placeholders] for ids in sequences]
             else:
-                sequences = [token for token in sequences if token != self.image_token_id]
+                sequences = [token for token in sequences if token not in placeholders]
         return self.tokenizer.decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
 

@@ -10,6 +10,9 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from .configuration_palme import PalmEConfig
 
 IMAGE_TOKEN = "<image>"
+# The markers and placeholder tokens of the observations beside images: state vectors and object vectors.
+STATE_TOKEN = "<state>"
+OBJECT_TOKEN = "<obj>"
 
 
 class PalmEMultiModalProjector(nn.Module):
@@ -49,14 +52,20 @@ def patch_features(last_hidden_state: torch.Tensor, num_patches: int) -> torch.T
     return last_hidden_state[:, last_hidden_state.shape[1] - num_patches :]
 
 
+def add_placeholder_token(tokenizer, token: str) -> int:
+    """
+    Adds the placeholder `token` (`<image>`, `<state>`, `<obj>`) to `tokenizer` as an added special token (as Llava's
+    tokenizers hold theirs) unless it is one already, so that it never shadows a word of the vocabulary; returns its
+    id.
+    """
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(token)
+
+
 def add_image_token(tokenizer, image_token: str = IMAGE_TOKEN) -> int:
-    """
-    Adds `image_token` to `tokenizer` as an added special token (as Llava's tokenizers hold it) unless it is one
-    already, so that it never shadows a word of the vocabulary; returns its id.
-    """
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(image_token)
+    """Adds the image placeholder `image_token` to `tokenizer` (see `add_placeholder_token`); returns its id."""
+    return add_placeholder_token(tokenizer, image_token)
 
 
 def load_state(module: nn.Module, state_dict: dict, what: str):
@@ -161,8 +170,14 @@ def load_pretrained_towers(
                 f"({type(error).__name__}: {str(error)[:200]})."
             ) from error
         image_token_id = add_image_token(tokenizer)
-    if image_token_id >= text.config.vocab_size:
-        text.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        # the placeholders of the state and object vectors the model takes follow, as the processor adds them
+        for kind, token in (("state", STATE_TOKEN), ("object", OBJECT_TOKEN)):
+            if config_kwargs.get(f"{kind}_dim") is not None and config_kwargs.get(f"{kind}_token_id") is None:
+                config_kwargs[f"{kind}_token_id"] = add_placeholder_token(tokenizer, token)
+    placeholder_ids = [image_token_id, config_kwargs.get("state_token_id"), config_kwargs.get("object_token_id")]
+    largest_id = max(token_id for token_id in placeholder_ids if isinstance(token_id, int))
+    if largest_id >= text.config.vocab_size:
+        text.resize_token_embeddings(largest_id + 1, mean_resizing=False)
     config_kwargs.setdefault("vision_integration", "prefix")
     config = PalmEConfig(
         vision_config=vision.config, text_config=text.config, image_token_id=image_token_id, **config_kwargs

@@ -38,11 +38,13 @@ def tiny_config(
     num_latents: int | None = None,
     vision: dict | None = None,
     image_token_id: int | None = None,
+    observations: dict | None = None,
     **text,
 ) -> PalmEConfig:
     """
     A PalmE small enough for CPU tests (32x32 images in 16 patches). With the `"prefix"` variant the image placeholder
-    is `image_token_id`, by default a token added after the text vocabulary.
+    is `image_token_id`, by default a token added after the text vocabulary. `observations` are the PalmEConfig
+    options of state and object vectors (`state_dim`, `state_token_id`, ...).
     """
     text = {**TINY_TEXT, **VARIANTS[variant], **BLOCK_OPTIONS[block_type], "block_type": block_type, **text}
     prefix = variant == "prefix"
@@ -55,6 +57,7 @@ def tiny_config(
         vision_integration="prefix" if prefix else "cross_attention",
         image_token_id=image_token_id,
         num_latents=num_latents,
+        **(observations or {}),
     )
 
 
@@ -77,6 +80,42 @@ def tiny_inputs(model, batch_size: int = 2, length: int = 7) -> tuple[torch.Tens
         placeholders = torch.full((batch_size, config.num_image_tokens), config.image_token_id)
         input_ids = torch.cat([input_ids[:, :2], placeholders, input_ids[:, 2:]], dim=1)
     return pixel_values, input_ids
+
+
+# State vectors of 6 values, each 2 placeholders, and object vectors of 4 values, each 1 placeholder: the embodied
+# inputs of `tiny_embodied_model`, whose image, state and object placeholders are the vocabulary's last three tokens.
+TINY_OBSERVATIONS = dict(state_dim=6, num_state_tokens=2, object_dim=4, num_object_tokens=1)
+
+
+def tiny_embodied_model(text_tower: str = "palme", block_type: str = "standard", **options):
+    """
+    A tiny prefix-route PalmE that takes images, state vectors and object vectors (`TINY_OBSERVATIONS`, overridden by
+    `options`), on PalmE's own decoder (`"palme"`, of `block_type`) or a Transformers Llama (`"llama"`).
+    """
+    vocab_size = TINY_TEXT["vocab_size"] if text_tower == "palme" else 20
+    observations = {
+        **TINY_OBSERVATIONS,
+        "state_token_id": vocab_size + 1,
+        "object_token_id": vocab_size + 2,
+        **options,
+    }
+    if text_tower == "palme":
+        config = tiny_config(
+            "prefix",
+            block_type=block_type,
+            image_token_id=vocab_size,
+            vocab_size=vocab_size + 3,
+            observations=observations,
+        )
+    else:
+        config = PalmEConfig(
+            vision_config=tiny_vision_tower_config("vit"),
+            text_config=tiny_text_tower_config(text_tower, vocab_size + 3),
+            vision_integration="prefix",
+            image_token_id=vocab_size,
+            **observations,
+        )
+    return PalmEForConditionalGeneration(config).eval()
 
 
 def fixture_path(case: str, name: str) -> str:

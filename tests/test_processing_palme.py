@@ -465,7 +465,7 @@ def test_chat_template_writes_instruction_prompts(cross_attend, tmp_path):
         ([{"role": "robot", "content": "hello"}], 'roles are "system", "user" and "assistant", got robot'),
         (
             [{"role": "user", "content": [{"type": "video"}]}],
-            'messages hold "image" and "text" items, got a video item',
+            'messages hold "image", "state", "object" and "text" items, got a video item',
         ),
     ],
 )

@@ -42,10 +42,8 @@ LOADER = WITHOUT_PALME_HF + textwrap.dedent(
         assert foreign == [1.0, "t", 1.0], foreign
     assert type(model).__name__ == "PalmEForConditionalGeneration"
     with torch.no_grad():
-        logits = model(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"]).logits
-    generated = model.generate(
-        pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], do_sample=False, max_new_tokens=6
-    )
+        logits = model(**inputs).logits
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=6)
     torch.save({"logits": logits, "generated": generated}, folder + "/outputs.pt")
     """
 )
@@ -77,8 +75,14 @@ def run_without_palme_hf(program: str, folder, tmp_path):
     [
         {},
         {"variant": "prefix", "block_type": "hierarchical", "num_latents": 3, "window_size": 2},
+        {
+            "variant": "prefix",
+            "observations": dict(
+                state_dim=3, state_token_id=48, object_dim=2, num_object_tokens=2, object_token_id=49
+            ),
+        },
     ],
-    ids=["standard", "hierarchical-resampler-prefix"],
+    ids=["standard", "hierarchical-resampler-prefix", "state-and-object-vectors"],
 )
 def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     config = small_config(**options)
@@ -90,11 +94,18 @@ def test_saved_model_loads_with_remote_code_without_palme_hf(tmp_path, options):
     model.save_pretrained(folder)
     saved = set(os.listdir(folder))
     assert CODE | {"model.safetensors"} <= saved
-    input_ids = torch.randint(0, 49, (2, 5))
+    input_ids = torch.randint(0, 47, (2, 5))
     if config.vision_integration == "prefix":
         placeholders = torch.full((2, config.num_image_tokens), config.image_token_id)
         input_ids = torch.cat([input_ids[:, :1], placeholders, input_ids[:, 1:]], dim=1)
     inputs = {"pixel_values": torch.rand(2, 3, 32, 32), "input_ids": input_ids}
+    if config.state_dim is not None:
+        # each text a state, then its objects: one in the first, two in the second
+        states = torch.full((2, 1), config.state_token_id)
+        objects = torch.full((2, 2 * config.num_object_tokens), config.object_token_id)
+        objects[0, : config.num_object_tokens] = 7
+        input_ids = torch.cat([input_ids[:, :2], states, input_ids[:, 2:4], objects, input_ids[:, 4:]], dim=1)
+        inputs.update(input_ids=input_ids, state_values=torch.rand(2, 3), object_values=torch.rand(3, 2))
     torch.save(inputs, folder / "inputs.pt")
 
     run_without_palme_hf(LOADER, folder, tmp_path)
