@@ -2,6 +2,8 @@
 palme_hf's code uses the newest release's names; each shim below maps one of them onto the installed release and
 names the releases it serves:
 - 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.19 to 5.23 use the old name);
+- 5.21 takes a composite config's sub-config classes as `sub_configs_defaults = {key: ConfigClass}` (5.20 only as
+  `SubConfigSpec`s, 5.19 only as `sub_configs`);
 - `slice_logits_to_keep` is in `transformers.modeling_utils` from 5.21 on (5.19 and 5.20 slice inline);
 - 5.23 named gradient checkpointing "activation checkpointing" (`activation_checkpointing_enable`, 5.19 to 5.22
   have only `gradient_checkpointing_enable`);
@@ -15,6 +17,7 @@ import inspect
 import torch
 import transformers
 from packaging import version
+from transformers import PreTrainedConfig
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils.deprecation import deprecate_kwarg
@@ -55,6 +58,27 @@ def accept_past_key_values(forward):
 def cache_field(cache) -> dict:
     """The keyword argument that sets the cache field of a Transformers `ModelOutput` of the installed release."""
     return {CACHE_NAME: cache}
+
+
+if TRANSFORMERS_RELEASE >= (5, 21):
+    NewestNamesPreTrainedConfig = PreTrainedConfig
+else:
+
+    class NewestNamesPreTrainedConfig(PreTrainedConfig):
+        """`PreTrainedConfig` taking Transformers 5.21's `sub_configs_defaults = {key: ConfigClass}`, the classes of a
+        composite config's sub-configs, on 5.20 (which takes only `SubConfigSpec`s) and 5.19 (`sub_configs`)."""
+
+        sub_configs_defaults = {}
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            declared = cls.__dict__.get("sub_configs_defaults", {})
+            if TRANSFORMERS_RELEASE >= (5, 20):
+                from transformers.configuration_utils import SubConfigSpec
+
+                cls.sub_configs_defaults = {key: SubConfigSpec(config_class) for key, config_class in declared.items()}
+            else:
+                cls.sub_configs = dict(declared)
 
 
 if TRANSFORMERS_RELEASE >= (5, 21):

@@ -2,50 +2,21 @@
 
 import contextlib
 import contextvars
+import dataclasses
 import difflib
-import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal, get_args, get_origin
 
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
-from transformers.generation import GenerationConfig
+from transformers.modeling_rope_utils import RopeParameters
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 from transformers.utils import logging
 
+from .compat_palme import NewestNamesPreTrainedConfig
+
 logger = logging.get_logger(__name__)
-
-BLOCK_TYPES = ("standard", "parallel", "hierarchical")
-VISION_INTEGRATIONS = ("cross_attention", "prefix")
-# The image-to-text projector of `"prefix"` integration: the PaLM-E paper's affine map, or Llava's 2-layer MLP.
-PROJECTOR_TYPES = ("linear", "mlp")
-
-# Keys Transformers itself writes into a config.json or passes to a config's constructor (besides the fields of
-# `PreTrainedConfig`); a config accepts them next to its own arguments.
-TRANSFORMERS_CONFIG_KEYS = {
-    "_name_or_path",
-    "name_or_path",
-    "_commit_hash",
-    "transformers_version",
-    "model_type",
-    "auto_map",
-    "architectures",
-    "attn_implementation",
-    "experts_implementation",
-    "torch_dtype",
-    "dtype",
-    "num_labels",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-    "use_cache",
-    "tie_word_embeddings",
-    "chunk_size_feed_forward",
-    "is_encoder_decoder",
-    "id2label",
-    "label2id",
-    "problem_type",
-} | set(GenerationConfig._get_default_generation_params())
 
 
 def check_positive_ints(owner: str | None = None, **values):
@@ -56,24 +27,53 @@ def check_positive_ints(owner: str | None = None, **values):
             raise ValueError(f"{where}`{name}` must be a positive integer, got {value!r}.")
 
 
-def check_options(owner: str, bools: dict | None = None, positives: dict | None = None, dropouts: dict | None = None):
-    """Raises a `ValueError` naming the first option that is not a `bool`, a positive number or a probability."""
-    for name, value in (bools or {}).items():
+def check_bools(owner: str, **values):
+    """Raises a `ValueError` naming the first value that is not `True` or `False` (a string such as `"false"`)."""
+    for name, value in values.items():
         if not isinstance(value, bool):
             raise ValueError(f"{owner}: `{name}` must be True or False, got {value!r}.")
-    for name, value in (positives or {}).items():
+
+
+def check_positive_numbers(owner: str, **values):
+    """Raises a `ValueError` naming the first value that is not a positive `int` or `float`."""
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{owner}: `{name}` must be a positive number, got {value!r}.")
-    for name, value in (dropouts or {}).items():
+
+
+def check_dropouts(owner: str, **values):
+    """Raises a `ValueError` naming the first value that is not a dropout probability, in [0, 1)."""
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{owner}: `{name}` must be a dropout probability in [0, 1), got {value!r}.")
 
 
-def check_activation(owner: str, name: str, value: str):
-    if value not in ACT2FN:
-        raise ValueError(
-            f"{owner}: `{name}` must be one of Transformers' activations {sorted(ACT2FN)}, got {value!r}."
-        )
+def check_activations(owner: str, **values):
+    """Raises a `ValueError` naming the first value that is not the name of one of Transformers' activations."""
+    for name, value in values.items():
+        if value not in ACT2FN:
+            raise ValueError(
+                f"{owner}: `{name}` must be one of Transformers' activations {sorted(ACT2FN)}, got {value!r}."
+            )
+
+
+def option(default, check: Callable[..., None]):
+    """A declared option whose value must pass `check(owner, **{name: value})`, one of the `check_*` above; `None`, for
+    a `None` default, stands for a default that `__post_init__` derives from options already checked."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+def check_declared_options(config: PreTrainedConfig):
+    """Checks each declared option of `config` with the check `option` gave it, a `Literal` one against its type."""
+    owner = type(config).__name__
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None and field.default is None:
+            continue
+        if get_origin(field.type) is Literal and value not in get_args(field.type):
+            raise ValueError(f"{owner}: `{field.name}` must be one of {get_args(field.type)}, got {value!r}.")
+        if "check" in field.metadata:
+            field.metadata["check"](owner, **{field.name: value})
 
 
 # True while a config is built from saved data (`from_dict`, which `from_pretrained` and `AutoConfig` use, and
@@ -92,21 +92,29 @@ def reading_saved_config(reading: bool = True) -> Iterator[None]:
             READING_SAVED_CONFIG.reset(token)
 
 
-def check_known_keys(config: PreTrainedConfig, kwargs: dict, derived: tuple[str, ...] = ()):
+# Keys of a config.json that `PreTrainedConfig.__post_init__` keeps as attributes, which Transformers reads and writes
+# elsewhere: the class's `model_type`, the Auto classes of custom code and a quantizer's settings.
+TRANSFORMERS_SAVED_KEYS = {"model_type", "auto_map", "quantization_config"}
+
+
+def check_known_keys(config: PreTrainedConfig, kwargs: dict):
     """
     Refuses a keyword argument that neither `config`'s class nor Transformers knows, naming the closest option: a
-    misspelt option would otherwise be kept as an attribute and silently ignored. `derived` are the attributes the
-    config computes and saves, which come back when it is loaded.
+    misspelt option would otherwise be kept as an attribute and silently ignored. `kwargs` are those that are not
+    declared fields; `PreTrainedConfig.__post_init__` has taken the ones Transformers reads (`attn_implementation`,
+    `torch_dtype`, generation parameters, ...) and kept the others as attributes, unknown but for Transformers'
+    bookkeeping (`_name_or_path`) and `TRANSFORMERS_SAVED_KEYS`.
 
     Strict where a person types, lenient where data is read: while a saved config is read (`READING_SAVED_CONFIG`), an
-    unknown key (written by a tool, by a later palme-hf, or set as `config.key = value`) is kept as an attribute, and
-    so saved again, with a warning naming it and the closest option. The computed properties of the class (such as
-    `PalmEConfig.vocab_size`) are left to `check_saved_properties`.
+    unknown key (a tool's, a later palme-hf's, or set as `config.key = value`) stays an attribute, saved again, with a
+    warning naming it and the closest option.
     """
-    options = sorted(set(inspect.signature(type(config).__init__).parameters) | set(derived))
+    options = [field.name for field in dataclasses.fields(config)]
+    if hasattr(config, "rope_parameters"):
+        options.append("rope_theta")  # the flat key Transformers maps into `rope_parameters`
     reading = READING_SAVED_CONFIG.get()
     for key in kwargs:
-        if key in options or key in TRANSFORMERS_CONFIG_KEYS or (reading and is_own_property(config, key)):
+        if key not in vars(config) or key.startswith("_") or key in TRANSFORMERS_SAVED_KEYS:
             continue
         closest = difflib.get_close_matches(key, options, n=1)
         if not reading:
@@ -119,11 +127,6 @@ def check_known_keys(config: PreTrainedConfig, kwargs: dict, derived: tuple[str,
         )
 
 
-def is_own_property(config: PreTrainedConfig, key: str) -> bool:
-    """Whether `key` is a property that `config`'s class computes from its options (not one of Transformers')."""
-    return isinstance(getattr(type(config), key, None), property) and not hasattr(PreTrainedConfig, key)
-
-
 def check_saved_properties(config: PreTrainedConfig, kwargs: dict):
     """
     Takes out of `kwargs` the saved values of `config`'s computed properties (`num_patches`, `num_image_tokens`,
@@ -131,7 +134,8 @@ def check_saved_properties(config: PreTrainedConfig, kwargs: dict):
     itself describes two models; a contradiction is a `ValueError` naming both values. Call it once the options are
     set.
     """
-    for key in [key for key in kwargs if is_own_property(config, key)]:
+    properties = [key for key in kwargs if isinstance(getattr(type(config), key, None), property)]
+    for key in [key for key in properties if not hasattr(PreTrainedConfig, key)]:
         saved, computed = kwargs.pop(key), getattr(config, key)
         if saved != computed:
             raise ValueError(
@@ -141,8 +145,19 @@ def check_saved_properties(config: PreTrainedConfig, kwargs: dict):
 
 
 class SavedConfigMixin:
-    """Reads saved configs leniently (see `check_known_keys`): `from_dict` (behind `from_pretrained`, `AutoConfig`
-    and `trust_remote_code`) and `from_json_file` keep unknown keys with a warning."""
+    """
+    What PalmE's configs add to `PreTrainedConfig`: keyword arguments that are not declared options are refused with
+    the closest option named (`check_known_keys`), except in saved configs, read leniently: `from_dict` (behind
+    `from_pretrained`, `AutoConfig` and `trust_remote_code`) and `from_json_file` keep unknown keys with a warning.
+    """
+
+    def __post_init__(self, **kwargs):
+        check_saved_properties(self, kwargs)
+        super().__post_init__(**kwargs)
+        check_known_keys(self, kwargs)
+        # Transformers' own checks (`validate_*`), which `@strict` runs once its configs are built. PalmE's configs are
+        # not `@strict`: its type checks of the fields would raise before the `ValueError`s naming config and option.
+        self.validate()
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -157,7 +172,7 @@ class SavedConfigMixin:
             return super().from_json_file(json_file)
 
 
-class PalmEVisionConfig(SavedConfigMixin, PreTrainedConfig):
+class PalmEVisionConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     r"""
     Configuration of the PalmE image encoder, a ViT as in the reference `ViTransformerWrapper`: images are cut into
     `patch_size` patches, each patch is layer-normed, projected and layer-normed again, learned positions are added,
@@ -196,72 +211,40 @@ class PalmEVisionConfig(SavedConfigMixin, PreTrainedConfig):
         "layers.*.mlp.fc2": "rowwise",
     }
 
-    def __init__(
-        self,
-        image_size: int = 256,
-        patch_size: int = 32,
-        num_channels: int = 3,
-        hidden_size: int = 512,
-        num_hidden_layers: int = 6,
-        num_attention_heads: int = 8,
-        head_dim: int = 64,
-        intermediate_size: int | None = None,
-        hidden_act: str = "gelu",
-        layer_norm_eps: float = 1e-5,
-        patch_norm_eps: float | None = None,
-        attention_dropout: float = 0.0,
-        initializer_range: float = 0.02,
-        **kwargs,
-    ):
-        name = type(self).__name__
-        check_known_keys(self, kwargs)
-        intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        patch_norm_eps = layer_norm_eps if patch_norm_eps is None else patch_norm_eps
-        check_positive_ints(
-            name,
-            image_size=image_size,
-            patch_size=patch_size,
-            num_channels=num_channels,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            head_dim=head_dim,
-            intermediate_size=intermediate_size,
-        )
-        check_options(
-            name,
-            positives={
-                "layer_norm_eps": layer_norm_eps,
-                "patch_norm_eps": patch_norm_eps,
-                "initializer_range": initializer_range,
-            },
-            dropouts={"attention_dropout": attention_dropout},
-        )
-        check_activation(name, "hidden_act", hidden_act)
-        if image_size % patch_size != 0:
-            raise ValueError(f"{name}: `image_size` ({image_size}) must be divisible by `patch_size` ({patch_size}).")
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.head_dim = head_dim
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.patch_norm_eps = patch_norm_eps
-        self.attention_dropout = attention_dropout
-        self.initializer_range = initializer_range
-        check_saved_properties(self, kwargs)
-        super().__init__(**kwargs)
+    image_size: int = option(256, check_positive_ints)
+    patch_size: int = option(32, check_positive_ints)
+    num_channels: int = option(3, check_positive_ints)
+    hidden_size: int = option(512, check_positive_ints)
+    num_hidden_layers: int = option(6, check_positive_ints)
+    num_attention_heads: int = option(8, check_positive_ints)
+    head_dim: int = option(64, check_positive_ints)
+    intermediate_size: int | None = option(None, check_positive_ints)
+    hidden_act: str = option("gelu", check_activations)
+    layer_norm_eps: float = option(1e-5, check_positive_numbers)
+    patch_norm_eps: float | None = option(None, check_positive_numbers)
+    attention_dropout: float = option(0.0, check_dropouts)
+    initializer_range: float = option(0.02, check_positive_numbers)
+
+    def __post_init__(self, **kwargs):
+        check_declared_options(self)
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.patch_norm_eps is None:
+            self.patch_norm_eps = self.layer_norm_eps
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"{type(self).__name__}: `image_size` ({self.image_size}) must be divisible by `patch_size` "
+                f"({self.patch_size})."
+            )
+        super().__post_init__(**kwargs)
 
     @property
     def num_patches(self) -> int:
+        """Patches of one image, `(image_size // patch_size) ** 2`: the image features the encoder returns."""
         return (self.image_size // self.patch_size) ** 2
 
 
-class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
+class PalmETextConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     r"""
     Configuration of the PalmE text decoder. Each layer is a block (`block_type`), followed, with
     `add_cross_attention`, by pre-norm cross-attention to the image features; a final LayerNorm and a biased
@@ -290,7 +273,9 @@ class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
         use_rotary (`bool`, defaults to `True`): rotary embeddings in self-attention (the blocks always rotate).
         rotary_dim (`int`, *optional*): number of features of each head that are rotated: `max(head_dim // 2, 32)`
             (at most `head_dim`) in the standard layer, the whole head in the blocks.
-        rope_theta (`float`, defaults to 10000.0): rotary base.
+        rope_parameters (`RopeParameters`, *optional*): the rotary embedding, `{"rope_type": "default", "rope_theta":
+            10000.0}` by default: PalmE's rotary embedding has no scaling, `rope_theta` is its base. The keyword
+            `rope_theta=` (the flat key of earlier configs, read from their config.json too) sets the base.
         use_xpos (`bool`, *optional*): xpos length-extrapolation scaling of the rotated features; on by default,
             except in the hierarchical block's window attention (as in its reference).
         xpos_scale_base (`int`, defaults to 512): xpos scale base.
@@ -327,8 +312,8 @@ class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
 
     model_type = "palme_text"
     base_config_key = "text_config"
-    # Tensor parallel plans for base model `PalmETextModel`, put together by `base_model_tp_plan`: the blocks share
-    # module names, not head layouts.
+    # Tensor parallel plans for base model `PalmETextModel`, put together in `__post_init__`: the blocks share module
+    # names, not head layouts.
     block_tp_plans = {
         "standard": {
             "layers.*.mlp.fc1": "colwise",
@@ -369,187 +354,106 @@ class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
         "norm": (["hidden_states"], ["hidden_states"]),
     }
 
-    def __init__(
-        self,
-        vocab_size: int = 20000,
-        hidden_size: int = 512,
-        num_hidden_layers: int = 6,
-        num_attention_heads: int = 8,
-        head_dim: int = 64,
-        intermediate_size: int | None = None,
-        hidden_act: str | None = None,
-        layer_norm_eps: float = 1e-5,
-        max_position_embeddings: int = 1024,
-        use_absolute_position_embeddings: bool = False,
-        alibi_num_heads: int | None = None,
-        use_rotary: bool = True,
-        rotary_dim: int | None = None,
-        rope_theta: float = 10000.0,
-        use_xpos: bool | None = None,
-        xpos_scale_base: int = 512,
-        xpos_offset: int | None = None,
-        rotate_values: bool = False,
-        qk_norm: bool = False,
-        qk_norm_scale: float = 10.0,
-        add_cross_attention: bool = True,
-        cross_attention_hidden_size: int | None = None,
-        attention_dropout: float = 0.0,
-        initializer_range: float = 0.02,
-        use_cache: bool = True,
-        tie_word_embeddings: bool = False,
-        block_type: str = "standard",
-        window_size: int | None = None,
-        compress_factor: int = 1,
-        stride: int = 1,
-        num_key_value_heads: int | None = None,
-        pad_token_id: int | None = None,
-        bos_token_id: int | None = None,
-        eos_token_id: int | list[int] | None = None,
-        **kwargs,
-    ):
-        name = type(self).__name__
-        check_known_keys(self, kwargs, derived=("layer_types", "sliding_window", "number_of_conv_states"))
-        if block_type not in BLOCK_TYPES:
-            raise ValueError(f"{name}: `block_type` must be one of {BLOCK_TYPES}, got {block_type!r}.")
-        is_standard = block_type == "standard"
-        # The block type's own defaults for the options left at None
-        hidden_act = ("silu" if block_type == "parallel" else "gelu") if hidden_act is None else hidden_act
-        alibi_num_heads = (4 if is_standard else 0) if alibi_num_heads is None else alibi_num_heads
-        if rotary_dim is None:
-            rotary_dim = min(head_dim, max(head_dim // 2, 32)) if is_standard else head_dim
-        if use_xpos is None:
-            use_xpos = use_rotary and not (block_type == "hierarchical" and window_size is not None)
-        intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        cross_attention_hidden_size = (
-            hidden_size if cross_attention_hidden_size is None else cross_attention_hidden_size
-        )
-        xpos_offset = max_position_embeddings // 2 if xpos_offset is None else xpos_offset
+    vocab_size: int = option(20000, check_positive_ints)
+    hidden_size: int = option(512, check_positive_ints)
+    num_hidden_layers: int = option(6, check_positive_ints)
+    num_attention_heads: int = option(8, check_positive_ints)
+    head_dim: int = option(64, check_positive_ints)
+    intermediate_size: int | None = option(None, check_positive_ints)
+    hidden_act: str | None = option(None, check_activations)
+    layer_norm_eps: float = option(1e-5, check_positive_numbers)
+    max_position_embeddings: int = option(1024, check_positive_ints)
+    use_absolute_position_embeddings: bool = option(False, check_bools)
+    alibi_num_heads: int | None = None
+    use_rotary: bool = option(True, check_bools)
+    rotary_dim: int | None = option(None, check_positive_ints)
+    rope_parameters: RopeParameters | dict | None = None
+    use_xpos: bool | None = option(None, check_bools)
+    xpos_scale_base: int = option(512, check_positive_numbers)
+    xpos_offset: int | None = None
+    rotate_values: bool = option(False, check_bools)
+    qk_norm: bool = option(False, check_bools)
+    qk_norm_scale: float = option(10.0, check_positive_numbers)
+    add_cross_attention: bool = option(True, check_bools)
+    cross_attention_hidden_size: int | None = option(None, check_positive_ints)
+    attention_dropout: float = option(0.0, check_dropouts)
+    initializer_range: float = option(0.02, check_positive_numbers)
+    use_cache: bool = option(True, check_bools)
+    tie_word_embeddings: bool = option(False, check_bools)
+    block_type: Literal["standard", "parallel", "hierarchical"] = "standard"
+    window_size: int | None = None
+    compress_factor: int = 1
+    stride: int = 1
+    num_key_value_heads: int | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
-        check_positive_ints(
-            name,
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=num_attention_heads,
-            head_dim=head_dim,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings,
-            cross_attention_hidden_size=cross_attention_hidden_size,
-        )
-        check_options(
-            name,
-            bools={
-                "use_absolute_position_embeddings": use_absolute_position_embeddings,
-                "use_rotary": use_rotary,
-                "use_xpos": use_xpos,
-                "rotate_values": rotate_values,
-                "qk_norm": qk_norm,
-                "add_cross_attention": add_cross_attention,
-                "use_cache": use_cache,
-                "tie_word_embeddings": tie_word_embeddings,
-            },
-            positives={
-                "layer_norm_eps": layer_norm_eps,
-                "rope_theta": rope_theta,
-                "xpos_scale_base": xpos_scale_base,
-                "qk_norm_scale": qk_norm_scale,
-                "initializer_range": initializer_range,
-            },
-            dropouts={"attention_dropout": attention_dropout},
-        )
-        check_activation(name, "hidden_act", hidden_act)
-        if not isinstance(xpos_offset, int) or isinstance(xpos_offset, bool):
-            raise ValueError(f"{name}: `xpos_offset` must be an integer position, got {xpos_offset!r}.")
-        if not 0 <= alibi_num_heads <= num_attention_heads:
-            raise ValueError(
-                f"{name}: `alibi_num_heads` ({alibi_num_heads}) must be between 0 and `num_attention_heads` "
-                f"({num_attention_heads})."
+    def __post_init__(self, **kwargs):
+        name = type(self).__name__
+        check_declared_options(self)
+        # The block type's own defaults for the options left at None
+        is_standard = self.block_type == "standard"
+        if self.hidden_act is None:
+            self.hidden_act = "silu" if self.block_type == "parallel" else "gelu"
+        if self.alibi_num_heads is None:
+            self.alibi_num_heads = 4 if is_standard else 0
+        if self.rotary_dim is None:
+            self.rotary_dim = min(self.head_dim, max(self.head_dim // 2, 32)) if is_standard else self.head_dim
+        if self.use_xpos is None:
+            self.use_xpos = self.use_rotary and not (
+                self.block_type == "hierarchical" and self.window_size is not None
             )
-        if use_rotary and not (0 < rotary_dim <= head_dim and rotary_dim % 2 == 0):
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.cross_attention_hidden_size is None:
+            self.cross_attention_hidden_size = self.hidden_size
+        if self.xpos_offset is None:
+            self.xpos_offset = self.max_position_embeddings // 2
+        self.rope_parameters = rope_parameters_from(name, self.rope_parameters, kwargs.pop("rope_theta", None))
+
+        if not isinstance(self.xpos_offset, int) or isinstance(self.xpos_offset, bool):
+            raise ValueError(f"{name}: `xpos_offset` must be an integer position, got {self.xpos_offset!r}.")
+        if not isinstance(self.alibi_num_heads, int) or not 0 <= self.alibi_num_heads <= self.num_attention_heads:
             raise ValueError(
-                f"{name}: `rotary_dim` ({rotary_dim}) must be even, positive and at most `head_dim` ({head_dim})."
+                f"{name}: `alibi_num_heads` ({self.alibi_num_heads!r}) must be between 0 and `num_attention_heads` "
+                f"({self.num_attention_heads})."
             )
-        for option, value in (("use_xpos", use_xpos), ("rotate_values", rotate_values)):
-            if value and not use_rotary:
-                raise ValueError(f"{name}: `{option}=True` needs `use_rotary=True`.")
-        check_block_options(
-            name,
-            block_type,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            head_dim=head_dim,
-            alibi_num_heads=alibi_num_heads,
-            use_rotary=use_rotary,
-            rotary_dim=rotary_dim,
-            rotate_values=rotate_values,
-            qk_norm=qk_norm,
-            attention_dropout=attention_dropout,
-            window_size=window_size,
-            compress_factor=compress_factor,
-            stride=stride,
-        )
-        block_key_value_heads = 1 if block_type == "parallel" else num_attention_heads
-        if num_key_value_heads is not None and num_key_value_heads != block_key_value_heads:
+        if self.use_rotary and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
             raise ValueError(
-                f"{name}: `block_type={block_type!r}` has {block_key_value_heads} key/value heads, got "
-                f"`num_key_value_heads={num_key_value_heads}`."
+                f"{name}: `rotary_dim` ({self.rotary_dim}) must be even, positive and at most `head_dim` "
+                f"({self.head_dim})."
             )
-        for token_name, token_ids in (
-            ("pad_token_id", pad_token_id),
-            ("bos_token_id", bos_token_id),
-            ("eos_token_id", eos_token_id),
-        ):
+        for option_name in ("use_xpos", "rotate_values"):
+            if getattr(self, option_name) and not self.use_rotary:
+                raise ValueError(f"{name}: `{option_name}=True` needs `use_rotary=True`.")
+        check_block_options(self)
+        block_key_value_heads = 1 if self.block_type == "parallel" else self.num_attention_heads
+        if self.num_key_value_heads is not None and self.num_key_value_heads != block_key_value_heads:
+            raise ValueError(
+                f"{name}: `block_type={self.block_type!r}` has {block_key_value_heads} key/value heads, got "
+                f"`num_key_value_heads={self.num_key_value_heads}`."
+            )
+        self.num_key_value_heads = block_key_value_heads
+        for token_name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            token_ids = getattr(self, token_name)
             for token_id in token_ids if isinstance(token_ids, list) else [token_ids]:
                 if token_id is not None and (
-                    not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size
+                    not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < self.vocab_size
                 ):
                     raise ValueError(
-                        f"{name}: `{token_name}` must be None or a token id in [0, {vocab_size}), got {token_ids!r}."
+                        f"{name}: `{token_name}` must be None or a token id in [0, {self.vocab_size}), got "
+                        f"{token_ids!r}."
                     )
 
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.head_dim = head_dim
-        self.intermediate_size = intermediate_size
-        self.hidden_act = hidden_act
-        self.layer_norm_eps = layer_norm_eps
-        self.max_position_embeddings = max_position_embeddings
-        self.use_absolute_position_embeddings = use_absolute_position_embeddings
-        self.alibi_num_heads = alibi_num_heads
-        self.use_rotary = use_rotary
-        self.rotary_dim = rotary_dim
-        self.rope_theta = rope_theta
-        self.use_xpos = use_xpos
-        self.xpos_scale_base = xpos_scale_base
-        self.xpos_offset = xpos_offset
-        self.rotate_values = rotate_values
-        self.qk_norm = qk_norm
-        self.qk_norm_scale = qk_norm_scale
-        self.add_cross_attention = add_cross_attention
-        self.cross_attention_hidden_size = cross_attention_hidden_size
-        self.attention_dropout = attention_dropout
-        self.initializer_range = initializer_range
-        self.use_cache = use_cache
-        self.block_type = block_type
-        self.window_size = window_size
-        self.compress_factor = compress_factor
-        self.stride = stride
-        self.num_key_value_heads = block_key_value_heads
-        self.pad_token_id = pad_token_id
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
         # The cache layout the hierarchical block needs, read by `DynamicCache(config=...)`/`StaticCache`; derived,
         # so a saved value must agree with the block options.
         layout = {}
-        if block_type == "hierarchical":
-            layer_type, sliding_window, num_states = hierarchical_cache_layout(window_size, compress_factor, stride)
-            layout = {
-                "layer_types": [layer_type] * num_hidden_layers,
-                "sliding_window": sliding_window,
-                "number_of_conv_states": num_states,
-            }
+        if self.block_type == "hierarchical":
+            layer_type, layout["sliding_window"], layout["number_of_conv_states"] = hierarchical_cache_layout(
+                self.window_size, self.compress_factor, self.stride
+            )
+            layout["layer_types"] = [layer_type] * self.num_hidden_layers
         for key in ("layer_types", "sliding_window", "number_of_conv_states"):
             given = kwargs.pop(key, None)
             if given is not None and given != layout.get(key):
@@ -558,25 +462,46 @@ class PalmETextConfig(SavedConfigMixin, PreTrainedConfig):
                 )
             if key in layout:
                 setattr(self, key, layout[key])
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+        # The tensor parallel plan of `PalmETextModel` for this block type, with cross-attention if the layers have it
+        # (Transformers leaves it out of config.json). The standard layer's self-attention is split only without ALiBi:
+        # `PalmETextModel` folds the ALiBi bias of every head into the one mask all layers share, which a rank holding
+        # some of the heads could not use.
+        self.base_model_tp_plan = dict(self.block_tp_plans[self.block_type])
+        if is_standard and not self.alibi_num_heads:
+            self.base_model_tp_plan.update(self.standard_attention_tp_plan)
+        if self.add_cross_attention:
+            self.base_model_tp_plan.update(self.cross_attention_tp_plan)
+        super().__post_init__(**kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
+        """The text config a saved `config_dict` describes, upgraded first if palme-hf 0.1.0 saved it."""
         return super().from_dict(upgrade_saved_text_config(config_dict), **kwargs)
 
-    @property
-    def base_model_tp_plan(self) -> dict[str, str]:
-        """
-        The tensor parallel plan of `PalmETextModel` for this block type, with cross-attention if the layers have it.
-        The standard layer's self-attention is split only without ALiBi: `PalmETextModel` folds the ALiBi bias of
-        every head into the one mask all layers share, which a rank holding some of the heads could not use.
-        """
-        plan = dict(self.block_tp_plans[self.block_type])
-        if self.block_type == "standard" and not self.alibi_num_heads:
-            plan.update(self.standard_attention_tp_plan)
-        if self.add_cross_attention:
-            plan.update(self.cross_attention_tp_plan)
-        return plan
+
+def rope_parameters_from(name: str, rope_parameters: dict | None, rope_theta: float | None) -> dict:
+    """
+    A text config's `rope_parameters`, `{"rope_type": "default", "rope_theta": ...}`, from those given and the flat
+    `rope_theta` of earlier configs: PalmE's rotary embedding (with xpos) has no scaling, so any other RoPE type or key
+    is refused, as are two different bases and a base that is not a positive number.
+    """
+    default = {"rope_type": "default", "rope_theta": 10000.0 if rope_theta is None else rope_theta}
+    if rope_parameters is not None:
+        if (
+            not isinstance(rope_parameters, dict)
+            or not set(rope_parameters) <= set(default)
+            or rope_parameters.get("rope_type", "default") != "default"
+        ):
+            raise ValueError(
+                f"{name}: `rope_parameters` must be {{'rope_type': 'default', 'rope_theta': ...}}: PalmE's rotary "
+                f"embedding has no scaling (`rotary_dim` sets how many features rotate), got {rope_parameters!r}."
+            )
+        if rope_theta is not None and rope_parameters.get("rope_theta", rope_theta) != rope_theta:
+            raise ValueError(f"{name}: `rope_theta={rope_theta!r}` contradicts `rope_parameters={rope_parameters!r}`.")
+        default.update(rope_parameters)
+    check_positive_numbers(name, rope_theta=default["rope_theta"])
+    return default
 
 
 def hierarchical_cache_layout(
@@ -609,27 +534,28 @@ BLOCK_ONLY_OPTIONS = {
 }
 
 
-def check_block_options(name: str, block_type: str, **options):
-    """Refuses an option that `block_type` does not have (it would be ignored), and invalid block geometry."""
-    for option, (block_types, unused) in BLOCK_ONLY_OPTIONS.items():
-        if block_type not in block_types and options[option] != unused:
+def check_block_options(config: "PalmETextConfig"):
+    """Refuses an option that the text config's `block_type` does not have (it would be ignored), and invalid block
+    geometry."""
+    name, block_type = type(config).__name__, config.block_type
+    for option_name, (block_types, unused) in BLOCK_ONLY_OPTIONS.items():
+        if block_type not in block_types and getattr(config, option_name) != unused:
             raise ValueError(
-                f"{name}: `block_type={block_type!r}` has no `{option}` (only {sorted(block_types)} do): it must be "
-                f"{unused!r}, got {options[option]!r}."
+                f"{name}: `block_type={block_type!r}` has no `{option_name}` (only {sorted(block_types)} do): it must "
+                f"be {unused!r}, got {getattr(config, option_name)!r}."
             )
-    if block_type != "standard" and options["rotary_dim"] != options["head_dim"]:
+    if block_type != "standard" and config.rotary_dim != config.head_dim:
         raise ValueError(
             f"{name}: `block_type={block_type!r}` rotates the whole head: `rotary_dim` must be `head_dim` "
-            f"({options['head_dim']}), got {options['rotary_dim']}."
+            f"({config.head_dim}), got {config.rotary_dim}."
         )
-    if block_type == "parallel" and options["intermediate_size"] % options["hidden_size"] != 0:
+    if block_type == "parallel" and config.intermediate_size % config.hidden_size != 0:
         raise ValueError(
-            f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` "
-            f"({options['hidden_size']}); "
-            f"got `intermediate_size={options['intermediate_size']}`."
+            f"{name}: the parallel block's feed-forward width is a multiple of `hidden_size` ({config.hidden_size}); "
+            f"got `intermediate_size={config.intermediate_size}`."
         )
     if block_type == "hierarchical":
-        window_size, compress_factor, stride = options["window_size"], options["compress_factor"], options["stride"]
+        window_size, compress_factor, stride = config.window_size, config.compress_factor, config.stride
         if window_size is not None and (
             isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 0
         ):
@@ -815,7 +741,7 @@ def check_observation_options(
         )
 
 
-class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
+class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     r"""
     Configuration of a PalmE model: the image encoder (`vision_config`), the text decoder (`text_config`) and how the
     image reaches the text. To build what zeta's `PalmE(**kwargs)` builds, use [`~PalmEConfig.from_zeta_kwargs`].
@@ -844,6 +770,8 @@ class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
         projector_type (`str`, defaults to `"linear"`): the map from image features to the decoder width with
             `"prefix"` integration: `"linear"`, the paper's affine projection, or `"mlp"`, linear-GELU-linear (as
             Llava's).
+        tie_word_embeddings (`bool`, *optional*): `text_config.tie_word_embeddings`, where it is set; Transformers
+            reads it here.
         state_dim (`int`, *optional*): when set, the text also takes state vectors of `state_dim` values (the PaLM-E
             paper's state estimates), each mapped by an MLP into `num_state_tokens` embeddings that replace as many
             `state_token_id` placeholders (`"prefix"` integration only). Off by default.
@@ -860,25 +788,24 @@ class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
     """
 
     model_type = "palme"
-    sub_configs = {"vision_config": PalmEVisionConfig, "text_config": PalmETextConfig}
+    sub_configs_defaults = {"vision_config": PalmEVisionConfig, "text_config": PalmETextConfig}
 
-    def __init__(
-        self,
-        vision_config: dict | PreTrainedConfig | None = None,
-        text_config: dict | PreTrainedConfig | None = None,
-        vision_integration: str = "cross_attention",
-        image_token_id: int | None = None,
-        num_latents: int | None = None,
-        resampler_depth: int = 2,
-        projector_type: str = "linear",
-        state_dim: int | None = None,
-        num_state_tokens: int = 1,
-        state_token_id: int | None = None,
-        object_dim: int | None = None,
-        num_object_tokens: int = 1,
-        object_token_id: int | None = None,
-        **kwargs,
-    ):
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_integration: Literal["cross_attention", "prefix"] = "cross_attention"
+    image_token_id: int | None = None
+    num_latents: int | None = None
+    resampler_depth: int = 2
+    projector_type: Literal["linear", "mlp"] = "linear"
+    tie_word_embeddings: bool | None = None
+    state_dim: int | None = None
+    num_state_tokens: int = 1
+    state_token_id: int | None = None
+    object_dim: int | None = None
+    num_object_tokens: int = 1
+    object_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
         name = type(self).__name__
         flat = sorted(set(kwargs) & (set(ZETA_PALME_DEFAULTS) | {"block_type"}))
         if flat and not READING_SAVED_CONFIG.get():
@@ -887,25 +814,19 @@ class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
                 f"sub-configuration). Build zeta's PalmE with `PalmEConfig.from_zeta_kwargs({flat[0]}=...)`, or set "
                 "the option in `vision_config` / `text_config`."
             )
-        check_known_keys(self, kwargs, derived=("tie_word_embeddings",))
-        if vision_integration not in VISION_INTEGRATIONS:
+        check_declared_options(self)
+        if self.projector_type != "linear" and self.vision_integration != "prefix":
             raise ValueError(
-                f"{name}: `vision_integration` must be one of {VISION_INTEGRATIONS}, got {vision_integration!r}."
-            )
-        if projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"{name}: `projector_type` must be one of {PROJECTOR_TYPES}, got {projector_type!r}.")
-        if projector_type != "linear" and vision_integration != "prefix":
-            raise ValueError(
-                f"{name}: `projector_type={projector_type!r}` needs `vision_integration='prefix'`: with "
+                f"{name}: `projector_type={self.projector_type!r}` needs `vision_integration='prefix'`: with "
                 "cross-attention the image features are not projected."
             )
-        if num_latents is not None:
-            check_positive_ints(name, num_latents=num_latents, resampler_depth=resampler_depth)
+        if self.num_latents is not None:
+            check_positive_ints(name, num_latents=self.num_latents, resampler_depth=self.resampler_depth)
 
         # A sub-config given as a config object is data already checked: its keys are read as a saved config's.
-        vision_is_object = isinstance(vision_config, PreTrainedConfig)
-        text_is_object = isinstance(text_config, PreTrainedConfig)
-        vision_config = sub_config_from(name, "vision_config", vision_config, PalmEVisionConfig)
+        vision_is_object = isinstance(self.vision_config, PreTrainedConfig)
+        text_is_object = isinstance(self.text_config, PreTrainedConfig)
+        vision_config = sub_config_from(name, "vision_config", self.vision_config, PalmEVisionConfig)
         if isinstance(vision_config, dict):
             with reading_saved_config(vision_is_object):
                 vision_config = PalmEVisionConfig(**vision_config)
@@ -913,55 +834,44 @@ class PalmEConfig(SavedConfigMixin, PreTrainedConfig):
             check_foreign_vision_config(name, vision_config)
         self.vision_config = vision_config
 
-        text_config = sub_config_from(name, "text_config", text_config, PalmETextConfig)
+        text_config = sub_config_from(name, "text_config", self.text_config, PalmETextConfig)
         if isinstance(text_config, dict):
             text_kwargs = upgrade_saved_text_config(text_config)
-            add_cross_attention = vision_integration == "cross_attention"
+            add_cross_attention = self.vision_integration == "cross_attention"
             if text_kwargs.setdefault("add_cross_attention", add_cross_attention) != add_cross_attention:
                 raise ValueError(
                     f"{name}: `text_config.add_cross_attention={text_kwargs['add_cross_attention']}` contradicts "
-                    f"`vision_integration={vision_integration!r}`, which sets it."
+                    f"`vision_integration={self.vision_integration!r}`, which sets it."
                 )
             text_kwargs.setdefault("cross_attention_hidden_size", self.vision_config.hidden_size)
             with reading_saved_config(text_is_object):
                 text_config = PalmETextConfig(**text_kwargs)
         else:
-            check_foreign_text_config(name, text_config, vision_integration)
+            check_foreign_text_config(name, text_config, self.vision_integration)
         self.text_config = text_config
 
         vocab_size = self.text_config.vocab_size
-        if vision_integration == "prefix" and image_token_id is None:
+        if self.vision_integration == "prefix" and self.image_token_id is None:
             raise ValueError(
                 f"{name}: `vision_integration='prefix'` needs `image_token_id`, the id of the `<image>` token: add it "
                 "to the tokenizer (PalmEProcessor does) and grow the vocabulary to hold it."
             )
+        image_token_id = self.image_token_id
         if image_token_id is not None and not (isinstance(image_token_id, int) and 0 <= image_token_id < vocab_size):
             raise ValueError(f"{name}: `image_token_id` ({image_token_id!r}) must be a token id in [0, {vocab_size}).")
-        tie_word_embeddings = kwargs.pop("tie_word_embeddings", self.text_config.tie_word_embeddings)
-        if tie_word_embeddings != self.text_config.tie_word_embeddings:
+        # Transformers reads it here to tie the language-model head to the token embeddings: the decoder's option.
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = self.text_config.tie_word_embeddings
+        elif self.tie_word_embeddings != self.text_config.tie_word_embeddings:
             raise ValueError(f"{name}: set `tie_word_embeddings` in `text_config`, the decoder's option.")
-        # Transformers reads it here to tie the language-model head to the token embeddings.
-        self.tie_word_embeddings = tie_word_embeddings
-        self.vision_integration = vision_integration
-        self.image_token_id = image_token_id
-        self.num_latents = num_latents
-        self.resampler_depth = resampler_depth
-        self.projector_type = projector_type
-        check_observation_options(name, "state", state_dim, num_state_tokens, state_token_id, self)
-        check_observation_options(name, "object", object_dim, num_object_tokens, object_token_id, self)
-        if state_dim is not None and object_dim is not None and state_token_id == object_token_id:
+        check_observation_options(name, "state", self.state_dim, self.num_state_tokens, self.state_token_id, self)
+        check_observation_options(name, "object", self.object_dim, self.num_object_tokens, self.object_token_id, self)
+        if self.state_dim is not None and self.object_dim is not None and self.state_token_id == self.object_token_id:
             raise ValueError(
-                f"{name}: `state_token_id` and `object_token_id` are both {state_token_id}: each kind of observation "
-                "needs its own placeholder token."
+                f"{name}: `state_token_id` and `object_token_id` are both {self.state_token_id}: each kind of "
+                "observation needs its own placeholder token."
             )
-        self.state_dim = state_dim
-        self.num_state_tokens = num_state_tokens
-        self.state_token_id = state_token_id
-        self.object_dim = object_dim
-        self.num_object_tokens = num_object_tokens
-        self.object_token_id = object_token_id
-        check_saved_properties(self, kwargs)
-        super().__init__(**kwargs)
+        super().__post_init__(**kwargs)
 
     @property
     def vocab_size(self) -> int:

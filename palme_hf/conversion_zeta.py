@@ -123,7 +123,9 @@ def _check_rotary_buffer(key: str, tensor: torch.Tensor, config: PalmEConfig):
     text_config = config.text_config
     if not text_config.use_rotary:
         raise ValueError(f"The checkpoint holds {key}, but its kwargs turn rotary embeddings off.")
-    inv_freq, xpos_scale = PalmERotaryEmbedding(text_config.rotary_dim, base=text_config.rope_theta).compute_buffers()
+    inv_freq, xpos_scale = PalmERotaryEmbedding(
+        text_config.rotary_dim, base=text_config.rope_parameters["rope_theta"]
+    ).compute_buffers()
     reference = {"inv_freq": inv_freq, "scale": xpos_scale}.get(key.rsplit(".", 1)[1])
     if reference is None or reference.shape != tensor.shape or not tensor.is_floating_point():
         raise ValueError(f"The checkpoint's rotary buffer {key} does not match the configuration's rotary embedding.")

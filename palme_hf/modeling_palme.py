@@ -457,7 +457,7 @@ class PalmETextModel(PalmEPreTrainedModel):
         self.rotary_emb = (
             PalmERotaryEmbedding(
                 config.rotary_dim,
-                base=config.rope_theta,
+                base=config.rope_parameters["rope_theta"],
                 use_xpos=config.use_xpos,
                 xpos_scale_base=config.xpos_scale_base,
                 rotate_values=config.rotate_values,

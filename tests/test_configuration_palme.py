@@ -1,7 +1,9 @@
 """PalmEConfig: the reference's flat arguments, validation, and serialisation."""
 
+import dataclasses
 import json
 import os
+import typing
 
 import pytest
 import torch
@@ -78,6 +80,18 @@ def test_zeta_arguments_point_to_the_adapter(flat):
         (PalmEVisionConfig, {"layer_norm_eps": 0.0}, "`layer_norm_eps` must be a positive number"),
         (PalmETextConfig, {"attention_dropout": 1.0}, "dropout probability"),
         (PalmETextConfig, {"hidden_act": "swishy"}, "hidden_act"),
+        (
+            PalmETextConfig,
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+            "rotary embedding has no scaling",
+        ),
+        (PalmETextConfig, {"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}}, "`rotary_dim` sets"),
+        (PalmETextConfig, {"rope_parameters": 10000.0}, "`rope_parameters` must be"),
+        (PalmETextConfig, {"rope_parameters": {"rope_theta": -1.0}}, "`rope_theta` must be a positive number"),
+        (PalmETextConfig, {"rope_theta": 1e4, "rope_parameters": {"rope_theta": 5e5}}, "`rope_theta=10000.0` contra"),
+        (PalmETextConfig, {"rope_thetta": 1e4}, "Did you mean `rope_theta`"),
+        (PalmEVisionConfig, {"rope_theta": 1e4}, "has no option `rope_theta`"),
+        (PalmETextConfig, {"alibi_num_heads": "2"}, "`alibi_num_heads` \\('2'\\) must be between 0 and"),
     ],
 )
 def test_invalid_values_raise(config_class, kwargs, message):
@@ -269,3 +283,101 @@ def test_saved_keys_that_contradict_the_options_are_refused(tmp_path, config_cla
     config_file.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=message):
         config_class.from_pretrained(tmp_path)
+
+
+def test_rope_parameters_round_trip(tmp_path):
+    config = PalmEConfig(text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
+    assert config.text_config.rope_parameters == {"rope_type": "default", "rope_theta": 500000.0}
+    # the flat keyword of earlier releases (and of the zeta-signature blocks) sets the same base
+    assert PalmETextConfig(rope_theta=500000.0).rope_parameters == config.text_config.rope_parameters
+    assert PalmETextConfig().rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["text_config"]
+    assert saved["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000.0} and "rope_theta" not in saved
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.rope_parameters == config.text_config.rope_parameters
+
+
+def test_the_rotary_base_reaches_the_model():
+    from helpers import tiny_config, tiny_inputs
+
+    logits = []
+    for rope in ({"rope_parameters": {"rope_theta": 500.0}}, {"rope_theta": 500.0}, {}):
+        torch.manual_seed(0)
+        model = PalmEForConditionalGeneration(tiny_config(**rope)).eval()
+        torch.manual_seed(1)
+        pixel_values, input_ids = tiny_inputs(model)
+        with torch.no_grad():
+            logits.append(model(pixel_values=pixel_values, input_ids=input_ids).logits)
+    torch.testing.assert_close(logits[0], logits[1])
+    assert not torch.allclose(logits[0], logits[2])  # 10000.0, the default base, rotates otherwise
+
+
+def test_flat_rope_theta_of_saved_configs_is_read_into_rope_parameters(tmp_path):
+    from helpers import tiny_config, tiny_inputs
+
+    model = PalmEForConditionalGeneration(tiny_config(rope_parameters={"rope_theta": 500.0})).eval()
+    model.save_pretrained(tmp_path)
+    # the config.json of a release before `rope_parameters`, with the same base as a flat key
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    saved["text_config"]["rope_theta"] = saved["text_config"].pop("rope_parameters")["rope_theta"]
+    config_file.write_text(json.dumps(saved))
+    loaded, logged = load_warnings(lambda: PalmEForConditionalGeneration.from_pretrained(tmp_path).eval())
+    assert loaded.config.text_config.rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+    assert "rope_theta" not in vars(loaded.config.text_config) and "saved key" not in logged
+    pixel_values, input_ids = tiny_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, input_ids=input_ids).logits,
+            model(pixel_values=pixel_values, input_ids=input_ids).logits,
+        )
+    loaded.save_pretrained(tmp_path / "again")  # saved again in today's form
+    again = json.loads((tmp_path / "again" / "config.json").read_text())["text_config"]
+    assert again["rope_parameters"]["rope_theta"] == 500.0 and "rope_theta" not in again
+
+
+def checked_options(config_class) -> list[str]:
+    """The declared options of `config_class` that carry a check of their value."""
+    return [field.name for field in dataclasses.fields(config_class) if "check" in field.metadata]
+
+
+@pytest.mark.parametrize("config_class", [PalmEVisionConfig, PalmETextConfig])
+def test_declared_options_refuse_a_value_of_the_wrong_type(config_class):
+    # every checked option, on every supported Transformers release: a clear ValueError naming it, not a TypeError
+    options = checked_options(config_class)
+    assert {"hidden_size", "layer_norm_eps", "hidden_act", "attention_dropout"} <= set(options)
+    for option in options:
+        with pytest.raises(ValueError, match=rf"{config_class.__name__}: `{option}` must be .*, got 'x'"):
+            config_class(**{option: "x"})
+
+
+@pytest.mark.parametrize(
+    "config_class, option",
+    [(PalmETextConfig, "block_type"), (PalmEConfig, "vision_integration"), (PalmEConfig, "projector_type")],
+)
+def test_literal_options_name_their_values(config_class, option):
+    allowed = typing.get_args(config_class.__dataclass_fields__[option].type)
+    assert len(allowed) >= 2
+    with pytest.raises(ValueError, match=rf"`{option}` must be one of \({allowed[0]!r}, {allowed[1]!r}"):
+        config_class(**{option: "sideways"})
+
+
+def test_configs_are_typed_dataclasses_with_the_sub_configs_declared():
+    text_fields = {field.name: field for field in dataclasses.fields(PalmETextConfig)}
+    assert text_fields["hidden_size"].default == 512 and text_fields["rope_parameters"].default is None
+    assert "rope_theta" not in text_fields  # read into `rope_parameters`
+    assert PalmEConfig.sub_configs == {"vision_config": PalmEVisionConfig, "text_config": PalmETextConfig}
+    config = PalmEConfig(attn_implementation="eager")
+    assert config.vision_config._attn_implementation == config.text_config._attn_implementation == "eager"
+    # Transformers' own checks run on a built config, as on its own typed configs
+    with pytest.raises(Exception, match="`output_attentions` attribute is not supported"):
+        PalmETextConfig(output_attentions=True, attn_implementation="sdpa")
+
+
+def test_tied_embeddings_build_on_every_release():
+    # 5.19 adds the embeddings to the tensor parallel plan of a tied model's config
+    config = PalmEConfig(text_config={"tie_word_embeddings": True})
+    assert config.tie_word_embeddings and config.text_config.base_model_tp_plan["layers.*.mlp.fc1"] == "colwise"
+    with pytest.raises(ValueError, match="set `tie_word_embeddings` in `text_config`"):
+        PalmEConfig(tie_word_embeddings=True)
