@@ -24,52 +24,16 @@ from .layers_palme import (
     PalmERotaryEmbedding,
     PalmETextCrossAttention,
     RotaryTables,
+    block_attn_implementation,
+    check_hidden_states,
+    share_attention_config,
 )
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 def check_probability(name: str, value) -> None:
     """Raises a `ValueError` naming `name` unless `value` is a dropout probability, in [0, 1)."""
     if not 0.0 <= value < 1.0:
         raise ValueError(f"`{name}` must be a dropout probability in [0, 1), got {value!r}.")
-
-
-def check_hidden_states(name: str, states: torch.Tensor, dim: int) -> None:
-    """Raises a `ValueError` naming `name` unless `states` has shape `(batch_size, seq_len, dim)`."""
-    if states.ndim != 3 or states.shape[-1] != dim:
-        raise ValueError(f"`{name}` must have shape (batch_size, seq_len, {dim}), got {tuple(states.shape)}.")
-
-
-def block_attn_implementation(
-    attn_implementation: str | None, config: PreTrainedConfig | None, default: str = "eager"
-) -> str:
-    """
-    The attention implementation a documented block starts with: `attn_implementation` (`default` when not given),
-    refused with `config`, whose `_attn_implementation` the block reads instead.
-    """
-    if config is not None and attn_implementation is not None:
-        raise ValueError(
-            f"Pass either `config` or `attn_implementation` ({attn_implementation!r}), not both: with `config`, "
-            "the block uses `config._attn_implementation`."
-        )
-    attn_implementation = default if attn_implementation is None else attn_implementation
-    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"`attn_implementation` must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_implementation!r}."
-        )
-    return attn_implementation
-
-
-def share_attention_config(block: nn.Module, config: PreTrainedConfig | None):
-    """Makes every attention of `block` read its kernel from `config` (a model's config the block is a layer of), when
-    given: the block's own config keeps its geometry."""
-    if config is None:
-        return
-    block.config = config
-    for module in block.modules():
-        if isinstance(module, (PalmEAttention, PalmECrossAttention)):
-            module.config = config
 
 
 def check_finetune_modules(finetune_modules) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:

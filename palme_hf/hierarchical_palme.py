@@ -12,7 +12,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
 
-from .blocks_palme import block_attn_implementation, check_hidden_states, share_attention_config
 from .compat_palme import accept_past_key_values
 from .configuration_palme import PalmETextConfig, check_positive_ints, hierarchical_cache_layout
 from .conversion_blocks import load_hierarchical_block_reference
@@ -24,7 +23,10 @@ from .layers_palme import (
     RotaryTables,
     WindowedAttentionMask,
     add_bias_to_mask,
+    block_attn_implementation,
+    check_hidden_states,
     in_windows,
+    share_attention_config,
 )
 
 

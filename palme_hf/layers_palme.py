@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs
@@ -744,3 +745,43 @@ class PalmEMLP(nn.Module):
             return self.output_dropout(self.down_proj(self.dropout(inner)))
         inner = self.activation_fn(self.fc1(hidden_states))
         return self.output_dropout(self.fc2(self.dropout(inner)))
+
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def check_hidden_states(name: str, states: torch.Tensor, dim: int) -> None:
+    """Raises a `ValueError` naming `name` unless `states` has shape `(batch_size, seq_len, dim)`."""
+    if states.ndim != 3 or states.shape[-1] != dim:
+        raise ValueError(f"`{name}` must have shape (batch_size, seq_len, {dim}), got {tuple(states.shape)}.")
+
+
+def block_attn_implementation(
+    attn_implementation: str | None, config: PreTrainedConfig | None, default: str = "eager"
+) -> str:
+    """
+    The attention implementation a documented block starts with: `attn_implementation` (`default` when not given),
+    refused with `config`, whose `_attn_implementation` the block reads instead.
+    """
+    if config is not None and attn_implementation is not None:
+        raise ValueError(
+            f"Pass either `config` or `attn_implementation` ({attn_implementation!r}), not both: with `config`, "
+            "the block uses `config._attn_implementation`."
+        )
+    attn_implementation = default if attn_implementation is None else attn_implementation
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`attn_implementation` must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_implementation!r}."
+        )
+    return attn_implementation
+
+
+def share_attention_config(block: nn.Module, config: PreTrainedConfig | None):
+    """Makes every attention of `block` read its kernel from `config` (a model's config the block is a layer of), when
+    given: the block's own config keeps its geometry."""
+    if config is None:
+        return
+    block.config = config
+    for module in block.modules():
+        if isinstance(module, (PalmEAttention, PalmECrossAttention)):
+            module.config = config
