@@ -759,9 +759,27 @@ class PalmEModel(PalmEPreTrainedModel):
             return inputs_embeds
         features = self.get_observation_features(kind, values)
         placeholder_mask = self.get_placeholder_mask(input_ids, inputs_embeds, token_id)
+        return self._scatter_into_placeholders(inputs_embeds, placeholder_mask, features, kind, name, f"`{name}`")
+
+    def _scatter_into_placeholders(
+        self,
+        inputs_embeds: torch.Tensor,
+        placeholder_mask: torch.Tensor,
+        features: torch.Tensor,
+        kind: str,
+        name: str,
+        given: str,
+    ) -> torch.Tensor:
+        """
+        Replaces the placeholders of `kind` (`placeholder_mask`, `(batch_size, seq_len)`) of `inputs_embeds` by
+        `features` `(num_values, per_value, hidden_size)`, in order: the first `per_value` placeholders of the batch
+        (read sequence by sequence) by the first value's, and so on. A count that does not fit (read on the host; not
+        while compiling) is a `ValueError` naming the input `name` (`given`, as the message says it).
+        """
         if not torch.compiler.is_compiling():
             num_values, per_value = features.shape[:2]
             counts = placeholder_mask.sum(dim=1).tolist()
+            token_id = self.config.image_token_id if kind == "image" else getattr(self.config, f"{kind}_token_id")
             if sum(counts) == 0:
                 raise ValueError(
                     f"`{name}` were given ({num_values}), but the text holds no {kind} placeholder tokens (id "
@@ -771,7 +789,7 @@ class PalmEModel(PalmEPreTrainedModel):
             if sum(counts) != num_values * per_value or any(count % per_value for count in counts):
                 raise ValueError(
                     f"The text holds {sum(counts)} {kind} placeholder tokens (id {token_id}; {counts} per sequence), "
-                    f"but {num_values} `{name}` were given, which need {per_value} placeholders each "
+                    f"but {num_values} {given} were given, which need {per_value} placeholders each "
                     f"({num_values * per_value} in all, a multiple of {per_value} per sequence)."
                 )
         mask = placeholder_mask.unsqueeze(-1).expand_as(inputs_embeds)
@@ -786,17 +804,9 @@ class PalmEModel(PalmEPreTrainedModel):
         images, at any positions.
         """
         image_token_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-        if not torch.compiler.is_compiling():
-            num_images, per_image = image_features.shape[:2]
-            counts = image_token_mask.sum(dim=1).tolist()
-            if sum(counts) != num_images * per_image or any(count % per_image for count in counts):
-                raise ValueError(
-                    f"The text holds {sum(counts)} image placeholder tokens (id {self.config.image_token_id}; "
-                    f"{counts} per sequence), but {num_images} images were given, which need {per_image} "
-                    f"placeholders each ({num_images * per_image} in all, a multiple of {per_image} per sequence)."
-                )
-        mask = image_token_mask.unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        return self._scatter_into_placeholders(
+            inputs_embeds, image_token_mask, image_features, "image", "pixel_values", "images"
+        )
 
     @accept_past_key_values
     @can_return_tuple
