@@ -97,14 +97,17 @@ class StopCallback(TrainerCallback):
         self.interrupted = False
 
     def interrupt(self, signum, frame):
+        """The SIGINT handler while training: asks to stop after the current step; a second Ctrl-C aborts."""
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
         print("Interrupted: saving a checkpoint after this step (Ctrl-C again aborts at once).", file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Starts the clock of `max_minutes`."""
         self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Stops the training after this step on Ctrl-C (saving a checkpoint) or once the time is out."""
         out_of_time = self.max_seconds is not None and time.monotonic() - self.start > self.max_seconds
         stop = torch.tensor([float(self.interrupted), float(out_of_time)])
         if dist.is_available() and dist.is_initialized():
