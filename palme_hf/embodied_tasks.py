@@ -233,12 +233,12 @@ def generate_answers(
 
 def step_is_right(scene: Scene, goal: Goal, step: str) -> bool:
     """Whether `step` can be executed on `scene` and is the first step of a shortest plan toward `goal`: after it,
-    the goal is one step nearer."""
+    the goal is one step nearer (a step that walls the goal's subject in, or moves the reference to the grid's edge,
+    leaves no plan)."""
     try:
-        after = execute(scene, step)
+        return len(oracle_plan(execute(scene, step), goal)) == len(oracle_plan(scene, goal)) - 1
     except ValueError:
         return False
-    return len(oracle_plan(after, goal)) == len(oracle_plan(scene, goal)) - 1
 
 
 def answer_is_right(example: TaskExample, answer: str) -> bool:

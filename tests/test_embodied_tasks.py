@@ -141,6 +141,8 @@ def test_a_next_step_is_right_when_it_starts_a_shortest_plan():
     assert not step_is_right(SCENE, GOAL, "move obj_1 left")  # off the grid
     assert not step_is_right(execute(SCENE, "move obj_1 right"), GOAL, "move obj_1 left")  # back
     assert not step_is_right(SCENE, GOAL, "walk obj_1 right")
+    assert not step_is_right(SCENE, GOAL, "move obj_2 right")  # the square at the edge: nothing is right of it
+    assert not step_is_right(execute(SCENE, "move obj_2 right"), GOAL, "move obj_2 down")  # still at the edge
 
 
 def test_the_closed_loop_ends_when_the_goal_holds_or_the_budget_is_spent(tmp_path):
