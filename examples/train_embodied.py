@@ -187,6 +187,9 @@ def write_model_card(output_dir: Path, argv: list[str], args: argparse.Namespace
         f"plan in a small action language (`move obj_N left`), from the scene's {observations} in a multimodal "
         "sentence.",
         sections=[("Embodied tasks", evaluation), ("How to reproduce", f"```bash\n{command}\n```")],
+        intended_use="Research on PaLM-E style models at toy scale: questions and plans about scenes of "
+        "`palme_hf.embodied_world`, put as `palme_hf.embodied_tasks.encode_sentences` writes them "
+        f"(`inputs={INPUT_CHOICES[args.inputs]}`); `examples/embodied_loop.py` runs its closed loop.",
         generated=False,
     )
     card = f"""---
