@@ -46,6 +46,7 @@ def test_a_run_saves_model_processor_scores_and_card(finished):
         assert 0.0 <= results[name] <= 1.0
     card = (finished / "README.md").read_text()
     assert "| plan success |" in card and "--inputs image+state" in card
+    assert "Captioning" not in card and "examples/embodied_loop.py" in card  # its own intended use
     model, processor, inputs = load_embodied_model(str(finished))
     assert inputs == ("image", "state") and model.config.state_dim == 44 and model.config.object_dim == 10
     assert processor.tokenizer.tokenize("obj_1? A:") == ["obj_1", "?", "A", ":"]
