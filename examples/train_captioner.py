@@ -57,7 +57,6 @@ import json
 import os
 import random
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -87,14 +86,12 @@ from palme_hf.io_palme import (
     check_no_overlap,
     check_output_dir,
     check_path_given,
-    check_torch_file,
     check_writable,
     exit_on_sigterm,
     exit_with_error,
     load_saved_model,
     load_saved_processor,
     one_line,
-    read_json_file,
     read_json_object,
 )
 from palme_hf.model_card_palme import build_model_card
@@ -106,10 +103,14 @@ from palme_hf.synthetic_shapes import (
     build_caption_tokenizer,
 )
 from palme_hf.towers_palme import IMAGE_TOKEN, add_image_token
+from palme_hf.training_runs import (
+    CHECKPOINTS_DIR,
+    StopCallback,
+    find_resume_checkpoint,
+    start_checkpoints,
+)
 
 AUGMENTATION = ImageAugmentation()  # with --augment
-CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
-OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must match
 SAMPLE_CAPTIONS_FILE = "captions.json"  # in --sample-images-dir, beside the images
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {
@@ -417,61 +418,6 @@ def check_output_paths(args: argparse.Namespace):
         )
 
 
-def find_resume_checkpoint(args: argparse.Namespace, num_processes: int) -> str | None:
-    """
-    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (model,
-    trainer state, optimizer, schedule and random states, each readable), and the options the run started with, but
-    for those in `RESUMABLE_CHANGES`: otherwise the data order would change.
-    """
-    if not args.resume:
-        return None
-    checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
-    checkpoint = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
-    if checkpoint is None:
-        raise ValueError(f"--resume: {checkpoints_dir} holds no checkpoint to resume from.")
-    try:
-        check_model_folder(checkpoint)
-        if not os.path.isfile(os.path.join(checkpoint, "trainer_state.json")):
-            raise ValueError(f"{checkpoint} has no trainer_state.json.")
-        read_json_object(os.path.join(checkpoint, "trainer_state.json"))
-        # The optimizer, the schedule and each process's random states: without one, the run would go on, but not as
-        # the uninterrupted run did.
-        rng_states = ["rng_state.pth"] if num_processes == 1 else [f"rng_state_{i}.pth" for i in range(num_processes)]
-        for name in ["optimizer.pt", "scheduler.pt", *rng_states]:
-            check_torch_file(os.path.join(checkpoint, name))
-    except (ValueError, OSError) as error:
-        raise ValueError(
-            f"{error} The checkpoint is incomplete (was its saving cut short?): delete it to resume from the one "
-            "before."
-        ) from error
-    started_with = read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))
-    options = {**vars(args), "num_processes": num_processes}
-    changed = sorted(
-        name
-        for name in options.keys() | started_with.keys()
-        if name not in RESUMABLE_CHANGES and options.get(name) != started_with.get(name)
-    )
-    if changed:
-        differences = ", ".join(
-            f"{'--' + name.replace('_', '-') if name in vars(args) else name} {options.get(name)} (started with "
-            f"{started_with.get(name)})"
-            for name in changed
-        )
-        raise ValueError(
-            f"--resume: {differences}. Resume with the options the run in {args.output_dir} started with."
-        )
-    return checkpoint
-
-
-def start_checkpoints(args: argparse.Namespace, num_processes: int):
-    """Records the options of a new run in its checkpoints folder (replacing an old run's, with --overwrite)."""
-    checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)
-    os.makedirs(checkpoints_dir)
-    options = {**vars(args), "num_processes": num_processes}
-    (Path(checkpoints_dir) / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
-
-
 class StepSeededCollator(TrainerCallback):
     """
     Calls `collator` with the torch random state seeded from (seed, process, batch number), so that a batch's word
@@ -494,38 +440,6 @@ class StepSeededCollator(TrainerCallback):
             torch.manual_seed(random.Random(f"{self.seed}/{self.process_index}/{self.batch}").getrandbits(63))
             self.batch += 1
             return self.collator(items)
-
-
-class StopCallback(TrainerCallback):
-    """
-    Stops training after the current step on Ctrl-C (SIGINT, once `interrupt` is its handler), saving a checkpoint
-    first, or once `max_minutes` have passed. Under torch.distributed the processes agree, so that every process
-    stops after the same step.
-    """
-
-    def __init__(self, max_minutes: float | None):
-        self.max_seconds = None if max_minutes is None else 60 * max_minutes
-        self.start = None
-        self.interrupted = False
-
-    def interrupt(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("Interrupted: saving a checkpoint after this step (Ctrl-C again aborts at once).", file=sys.stderr)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        out_of_time = self.max_seconds is not None and time.monotonic() - self.start > self.max_seconds
-        stop = torch.tensor([float(self.interrupted), float(out_of_time)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        self.interrupted = bool(stop[0])
-        if self.interrupted:
-            control.should_save = True
-        if stop.any():
-            control.should_training_stop = True
 
 
 def write_model_card(
@@ -679,7 +593,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             seed=args.seed,
             data_seed=args.seed,
         )
-        resume_from = find_resume_checkpoint(args, training_args.world_size)
+        resume_from = find_resume_checkpoint(args, training_args.world_size, RESUMABLE_CHANGES)
     except (ValueError, OSError) as error:
         exit_with_error(error)
     # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).

@@ -386,6 +386,12 @@ def sample_scene_and_goal(rng: random.Random, split: str) -> tuple[Scene, Goal]:
             return scene, rng.choice(goals)
 
 
+def next_step_prompt(goal: Goal) -> str:
+    """The prompt of the `"next_step"` task, the closed loop's question: `"Q: What is the next step to put the red
+    circle right of the blue square? A:"`."""
+    return f"Q: What is the next step to {goal.text}? A:"
+
+
 def sample_example(rng: random.Random, split: str, task: str) -> TaskExample:
     """
     An example of `task` (one of `TASKS`) on a scene of `split` drawn from `rng`; the `"plan"` and `"next_step"` goals
@@ -409,8 +415,7 @@ def sample_example(rng: random.Random, split: str, task: str) -> TaskExample:
             return TaskExample(task, scene, f"Q: How to {goal.text}? A:", format_plan(steps), goal)
         for step in steps[: rng.randrange(len(steps))]:
             scene = execute(scene, step)
-        prompt = f"Q: What is the next step to {goal.text}? A:"
-        return TaskExample(task, scene, prompt, oracle_plan(scene, goal)[0], goal)
+        return TaskExample(task, scene, next_step_prompt(goal), oracle_plan(scene, goal)[0], goal)
     scene = sample_scene(rng, split)
     numbers = range(1, len(scene.objects) + 1)
     if task == "relation":
@@ -494,6 +499,7 @@ __all__ = [
     "goal_holds",
     "goal_split",
     "object_number",
+    "next_step_prompt",
     "object_vectors",
     "open_goals",
     "oracle_plan",

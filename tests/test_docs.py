@@ -418,3 +418,25 @@ def test_the_pictures_the_pages_show_are_committed():
             if target.endswith(".png"):
                 picture = os.path.normpath(os.path.join(os.path.dirname(path), target))
                 assert os.path.getsize(picture) < 200_000, f"{target}: keep committed pictures small"
+
+
+def test_the_embodied_tables_are_the_run_data():
+    """The embodied page's tables hold the scores of the runs recorded in docs/data/embodied.json (each run's
+    eval_results.json, and the closed loop's report), to three decimals."""
+    with open(os.path.join(DOCS, "data", "embodied.json"), encoding="utf-8") as handle:
+        data = json.load(handle)
+    page = os.path.join(DOCS, "embodied.md")
+    table = markdown_table(page, "| run | inputs |")
+    assert table[0] == [
+        "run", "inputs", "training examples", "steps", "question accuracy", "plan success", "next-step accuracy"
+    ]  # fmt: skip
+    assert [row[0] for row in table[1:]] == list(data["runs"])
+    for row, run in zip(table[1:], data["runs"].values()):
+        assert row[1:4] == [run["inputs"], str(run["train_samples"]), str(run["train_steps"])]
+        scores = [run["question_accuracy"], run["plan_success"], run["next_step_accuracy"]]
+        assert [float(cell) for cell in row[4:]] == [round(score, 3) for score in scores]
+    loop = markdown_table(page, "| model | episodes |")
+    assert loop[1] == [
+        data["loop"]["run"], str(data["loop"]["episodes"]), str(data["loop"]["max_steps"]),
+        f"{data['loop']['success_rate']:.2f}",
+    ]  # fmt: skip
