@@ -19,6 +19,7 @@ at the end, and deleted if the run fails or is stopped (Ctrl-C, SIGTERM).
 starts (torch's FSDP2, `palme_hf.distributed_palme`), each a slice of `--batch-size`, which is then the global batch:
 
     torchrun --nproc-per-node 2 examples/train_from_towers.py --fsdp full --batch-size 16 ... --output-dir OUT
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train_from_towers.py --fsdp full ...
 
 It saves sharded checkpoints (torch distributed checkpoint) to `OUT/checkpoints/checkpoint-N` every `--save-steps`
 steps, at the end and on Ctrl-C (which stops after the current step, exit status 130); the same command with

@@ -3,9 +3,10 @@ Sharded training (torch's FSDP2, `fully_shard`) of palme-hf models on any number
 checkpoints that survive Ctrl-C and resume on any number of processes. Tooling, not a model file: what the training
 examples share (`examples/train_from_towers.py --fsdp`, `examples/train_captioner.py --fsdp`).
 
-Why not the `Trainer` or `accelerate launch` with an FSDP config: on a machine without accelerators, accelerate 1.x
-switches FSDP (and DeepSpeed) on only for GPU-like process groups, so both silently train data-parallel (DDP) instead,
-every process holding the whole model. `train_sharded` drives `fully_shard` itself, and works the same on GPUs.
+Why not the `Trainer`'s FSDP (its `fsdp` arguments, or an FSDP config of `accelerate launch`): on a machine without
+accelerators, accelerate 1.x switches FSDP (and DeepSpeed) on only for GPU-like process groups, so the `Trainer`
+silently trains data-parallel (DDP) instead, every process holding the whole model. `train_sharded` drives
+`fully_shard` itself, and works the same on GPUs; `accelerate launch` starts its processes as torchrun does.
 
 Every process collates the whole global batch and keeps its own rows, so that the batch (padding and random draws
 included) is the one a single process sees; the loss is the mean over the global batch's predicted tokens, so that
