@@ -294,3 +294,10 @@ def test_resume_needs_fsdp_and_no_overwrite(options, message, capsys):
     with pytest.raises(SystemExit):
         train_from_towers.parse_args(["--vision-model", "v", "--text-model", "t", "--output-dir", "o", *options])
     assert message in capsys.readouterr().err
+
+
+def test_the_captioner_refuses_max_minutes_with_fsdp(capsys):
+    train_captioner = load_script("examples", "train_captioner.py")
+    with pytest.raises(SystemExit):
+        train_captioner.parse_args(["--fsdp", "full", "--max-minutes", "5"])
+    assert "--max-minutes stops the Trainer's run: it does not apply to --fsdp" in capsys.readouterr().err
