@@ -10,6 +10,8 @@ renders), and the patch LayerNorm's epsilon is raised (`--patch-norm-eps`), so t
 is not scaled up to the size of a shape.
 
     python examples/train_captioner.py --output-dir palme_hf/captioner --overwrite   # replaces the committed one
+    python examples/train_captioner.py --block-type parallel --vision-integration prefix --head-dim 64 \
+        --output-dir my_palme   # the PaLM-E paper's layout: PaLM's parallel block, the image as prefix tokens
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
 
 Two processes train data-parallel (torch.distributed, gloo on a machine without CUDA): start them with
@@ -124,6 +126,7 @@ from palme_hf.synthetic_shapes import (
     SyntheticShapesDataset,
     build_caption_tokenizer,
 )
+from palme_hf.towers_palme import IMAGE_TOKEN, add_image_token
 
 AUGMENTATION = ImageAugmentation()  # with --augment
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
@@ -135,7 +138,10 @@ RESUMABLE_CHANGES = {
     "sample_images_dir", "num_sample_images", "robustness_samples", "max_image_pixels",
 }  # fmt: skip
 # patch_norm_eps: about the variance of a [0, 1] patch holding part of a shape (PalmEVisionConfig.patch_norm_eps).
-ARCHITECTURE_DEFAULTS = {"image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "patch_norm_eps": 0.1}
+ARCHITECTURE_DEFAULTS = {
+    "image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "head_dim": 32, "patch_norm_eps": 0.1,
+    "block_type": "standard", "vision_integration": "cross_attention",
+}  # fmt: skip
 # How both routes train (the Trainer's defaults but these): AdamW, a cosine schedule after a linear warmup.
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.05
@@ -226,6 +232,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"layers of the encoder and of the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
     )
     parser.add_argument(
+        "--head-dim",
+        type=int,
+        help="features of an attention head, in the encoder and the decoder "
+        f"({defaults.format(ARCHITECTURE_DEFAULTS['head_dim'])})",
+    )
+    parser.add_argument(
+        "--block-type",
+        choices=["standard", "parallel"],
+        help="the decoder layer: standard (self-attention with ALiBi on half the heads, cross-attention, GELU) or "
+        "parallel (PaLM's block: rotary, multi-query attention, SwiGLU, no ALiBi) "
+        f"({defaults.format(ARCHITECTURE_DEFAULTS['block_type'])})",
+    )
+    parser.add_argument(
+        "--vision-integration",
+        choices=["cross_attention", "prefix"],
+        help="how the image reaches the decoder: cross-attention to the patch features, or the PaLM-E paper's prefix "
+        "(the patch features are placeholder tokens before the caption) "
+        f"({defaults.format(ARCHITECTURE_DEFAULTS['vision_integration'])})",
+    )
+    parser.add_argument(
         "--patch-norm-eps",
         type=float,
         help=f"epsilon of the patch LayerNorm ({defaults.format(ARCHITECTURE_DEFAULTS['patch_norm_eps'])})",
@@ -251,17 +277,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--robustness-samples must be 0 or more, got {args.robustness_samples}")
     if args.patch_norm_eps is not None and not args.patch_norm_eps > 0:
         parser.error(f"--patch-norm-eps must be a positive number, got {args.patch_norm_eps}")
+    if args.head_dim is not None and not args.head_dim > 0:
+        parser.error(f"--head-dim must be a positive number, got {args.head_dim}")
     if args.init_from is None:
         for name, default in ARCHITECTURE_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, default)
+        if args.hidden_size % args.head_dim:
+            parser.error(f"--hidden-size {args.hidden_size} must be a multiple of --head-dim {args.head_dim}")
     return args
 
 
 def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
-    """A small cross-attention PalmE for `tokenizer`'s words: ViT encoder and standard decoder of the same width,
-    heads of 32 features."""
-    num_heads = args.hidden_size // 32
+    """A small PalmE for `tokenizer`'s words: ViT encoder and decoder (`--block-type`) of the same width and head
+    size, the image through `--vision-integration` (with `"prefix"`, `tokenizer` holds the image token)."""
+    num_heads = args.hidden_size // args.head_dim
+    is_prefix = args.vision_integration == "prefix"
+    num_patches = (args.image_size // args.patch_size) ** 2
     return PalmEConfig(
         vision_config={
             "image_size": args.image_size,
@@ -269,7 +301,7 @@ def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "hidden_size": args.hidden_size,
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
-            "head_dim": 32,
+            "head_dim": args.head_dim,
             "patch_norm_eps": args.patch_norm_eps,
         },
         text_config={
@@ -280,16 +312,22 @@ def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "hidden_size": args.hidden_size,
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
-            "head_dim": 32,
-            "alibi_num_heads": num_heads // 2,
-            "max_position_embeddings": 64,
+            "head_dim": args.head_dim,
+            "block_type": args.block_type,
+            "alibi_num_heads": num_heads // 2 if args.block_type == "standard" else 0,
+            # <bos>, the image placeholders in the prefix route, and the caption
+            "max_position_embeddings": max(64, 1 + num_patches * is_prefix + MAX_CAPTION_TOKENS),
         },
+        vision_integration=args.vision_integration,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) if is_prefix else None,
     )
 
 
 def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
     """A new captioner of the architecture options, with the word-level caption tokenizer."""
     tokenizer = build_caption_tokenizer()
+    if args.vision_integration == "prefix":
+        add_image_token(tokenizer)
     config = captioner_config(args, tokenizer)
     model = PalmEForConditionalGeneration(config)  # its generation config takes the token ids from the text config
     model.generation_config.max_new_tokens = MAX_CAPTION_TOKENS
@@ -328,7 +366,10 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         "patch_size": {vision.patch_size},
         "hidden_size": {vision.hidden_size, text.hidden_size},
         "num_layers": {vision.num_hidden_layers, text.num_hidden_layers},
+        "head_dim": {vision.head_dim, text.head_dim},
         "patch_norm_eps": {vision.patch_norm_eps},
+        "block_type": {text.block_type},
+        "vision_integration": {model.config.vision_integration},
     }
     contradictions = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the model has {' and '.join(map(str, sorted(values)))})"
@@ -593,10 +634,18 @@ each changed as named (`palme_hf.captioning.ROBUSTNESS_CONDITIONS`; noise on eve
         else f"The held-out images are those of `{args.eval_dir}`."
     )
     vision, text = config.vision_config, config.text_config
+    if config.vision_integration == "prefix":
+        tokens = f"`<unk>`, the caption words and the image placeholder `{IMAGE_TOKEN}`"
+        prompt = (
+            f"the captioning prompt is `{IMAGE_TOKEN}`, which the processor expands into the image's "
+            f"{config.num_image_tokens} placeholders"
+        )
+    else:
+        tokens, prompt = "`<unk>` and the caption words", "the captioning prompt is the empty text"
     processor = (
         f"`PalmEProcessor`: images resized to {vision.image_size}x{vision.image_size} and rescaled to [0, 1]; a "
         f"word-level tokenizer (`tokenizers` WordLevel) of {text.vocab_size} tokens: `<pad>`, `<bos>`, `<eos>`, "
-        "`<unk>` and the caption words. Encoding prepends `<bos>`, so the captioning prompt is the empty text."
+        f"{tokens}. Encoding prepends `<bos>`, and {prompt}."
     )
     robustness += f"""
 The patch LayerNorm's epsilon is {vision.patch_norm_eps:g} (`vision_config.patch_norm_eps`; the reference's 1e-5 \

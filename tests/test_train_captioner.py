@@ -418,3 +418,33 @@ def test_sample_images_dir_never_replaces_files_without_overwrite(tmp_path, trai
     assert sorted(os.listdir(samples)) == ["captions.json", "held_out_00.png", "held_out_01.png", "notes.txt"]
     assert (samples / "notes.txt").read_text() == "kept"  # --overwrite replaces the files it writes, no others
     assert json.loads((samples / "captions.json").read_text()).keys() == {"held_out_00.png", "held_out_01.png"}
+
+
+def test_trains_the_paper_layout_parallel_block_with_the_image_as_prefix(tmp_path, train_captioner, capsys):
+    output_dir = tmp_path / "paper"
+    layout = ["--block-type", "parallel", "--vision-integration", "prefix", "--head-dim", "16"]
+    train_captioner.main(["--output-dir", str(output_dir), *TINY_RUN, "--train-samples", "32", *layout])
+    config = json.loads((output_dir / "config.json").read_text())
+    text = config["text_config"]
+    assert config["vision_integration"] == "prefix" and text["block_type"] == "parallel"
+    assert (text["head_dim"], text["num_attention_heads"], text["num_key_value_heads"]) == (16, 2, 1)
+    assert text["alibi_num_heads"] == 0 and text["hidden_act"] == "silu"  # PaLM's block: rotary only, SwiGLU
+    added_tokens = json.loads((output_dir / "tokenizer.json").read_text())["added_tokens"]
+    assert {"content": "<image>", "id": config["image_token_id"]}.items() <= added_tokens[-1].items()
+    assert (
+        "the captioning prompt is `<image>`, which the processor expands into the image's 16"
+        in (output_dir / "README.md").read_text()
+    )
+    images = captioned_folder(tmp_path / "images", [SyntheticShapesDataset(2, "held_out", image_size=32)[0]])
+    capsys.readouterr()
+    assert cli_main(["caption", "--model", str(output_dir), *images]) == 0
+    assert capsys.readouterr().out.startswith(f"{images[0]}\t")
+
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main(
+            ["--init-from", str(output_dir), "--output-dir", str(tmp_path / "out"), "--block-type", "standard"]
+        )
+    assert "contradicts --block-type standard (the model has parallel)" in str(refusal.value.code)
+    with pytest.raises(SystemExit):
+        train_captioner.parse_args(["--hidden-size", "32", "--head-dim", "12"])
+    assert "--hidden-size 32 must be a multiple of --head-dim 12" in capsys.readouterr().err
