@@ -20,6 +20,15 @@ Two processes train data-parallel (torch.distributed, gloo on a machine without 
 main process evaluates and saves. `--batch-size` is per process, as in `TrainingArguments`: with two processes the
 global batch doubles.
 
+`--fsdp full` (or `partial`) shards the parameters, gradients and optimizer state over the processes instead (torch's
+FSDP2, `palme_hf.distributed_palme`, as `examples/train_from_towers.py --fsdp`); `--batch-size` is then the global
+batch, which the processes split, and any number of processes trains as one does:
+
+    torchrun --nproc-per-node 2 examples/train_captioner.py --fsdp full --batch-size 64 --output-dir /tmp/captioner
+
+Its checkpoints are sharded (torch distributed checkpoint) and `--resume` continues them on any number of processes;
+the rules below hold for them as for the Trainer's (`--max-minutes` is the Trainer's alone).
+
 No work is lost:
 - A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it. Nothing
   else is ever deleted: an empty path, the current folder, and an `--output-dir` or `--sample-images-dir` that is,
@@ -54,6 +63,7 @@ does a `metadata.jsonl` entry whose `file_name` is absolute or leads outside its
 
 import argparse
 import json
+import math
 import os
 import random
 import shlex
@@ -64,7 +74,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
@@ -79,6 +89,16 @@ from palme_hf.captioning import (
     robustness_table,
 )
 from palme_hf.cli import positive_int
+from palme_hf.distributed_palme import (
+    check_global_batch_size,
+    exit_interrupted,
+    full_state_dict,
+    init_process_group,
+    logged_losses,
+    rank_and_world_size,
+    shard_model,
+    train_sharded,
+)
 from palme_hf.io_palme import (
     DEFAULT_MAX_IMAGE_PIXELS,
     atomic_output_dir,
@@ -122,6 +142,9 @@ ARCHITECTURE_DEFAULTS = {
     "image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "head_dim": 32, "patch_norm_eps": 0.1,
     "block_type": "standard", "vision_integration": "cross_attention",
 }  # fmt: skip
+# How both routes train (the Trainer's defaults but these): AdamW, a cosine schedule after a linear warmup.
+WEIGHT_DECAY = 0.01
+WARMUP_RATIO = 0.05
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,7 +182,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--train-samples", type=int, default=160_000, help="length of the synthetic training split")
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="per process; with --fsdp, the global batch they split"
+    )
+    parser.add_argument(
+        "--fsdp",
+        choices=["full", "partial"],
+        default=None,
+        help="shard over the launched processes with FSDP2: full (parameters gathered for each pass) or partial "
+        "(kept gathered from forward to backward)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--word-dropout", type=float, default=0.8, help="probability of hiding a caption word from the decoder's input"
@@ -239,6 +271,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.robustness_samples = 200 if args.train_dir is None else 0
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
+    if args.fsdp and args.max_minutes is not None:
+        parser.error("--max-minutes stops the Trainer's run: it does not apply to --fsdp (give --epochs)")
     if args.robustness_samples < 0:
         parser.error(f"--robustness-samples must be 0 or more, got {args.robustness_samples}")
     if args.patch_norm_eps is not None and not args.patch_norm_eps > 0:
@@ -564,44 +598,36 @@ def write_sample_images(directory: Path, names: list[str], items: list[dict]):
     (directory / SAMPLE_CAPTIONS_FILE).write_text(json.dumps(captions, indent=2) + "\n")
 
 
-def main(argv: list[str] | None = None) -> Trainer:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    set_seed(args.seed)
-    try:
-        check_output_paths(args)
-        model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
-        train_dataset, held_out = captioning_datasets(args, processor)
-        training_args = TrainingArguments(
-            output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
-            per_device_train_batch_size=args.batch_size,
-            num_train_epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=0.05,
-            weight_decay=0.01,
-            logging_steps=args.logging_steps,
-            save_strategy="steps",
-            save_steps=args.save_steps,
-            save_total_limit=2,  # the one before the last survives a save that is cut short
-            report_to="none",
-            remove_unused_columns=False,  # the collator needs the raw "image" and "caption"
-            dataloader_num_workers=0,
-            # Without CUDA, a multi-process launch (torchrun, `accelerate launch --multi_gpu`) sets up gloo data
-            # parallelism only when the arguments name the CPU; otherwise each process would train alone.
-            use_cpu=not torch.cuda.is_available(),
-            seed=args.seed,
-            data_seed=args.seed,
-        )
-        resume_from = find_resume_checkpoint(args, training_args.world_size, RESUMABLE_CHANGES)
-    except (ValueError, OSError) as error:
-        exit_with_error(error)
-    # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if resume_from is None and training_args.should_save:
-        start_checkpoints(args, training_args.world_size)
+def training_arguments(args: argparse.Namespace) -> TrainingArguments:
+    """The `Trainer`'s arguments (without `--fsdp`)."""
+    return TrainingArguments(
+        output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=WARMUP_RATIO,
+        weight_decay=WEIGHT_DECAY,
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,  # the one before the last survives a save that is cut short
+        report_to="none",
+        remove_unused_columns=False,  # the collator needs the raw "image" and "caption"
+        dataloader_num_workers=0,
+        # Without CUDA, a multi-process launch (torchrun, `accelerate launch --multi_gpu`) sets up gloo data
+        # parallelism only when the arguments name the CPU; otherwise each process would train alone.
+        use_cpu=not torch.cuda.is_available(),
+        seed=args.seed,
+        data_seed=args.seed,
+    )
 
+
+def train_with_trainer(
+    args: argparse.Namespace, training_args: TrainingArguments, model, processor, train_dataset, resume_from
+) -> tuple[Trainer, dict]:
+    """Trains `model` with the `Trainer` (data-parallel under a launcher); returns the trainer and what it logged.
+    Ctrl-C ends the process with status 130 once the checkpoint is saved."""
     collator = StepSeededCollator(
         CaptioningCollator(processor, word_dropout=args.word_dropout), args.seed, training_args.process_index
     )
@@ -613,13 +639,11 @@ def main(argv: list[str] | None = None) -> Trainer:
         data_collator=collator,
         callbacks=[collator, stop_callback],
     )
-    start = time.monotonic()
     previous_handler = signal.signal(signal.SIGINT, stop_callback.interrupt)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    train_minutes = (time.monotonic() - start) / 60
     if stop_callback.interrupted:
         if trainer.is_world_process_zero():
             checkpoint = get_last_checkpoint(training_args.output_dir)
@@ -629,22 +653,114 @@ def main(argv: list[str] | None = None) -> Trainer:
                 file=sys.stderr,
             )
         sys.exit(130)
-    if not trainer.is_world_process_zero():
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    training = {
+        "train_steps": train_output.global_step,
+        "final_train_loss": losses[-1] if losses else train_output.training_loss,
+        "train_losses": losses,  # every `--logging-steps` steps, averaged over the processes
+    }
+    return trainer, training
+
+
+def train_with_fsdp(
+    args: argparse.Namespace, model: PalmEForConditionalGeneration, processor, train_dataset, resume_from
+) -> tuple[PalmEForConditionalGeneration | None, dict]:
+    """
+    Shards `model` with FSDP2 and trains it as the `Trainer` route does (AdamW, weight decay but on biases and
+    norms, cosine schedule after a warmup, gradients clipped to norm 1), for `--epochs` epochs of global batches
+    (the last, partial batch of each dropped), checkpointing into `--output-dir/checkpoints`. Returns the trained
+    model, whole and unsharded, in the first process (None in the others) and what was logged. Ctrl-C ends the
+    process with status 130 once every process has saved its shards.
+    """
+    checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
+    max_steps = max(1, math.ceil(args.epochs * (len(train_dataset) // args.batch_size)))
+    # The Trainer's rule, which reads nothing of the Trainer: no weight decay on biases and normalization weights.
+    decay_names = set(Trainer.get_decay_parameter_names(None, model))
+    shard_model(model, reshard_after_forward=args.fsdp == "full")
+    parameters = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [parameters[name] for name in parameters if name in decay_names], "weight_decay": WEIGHT_DECAY},
+            {"params": [parameters[name] for name in parameters if name not in decay_names], "weight_decay": 0.0},
+        ],
+        lr=args.learning_rate,
+    )
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(WARMUP_RATIO * max_steps), max_steps)
+    step_losses, interrupted = train_sharded(
+        model,
+        optimizer,
+        train_dataset,
+        CaptioningCollator(processor, word_dropout=args.word_dropout),
+        global_batch_size=args.batch_size,
+        max_steps=max_steps,
+        seed=args.seed,
+        lr_scheduler=lr_scheduler,
+        checkpoints_dir=checkpoints_dir,
+        save_steps=args.save_steps,
+        resume_from=resume_from,
+    )
+    if interrupted:
+        exit_interrupted(checkpoints_dir, len(step_losses))
+    weights = full_state_dict(model)
+    losses = logged_losses(step_losses, args.logging_steps)
+    training = {"train_steps": len(step_losses), "final_train_loss": step_losses[-1], "train_losses": losses}
+    if rank_and_world_size()[0] != 0:
+        return None, training
+    trained = PalmEForConditionalGeneration(model.config)
+    trained.load_state_dict(weights)
+    trained.generation_config = model.generation_config
+    return trained, training
+
+
+def main(argv: list[str] | None = None) -> Trainer | None:
+    """Trains, then scores and writes the captioner (in the first process); returns the `Trainer` (None with
+    `--fsdp`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    set_seed(args.seed)
+    if args.fsdp:
+        init_process_group()
+    try:
+        check_output_paths(args)
+        model, processor = new_captioner(args) if args.init_from is None else load_captioner(args)
+        train_dataset, held_out = captioning_datasets(args, processor)
+        if args.fsdp:
+            check_global_batch_size(args.batch_size, len(train_dataset))
+            training_args = None
+            process_index, num_processes = rank_and_world_size()
+        else:
+            training_args = training_arguments(args)
+            process_index, num_processes = training_args.process_index, training_args.world_size
+        resume_from = find_resume_checkpoint(args, num_processes, RESUMABLE_CHANGES, sharded=args.fsdp)
+    except (ValueError, OSError) as error:
+        exit_with_error(error)
+    # Every process has read --output-dir before the main process writes to it (and the Trainer creates it).
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if resume_from is None and process_index == 0:
+        start_checkpoints(args, num_processes)
+
+    start = time.monotonic()
+    if args.fsdp:
+        trainer = None
+        model, training = train_with_fsdp(args, model, processor, train_dataset, resume_from)
+    else:
+        trainer, training = train_with_trainer(args, training_args, model, processor, train_dataset, resume_from)
+        model = trainer.model
+    train_minutes = (time.monotonic() - start) / 60
+    if process_index != 0:
         return trainer
     items = [held_out[index] for index in range(len(held_out))]
     references = [item["caption"] for item in items]
-    hypotheses = generate_captions(trainer.model, processor, [item["image"] for item in items])
-    logged_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    hypotheses = generate_captions(model, processor, [item["image"] for item in items])
     metrics = {
         "exact_match": exact_match(references, hypotheses),
         "bleu": corpus_bleu(references, hypotheses),
         "num_samples": len(items),
         "dataset": f"`{args.train_dir}`" if args.train_dir else "`palme_hf.synthetic_shapes.SyntheticShapesDataset`",
         "train_minutes": train_minutes,
-        "train_steps": train_output.global_step,
-        "final_train_loss": logged_losses[-1] if logged_losses else train_output.training_loss,
-        "train_losses": logged_losses,  # every `--logging-steps` steps, averaged over the processes
-        "num_processes": training_args.world_size,
+        **training,
+        "num_processes": num_processes,
         "cpu_count": os.cpu_count(),
     }
     if args.robustness_samples:
@@ -654,7 +770,7 @@ def main(argv: list[str] | None = None) -> Trainer:
             args.robustness_samples, "held_out", seed=robustness_seed, image_size=args.image_size
         )
         metrics["robustness"] = robustness_exact_match(
-            trainer.model, processor, [fresh[i] for i in range(len(fresh))], max_new_tokens=MAX_CAPTION_TOKENS
+            model, processor, [fresh[i] for i in range(len(fresh))], max_new_tokens=MAX_CAPTION_TOKENS
         )
         metrics["robustness_samples"] = args.robustness_samples
         metrics["robustness_seed"] = robustness_seed
@@ -663,10 +779,10 @@ def main(argv: list[str] | None = None) -> Trainer:
         print(f"true: {reference}\n  generated: {hypothesis}")
     # The finished captioner replaces --output-dir, and with it the checkpoints.
     with atomic_output_dir(args.output_dir, overwrite=True) as final_dir:
-        trainer.model.save_pretrained(final_dir)  # weights, config, generation config and the modelling code
+        model.save_pretrained(final_dir)  # weights, config, generation config and the modelling code
         processor.save_pretrained(final_dir)  # image processor and tokenizer
         (Path(final_dir) / "eval_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        write_model_card(Path(final_dir), argv, args, trainer.model.config, trainer.model.num_parameters(), metrics)
+        write_model_card(Path(final_dir), argv, args, model.config, model.num_parameters(), metrics)
     if args.sample_images_dir is not None:
         write_sample_images(Path(args.sample_images_dir), sample_image_names(args), items)
     return trainer

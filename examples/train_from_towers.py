@@ -19,6 +19,7 @@ at the end, and deleted if the run fails or is stopped (Ctrl-C, SIGTERM).
 starts (torch's FSDP2, `palme_hf.distributed_palme`), each a slice of `--batch-size`, which is then the global batch:
 
     torchrun --nproc-per-node 2 examples/train_from_towers.py --fsdp full --batch-size 16 ... --output-dir OUT
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/train_from_towers.py --fsdp full ...
 
 It saves sharded checkpoints (torch distributed checkpoint) to `OUT/checkpoints/checkpoint-N` every `--save-steps`
 steps, at the end and on Ctrl-C (which stops after the current step, exit status 130); the same command with
@@ -29,7 +30,6 @@ the ordinary `save_pretrained` folder, which replaces `OUT` (checkpoints include
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import torch
@@ -41,10 +41,13 @@ from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import CaptioningCollator
 from palme_hf.cli import positive_int
 from palme_hf.distributed_palme import (
+    check_global_batch_size,
     checkpoint_steps,
+    exit_interrupted,
     full_state_dict,
     init_process_group,
     last_checkpoint,
+    logged_losses,
     rank_and_world_size,
     shard_model,
     train_sharded,
@@ -241,13 +244,7 @@ def train_with_fsdp(args: argparse.Namespace, trained, train_dataset, collator, 
         resume_from=resume_from,
     )
     if interrupted:
-        if rank == 0:
-            print(
-                f"Stopped after step {len(losses)}; the checkpoints are in {checkpoints_dir}. Continue with the same "
-                "command and --resume.",
-                file=sys.stderr,
-            )
-        sys.exit(130)
+        exit_interrupted(checkpoints_dir, len(losses))
     return losses, full_state_dict(trained)
 
 
@@ -266,11 +263,8 @@ def main(argv=None) -> dict | None:
     )
     check_towers(args)
     resume_from = find_resume_checkpoint(args) if args.fsdp else None
-    if args.fsdp and args.batch_size % world_size:
-        raise ValueError(
-            f"--batch-size {args.batch_size} (with --fsdp, the global batch) does not split over {world_size} "
-            "processes: give a multiple of the number of processes."
-        )
+    if args.fsdp:
+        check_global_batch_size(args.batch_size, args.train_samples)
     if world_size > 1:  # every process has checked --output-dir before the first writes checkpoints into it
         dist.barrier()
     processor = PalmEProcessor.from_pretrained_towers(args.vision_model, args.text_model)
@@ -284,9 +278,7 @@ def main(argv=None) -> dict | None:
         losses = train_with_trainer(args, trained, train_dataset, collator)
     else:
         step_losses, weights = train_with_fsdp(args, trained, train_dataset, collator, resume_from)
-        # As the Trainer logs them: the mean loss of each --logging-steps steps.
-        windows = range(0, len(step_losses) - args.logging_steps + 1, args.logging_steps)
-        losses = [sum(step_losses[start : start + args.logging_steps]) / args.logging_steps for start in windows]
+        losses = logged_losses(step_losses, args.logging_steps)
         if rank != 0:
             return None
         trained = build_model(args)  # unsharded, for generate() and save_pretrained

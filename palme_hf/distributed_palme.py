@@ -1,11 +1,12 @@
 """
 Sharded training (torch's FSDP2, `fully_shard`) of palme-hf models on any number of processes, with sharded
 checkpoints that survive Ctrl-C and resume on any number of processes. Tooling, not a model file: what the training
-examples share (`examples/train_from_towers.py --fsdp`).
+examples share (`examples/train_from_towers.py --fsdp`, `examples/train_captioner.py --fsdp`).
 
-Why not the `Trainer` or `accelerate launch` with an FSDP config: on a machine without accelerators, accelerate 1.x
-switches FSDP (and DeepSpeed) on only for GPU-like process groups, so both silently train data-parallel (DDP) instead,
-every process holding the whole model. `train_sharded` drives `fully_shard` itself, and works the same on GPUs.
+Why not the `Trainer`'s FSDP (its `fsdp` arguments, or an FSDP config of `accelerate launch`): on a machine without
+accelerators, accelerate 1.x switches FSDP (and DeepSpeed) on only for GPU-like process groups, so the `Trainer`
+silently trains data-parallel (DDP) instead, every process holding the whole model. `train_sharded` drives
+`fully_shard` itself, and works the same on GPUs; `accelerate launch` starts its processes as torchrun does.
 
 Every process collates the whole global batch and keeps its own rows, so that the batch (padding and random draws
 included) is the one a single process sees; the loss is the mean over the global batch's predicted tokens, so that
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import fully_shard
+from torch.optim.lr_scheduler import LRScheduler
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Written by the first process once every process has written its shards: a checkpoint without it is incomplete.
@@ -87,16 +89,25 @@ def shard_model(model: torch.nn.Module, reshard_after_forward: bool = True) -> t
     return model
 
 
+def check_global_batch_size(global_batch_size: int, dataset_size: int):
+    """Refuses a global batch that the processes cannot split evenly, or that the dataset cannot fill once."""
+    world_size = rank_and_world_size()[1]
+    if global_batch_size % world_size:
+        raise ValueError(
+            f"The global batch of {global_batch_size} items does not split over {world_size} processes: give a "
+            "multiple of the number of processes."
+        )
+    if dataset_size < global_batch_size:
+        raise ValueError(f"The dataset holds {dataset_size} items, fewer than a global batch of {global_batch_size}.")
+
+
 def global_batch_indices(dataset_size: int, global_batch_size: int, seed: int, step: int) -> list[int]:
     """
     The dataset indices of the global batch of training step `step` (counted from 0): each epoch is a permutation
     of the dataset drawn from `seed` and the epoch, read in order; the last, partial batch of an epoch is dropped.
-    The same on any number of processes.
+    The same on any number of processes. The dataset holds one global batch at least ([`check_global_batch_size`]).
     """
-    batches_per_epoch = dataset_size // global_batch_size
-    if batches_per_epoch == 0:
-        raise ValueError(f"The dataset holds {dataset_size} items, fewer than a global batch of {global_batch_size}.")
-    epoch, batch = divmod(step, batches_per_epoch)
+    epoch, batch = divmod(step, dataset_size // global_batch_size)
     order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return order[batch * global_batch_size : (batch + 1) * global_batch_size].tolist()
 
@@ -133,16 +144,27 @@ def last_checkpoint(checkpoints_dir: str) -> str:
     return checkpoint
 
 
-def save_checkpoint(checkpoints_dir: str, step: int, model, optimizer, losses: list[float]):
+def checkpoint_state(model, optimizer, lr_scheduler: LRScheduler | None) -> dict:
+    """What a checkpoint holds, as torch distributed checkpoint saves and loads it: this process's shards of the model
+    and the optimizer, and the learning rate schedule (when there is one)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if lr_scheduler is not None:
+        state["lr_scheduler"] = lr_scheduler
+    return state
+
+
+def save_checkpoint(
+    checkpoints_dir: str, step: int, model, optimizer, losses: list[float], lr_scheduler: LRScheduler | None = None
+):
     """
-    Every process writes its shards of the model and the optimizer (torch distributed checkpoint) into
-    `checkpoints_dir/checkpoint-STEP`; then the first process writes `training_state.json`, which marks the
-    checkpoint complete, and deletes all but the last `KEEP_CHECKPOINTS` checkpoints.
+    Every process writes its shards of the model and the optimizer, and the learning rate schedule (torch distributed
+    checkpoint), into `checkpoints_dir/checkpoint-STEP`; then the first process writes `training_state.json`, which
+    marks the checkpoint complete, and deletes all but the last `KEEP_CHECKPOINTS` checkpoints.
     """
     rank, world_size = rank_and_world_size()
     checkpoint = os.path.join(checkpoints_dir, f"{CHECKPOINT_PREFIX}{step}")
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=checkpoint)
+    dcp.save(checkpoint_state(model, optimizer, lr_scheduler), checkpoint_id=checkpoint)
     if world_size > 1:
         dist.barrier()
     if rank == 0:
@@ -155,11 +177,10 @@ def save_checkpoint(checkpoints_dir: str, step: int, model, optimizer, losses: l
         dist.barrier()
 
 
-def load_checkpoint(checkpoint: str, model, optimizer) -> dict:
-    """Loads the shards of `checkpoint` (written on any number of processes) into `model` and `optimizer`; returns
-    its training state (`step`, `losses`)."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+def load_checkpoint(checkpoint: str, model, optimizer, lr_scheduler: LRScheduler | None = None) -> dict:
+    """Loads the shards of `checkpoint` (written on any number of processes) into `model`, `optimizer` and
+    `lr_scheduler`; returns its training state (`step`, `losses`)."""
+    state = checkpoint_state(model, optimizer, lr_scheduler)
     dcp.load(state, checkpoint_id=checkpoint)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     with open(os.path.join(checkpoint, TRAINING_STATE_FILE)) as handle:
@@ -207,6 +228,7 @@ def train_sharded(
     max_steps: int,
     seed: int = 0,
     max_grad_norm: float = 1.0,
+    lr_scheduler: LRScheduler | None = None,
     checkpoints_dir: str | None = None,
     save_steps: int = 500,
     resume_from: str | None = None,
@@ -214,7 +236,7 @@ def train_sharded(
     """
     Trains a model that [`shard_model`] sharded with `optimizer` (made after sharding, of its trainable parameters),
     for `max_steps` steps of `global_batch_size` items (a multiple of the number of processes), with gradients
-    clipped to `max_grad_norm`.
+    clipped to `max_grad_norm`; `lr_scheduler` (of `optimizer`), if given, steps after each step.
     With `checkpoints_dir`, saves a checkpoint every `save_steps` steps, at the end, and after the step Ctrl-C stops.
     `resume_from` (a checkpoint of [`last_checkpoint`]) continues a run: same data order and losses.
 
@@ -222,15 +244,11 @@ def train_sharded(
     the run. The model stays sharded: [`full_state_dict`] gathers it.
     """
     rank, world_size = rank_and_world_size()
-    if global_batch_size % world_size:
-        raise ValueError(
-            f"The global batch of {global_batch_size} items does not split over {world_size} processes: give a "
-            "multiple of the number of processes."
-        )
+    check_global_batch_size(global_batch_size, len(dataset))
     trainable = [parameter for group in optimizer.param_groups for parameter in group["params"]]
     losses, step = [], 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
+        state = load_checkpoint(resume_from, model, optimizer, lr_scheduler)
         losses, step = state["losses"], state["step"]
     model.train()
     with StopOnInterrupt() as stopper:
@@ -247,6 +265,8 @@ def train_sharded(
             torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
+            if lr_scheduler is not None:
+                lr_scheduler.step()
             loss = outputs.loss.detach()
             if world_size > 1:
                 dist.all_reduce(loss)  # a sum: gloo has no average
@@ -257,7 +277,7 @@ def train_sharded(
                 print(f"step {step}/{max_steps}: loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
             interrupted = stopper.should_stop()
             if checkpoints_dir is not None and (interrupted or step == max_steps or step % save_steps == 0):
-                save_checkpoint(checkpoints_dir, step, model, optimizer, losses)
+                save_checkpoint(checkpoints_dir, step, model, optimizer, losses, lr_scheduler)
             if interrupted:
                 return losses, True
     return losses, False
@@ -267,3 +287,22 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict of a sharded model, gathered on CPU in the first process (empty in the others). Every
     process must call it."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def exit_interrupted(checkpoints_dir: str, steps_done: int):
+    """Ends a run that Ctrl-C stopped (`train_sharded` returned `True`) once its checkpoint is saved: the first process
+    says where it is and how to continue; every process exits with status 130, as a shell's command does on Ctrl-C."""
+    if rank_and_world_size()[0] == 0:
+        print(
+            f"Stopped after step {steps_done}; the checkpoints are in {checkpoints_dir}. Continue with the same "
+            "command and --resume.",
+            file=sys.stderr,
+        )
+    sys.exit(130)
+
+
+def logged_losses(step_losses: list[float], logging_steps: int) -> list[float]:
+    """The losses as the `Trainer` logs them: the mean of each `logging_steps` steps (a last, shorter window is left
+    out)."""
+    windows = range(0, len(step_losses) - logging_steps + 1, logging_steps)
+    return [sum(step_losses[start : start + logging_steps]) / logging_steps for start in windows]

@@ -1,8 +1,9 @@
 """
 Training runs that lose no work, shared by the training scripts (`examples/train_captioner.py`,
-`examples/train_embodied.py`) around the Transformers `Trainer`: a run keeps its checkpoints and the options it started
-with in `OUTPUT_DIR/checkpoints`, `--resume` continues from the last complete checkpoint only with those options, and
-Ctrl-C or a time budget stops it after the current step with a checkpoint.
+`examples/train_embodied.py`) around the Transformers `Trainer` (or sharded, `palme_hf.distributed_palme`): a run keeps
+its checkpoints and the options it started with in `OUTPUT_DIR/checkpoints`, `--resume` continues from the last
+complete checkpoint only with those options, and Ctrl-C or a time budget stops it after the current step with a
+checkpoint.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from .distributed_palme import last_checkpoint
 from .io_palme import check_model_folder, check_torch_file, read_json_file, read_json_object
 
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
@@ -27,17 +29,45 @@ OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must
 
 
 def find_resume_checkpoint(
-    args: argparse.Namespace, num_processes: int, resumable_changes: Collection[str]
+    args: argparse.Namespace, num_processes: int, resumable_changes: Collection[str], sharded: bool = False
 ) -> str | None:
     """
-    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (model,
-    trainer state, optimizer, schedule and random states, each readable), and the options the run started with, but
-    for those in `resumable_changes` (names of options of `args` that do not change the training): otherwise the data
-    order would change.
+    Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (the
+    `Trainer`'s: see [`find_trainer_checkpoint`]; with `sharded`, torch distributed checkpoint's: see
+    `distributed_palme.last_checkpoint`), and the options the run started with, but for those in `resumable_changes`
+    (names of options of `args` that do not change the training) and, for a sharded checkpoint, which loads on any
+    number of processes, `num_processes`: otherwise the data order would change.
     """
     if not args.resume:
         return None
     checkpoints_dir = os.path.join(args.output_dir, CHECKPOINTS_DIR)
+    if sharded:
+        checkpoint = last_checkpoint(checkpoints_dir)
+        resumable_changes = {*resumable_changes, "num_processes"}
+    else:
+        checkpoint = find_trainer_checkpoint(checkpoints_dir, num_processes)
+    started_with = read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))
+    options = {**vars(args), "num_processes": num_processes}
+    changed = sorted(
+        name
+        for name in options.keys() | started_with.keys()
+        if name not in resumable_changes and options.get(name) != started_with.get(name)
+    )
+    if changed:
+        differences = ", ".join(
+            f"{'--' + name.replace('_', '-') if name in vars(args) else name} {options.get(name)} (started with "
+            f"{started_with.get(name)})"
+            for name in changed
+        )
+        raise ValueError(
+            f"--resume: {differences}. Resume with the options the run in {args.output_dir} started with."
+        )
+    return checkpoint
+
+
+def find_trainer_checkpoint(checkpoints_dir: str, num_processes: int) -> str:
+    """The last checkpoint the `Trainer` wrote in `checkpoints_dir` on `num_processes` processes, refused when
+    incomplete (model, trainer state, optimizer, schedule and random states, each readable)."""
     checkpoint = get_last_checkpoint(checkpoints_dir) if os.path.isdir(checkpoints_dir) else None
     if checkpoint is None:
         raise ValueError(f"--resume: {checkpoints_dir} holds no checkpoint to resume from.")
@@ -56,22 +86,6 @@ def find_resume_checkpoint(
             f"{error} The checkpoint is incomplete (was its saving cut short?): delete it to resume from the one "
             "before."
         ) from error
-    started_with = read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))
-    options = {**vars(args), "num_processes": num_processes}
-    changed = sorted(
-        name
-        for name in options.keys() | started_with.keys()
-        if name not in resumable_changes and options.get(name) != started_with.get(name)
-    )
-    if changed:
-        differences = ", ".join(
-            f"{'--' + name.replace('_', '-') if name in vars(args) else name} {options.get(name)} (started with "
-            f"{started_with.get(name)})"
-            for name in changed
-        )
-        raise ValueError(
-            f"--resume: {differences}. Resume with the options the run in {args.output_dir} started with."
-        )
     return checkpoint
 
 

@@ -1,8 +1,9 @@
 """
-FSDP2 training (`palme_hf.distributed_palme`, `examples/train_from_towers.py --fsdp`): two processes over gloo train
-as one process does (losses and final weights), for palme-hf's own models and for pretrained towers, frozen or with
-LoRA; every launch whose ranks finish exits 0; Ctrl-C saves sharded checkpoints that resume on another number of
-processes with the same losses; an incomplete checkpoint is refused; the result loads without FSDP.
+FSDP2 training (`palme_hf.distributed_palme`, `examples/train_from_towers.py --fsdp`, `examples/train_captioner.py
+--fsdp`): two processes over gloo train as one process does (losses and final weights), for palme-hf's own models,
+the captioner script (launched by `accelerate launch` with an FSDP config) and pretrained towers, frozen or with LoRA;
+every launch whose ranks finish exits 0; Ctrl-C saves sharded checkpoints that resume on another number of processes
+with the same losses; an incomplete checkpoint is refused; the result loads without FSDP.
 """
 
 import json
@@ -18,15 +19,23 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from palme_hf import PalmEForConditionalGeneration
-from palme_hf.distributed_palme import global_batch_indices
+from palme_hf.distributed_palme import check_global_batch_size, global_batch_indices
 
 from helpers import load_script, save_tiny_towers, tiny_model
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(TESTS), "examples", "train_from_towers.py")
+CAPTIONER = os.path.join(os.path.dirname(TESTS), "examples", "train_captioner.py")
+ACCELERATE_CONFIG = os.path.join(os.path.dirname(TESTS), "examples", "accelerate_fsdp2.yaml")
 WORKER = os.path.join(TESTS, "fsdp_worker.py")
 TINY_CASES = ["cross_attention", "prefix_parallel", "resampler", "gradient_checkpointing"]
 TOWERS_RUN = ["--train-samples", "24", "--batch-size", "4", "--max-steps", "6", "--logging-steps", "1"]
+# 8 steps of a cosine schedule with word dropout: the collator's random draws must be those of one process too.
+CAPTIONER_RUN = [
+    "--train-samples", "32", "--batch-size", "4", "--eval-samples", "2", "--robustness-samples", "0",
+    "--image-size", "32", "--patch-size", "8", "--hidden-size", "32", "--num-layers", "1", "--logging-steps", "1",
+    "--word-dropout", "0.5", "--learning-rate", "3e-3",
+]  # fmt: skip
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -130,11 +139,17 @@ def test_the_result_loads_without_fsdp_with_remote_code(towers_runs):
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
 
 
-def interrupt_after_step(arguments: list[str], step: int, cwd) -> subprocess.CompletedProcess:
-    """Runs a two-process launch and presses Ctrl-C (SIGINT to the launcher's process group) once step `step` has
-    been logged."""
+def interrupt_after_step(nproc: int, arguments: list[str], step: int, cwd) -> subprocess.CompletedProcess:
+    """Runs a launch of `nproc` processes and presses Ctrl-C (SIGINT to the launch's process group) once step `step`
+    has been logged."""
     launch = subprocess.Popen(
-        command(2, *arguments), stderr=subprocess.PIPE, text=True, cwd=cwd, env=environment(), start_new_session=True
+        command(nproc, *arguments),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=environment(),
+        start_new_session=True,
     )
     stderr = []
     for line in launch.stderr:
@@ -152,7 +167,7 @@ def test_ctrl_c_saves_and_resume_on_one_process_continues_the_losses(tmp_path, t
     output_dir = tmp_path / "model"
     arguments = [EXAMPLE, "--vision-model", vision_dir, "--text-model", text_dir, *TOWERS_RUN, "--fsdp", "full"]
     arguments += ["--output-dir", str(output_dir), "--save-steps", "100"]
-    stopped = interrupt_after_step(arguments, 1, cwd=tmp_path)
+    stopped = interrupt_after_step(2, arguments, 1, cwd=tmp_path)
     assert "Continue with the same command and --resume." in stopped.stderr, stopped.stderr[-3000:]
     assert "terminate called" not in stopped.stderr
     checkpoints = sorted(os.listdir(output_dir / "checkpoints"))
@@ -181,6 +196,76 @@ def test_ctrl_c_saves_and_resume_on_one_process_continues_the_losses(tmp_path, t
         torch.testing.assert_close(weights[name], value, **TOLERANCE, msg=name)
 
 
+@pytest.fixture(scope="module")
+def captioner_runs(tmp_path_factory):
+    """`train_captioner.py --fsdp full` output folders, by number of processes: one process, and two that
+    `accelerate launch` starts with examples/accelerate_fsdp2.yaml."""
+    folders = {nproc: tmp_path_factory.mktemp(f"captioner-{nproc}") / "model" for nproc in (1, 2)}
+    arguments = [CAPTIONER, *CAPTIONER_RUN, "--fsdp", "full"]
+    assert_clean_exit(run(1, *arguments, "--output-dir", str(folders[1]), cwd=folders[1].parent))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", ACCELERATE_CONFIG]
+    process = subprocess.run(
+        [*accelerate, *arguments, "--output-dir", str(folders[2])],
+        capture_output=True,
+        text=True,
+        cwd=folders[2].parent,
+        env=environment(),
+    )
+    assert_clean_exit(process)
+    return folders
+
+
+def assert_same_training(output_dir, reference_dir, steps: int):
+    """The captioner in `output_dir` logged the losses of the one in `reference_dir`, `steps` of them, and has its
+    weights, within float tolerance."""
+    results = [json.loads((folder / "eval_results.json").read_text()) for folder in (output_dir, reference_dir)]
+    assert results[0]["train_steps"] == results[1]["train_steps"] == len(results[1]["train_losses"]) == steps
+    torch.testing.assert_close(
+        torch.tensor(results[0]["train_losses"]), torch.tensor(results[1]["train_losses"]), **TOLERANCE
+    )
+    weights, reference = (load_file(folder / "model.safetensors") for folder in (output_dir, reference_dir))
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(weights[name], reference[name], **TOLERANCE, msg=name)
+
+
+@pytest.mark.slow  # two launches of the captioner script
+def test_two_processes_train_the_captioner_as_one(captioner_runs):
+    assert json.loads((captioner_runs[2] / "eval_results.json").read_text())["num_processes"] == 2
+    assert_same_training(captioner_runs[2], captioner_runs[1], steps=8)
+    losses = json.loads((captioner_runs[1] / "eval_results.json").read_text())["train_losses"]
+    assert losses[-1] < losses[0]  # it trained
+    # One save_pretrained folder, which loads without FSDP and with remote code, replaced the checkpoints.
+    assert not os.path.exists(captioner_runs[2] / "checkpoints")
+    model = AutoModelForImageTextToText.from_pretrained(captioner_runs[2], trust_remote_code=True)
+    for name, value in load_file(captioner_runs[2] / "model.safetensors").items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow  # three launches of the captioner script
+def test_captioner_ctrl_c_saves_and_resume_on_two_processes_continues_the_losses(tmp_path, captioner_runs):
+    output_dir = tmp_path / "model"
+    arguments = [CAPTIONER, *CAPTIONER_RUN, "--fsdp", "full", "--output-dir", str(output_dir)]
+    stopped = interrupt_after_step(1, [*arguments, "--save-steps", "100"], 1, cwd=tmp_path)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Continue with the same command and --resume." in stopped.stderr
+    checkpoint = max((output_dir / "checkpoints").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert int(checkpoint.name.split("-")[1]) < 8
+
+    # A new run is refused without --overwrite; a half-written checkpoint is refused on resume, naming it.
+    refused = run(1, *arguments, cwd=tmp_path)
+    assert refused.returncode == 1 and f"{output_dir} is not empty" in refused.stderr, refused.stderr[-3000:]
+    (checkpoint / "training_state.json").rename(tmp_path / "training_state.json")
+    refused = run(1, *arguments, "--resume", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert f"{checkpoint} has no training_state.json: the checkpoint is incomplete" in refused.stderr
+    (tmp_path / "training_state.json").rename(checkpoint / "training_state.json")
+
+    resumed = run(2, *arguments, "--resume", cwd=tmp_path)
+    assert_clean_exit(resumed)
+    assert_same_training(output_dir, captioner_runs[1], steps=8)
+
+
 @pytest.mark.slow  # three launches
 def test_launches_exit_cleanly_run_after_run(tmp_path):
     """palme-hf's own models aborted a rank at exit in about half the launches (issue 20)."""
@@ -194,7 +279,7 @@ def test_global_batches_cover_each_epoch_once():
     assert global_batch_indices(10, 4, seed=0, step=2) != first_epoch[0]  # a new permutation each epoch
     assert global_batch_indices(10, 4, seed=0, step=1) == first_epoch[1]
     with pytest.raises(ValueError, match="The dataset holds 3 items, fewer than a global batch of 4"):
-        global_batch_indices(3, 4, seed=0, step=0)
+        check_global_batch_size(4, dataset_size=3)
 
 
 @pytest.mark.parametrize(
@@ -209,3 +294,10 @@ def test_resume_needs_fsdp_and_no_overwrite(options, message, capsys):
     with pytest.raises(SystemExit):
         train_from_towers.parse_args(["--vision-model", "v", "--text-model", "t", "--output-dir", "o", *options])
     assert message in capsys.readouterr().err
+
+
+def test_the_captioner_refuses_max_minutes_with_fsdp(capsys):
+    train_captioner = load_script("examples", "train_captioner.py")
+    with pytest.raises(SystemExit):
+        train_captioner.parse_args(["--fsdp", "full", "--max-minutes", "5"])
+    assert "--max-minutes stops the Trainer's run: it does not apply to --fsdp" in capsys.readouterr().err
