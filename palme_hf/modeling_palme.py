@@ -44,6 +44,7 @@ from .compat_palme import (
 from .configuration_palme import PalmEConfig, PalmETextConfig, PalmEVisionConfig, is_own_tower, num_patches_of
 from .hierarchical_palme import PalmEHierarchicalDecoderLayer, create_hierarchical_mask
 from .layers_palme import (
+    ATTENTION_IMPLEMENTATIONS,
     PalmEAlibiBias,
     PalmEAttention,
     PalmECrossAttention,
@@ -370,6 +371,18 @@ class PalmEPreTrainedModel(NewestNamesPreTrainedModel):
             where = ", ".join(broken) or f"a safetensors file of {pretrained_model_name_or_path}"
             raise OSError(f"{where}: truncated or corrupt, it cannot be loaded ({error}).") from error
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        [`~PreTrainedModel.save_pretrained`]; a head's `auto_map` also names its base model under `AutoModel`, which
+        serving engines build from a saved folder's code (vLLM's Transformers modeling backend).
+        """
+        if self._auto_class is not None and self.base_model is not self:
+            base_model_class = type(self.base_model)
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map["AutoModel"] = f"{base_model_class.__module__.rsplit('.', 1)[-1]}.{base_model_class.__name__}"
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # `push_to_hub` saves Transformers' empty model card just before uploading: describe this model instead.
         write_model_card(self, working_dir, repo_id)
@@ -426,6 +439,34 @@ class PalmEVisionModel(PalmEPreTrainedModel):
         return BaseModelOutput(last_hidden_state=self.post_layernorm(hidden_states))
 
 
+def check_attention_implementation_serves(config: PalmETextConfig) -> None:
+    """
+    Refuses a decoder whose attention an implementation outside Transformers' eager and sdpa would compute wrong.
+    Serving engines bring their own kernel (vLLM's Transformers modeling backend sets `"vllm"`, its paged attention):
+    it attends causally over each sequence's tokens and ignores the model's attention mask and kernels, which carry
+    ALiBi's bias, the hierarchical block's windows (its token shift needs the padding mask too) and, in the
+    cross-attention layers, the image.
+    """
+    implementation = config._attn_implementation
+    if implementation is None or implementation in ATTENTION_IMPLEMENTATIONS:
+        return
+    unserved = []
+    if config.alibi_num_heads > 0:
+        unserved.append(f"`alibi_num_heads={config.alibi_num_heads}` (ALiBi: a bias carried by the attention mask)")
+    if config.block_type == "hierarchical":
+        unserved.append("`block_type='hierarchical'` (window attention and a token shift of its own)")
+    if config.add_cross_attention:
+        unserved.append("`add_cross_attention=True` (cross-attention to the image)")
+    if unserved:
+        raise ValueError(
+            f"The attention implementation {implementation!r} (a serving engine's kernel, such as vLLM's) ignores "
+            f"the attention mask and the decoder's own kernels, so it cannot compute this decoder's "
+            f"{', '.join(unserved)}: it would be served wrong. Engines serve the PaLM-E paper's shape: "
+            "`block_type='parallel'` (or 'standard' with `alibi_num_heads=0`) and `vision_integration='prefix'`; "
+            "run this model with `attn_implementation='sdpa'` or 'eager' and `generate()`."
+        )
+
+
 class PalmETextModel(PalmEPreTrainedModel):
     """
     The text decoder without its head: token embeddings (plus absolute positions if configured), decoder layers, final
@@ -444,6 +485,7 @@ class PalmETextModel(PalmEPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"layers\.\d+\.rotary_emb\.inv_freq$"]
 
     def __init__(self, config: PalmETextConfig):
+        check_attention_implementation_serves(config)
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.embed_positions = (

@@ -22,7 +22,7 @@ from transformers.image_utils import (
     load_image,
     make_flat_list_of_images,
 )
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .compat_palme import processor_defaults
 from .configuration_palme import PalmEConfig, num_patches_of
@@ -310,14 +310,17 @@ class PalmEImageProcessor(PilBackend):
 # a user turn with text is `Q: ...`, an assistant turn `A: ...`, and the generation prompt `A:` follows a question; an
 # image item becomes the image marker (nothing with cross-attention, where the image is not in the text), so that a
 # user turn of an image alone is the captioning prompt; a state or object item becomes its marker (refused by a
-# processor that takes none). Parts are joined by single spaces; system turns are plain text.
+# processor that takes none). Parts are joined by single spaces; system turns are plain text. The loop reads
+# `message['content']` itself, by which serving engines (vLLM) tell that the template takes lists of typed items.
 CHAT_TEMPLATE = """
 {%- set ns = namespace(parts=[], asked=false) -%}
 {%- for message in messages -%}
-    {%- set items = message['content'] -%}
-    {%- if items is string -%}{%- set items = [{'type': 'text', 'text': items}] -%}{%- endif -%}
     {%- set turn = namespace(words=[], has_text=false) -%}
-    {%- for item in items -%}
+    {%- if message['content'] is string -%}
+        {%- set turn.words = [message['content'] | trim] -%}
+        {%- set turn.has_text = true -%}
+    {%- endif -%}
+    {%- for item in message['content'] if message['content'] is not string -%}
         {%- if item['type'] == 'image' -%}
             {%- if image_marker -%}{%- set turn.words = turn.words + [image_marker] -%}{%- endif -%}
         {%- elif item['type'] == 'text' -%}
@@ -690,6 +693,19 @@ class PalmEProcessor(ProcessorMixin):
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[list[int]] | None = None, **kwargs) -> MultiModalData:
+        """
+        The placeholders each image of `image_sizes` (`(height, width)` each) takes in the text, as serving engines
+        (vLLM) ask a processor: `num_image_tokens` whatever its size, since every image is resized to the model's (none
+        with cross-attention, where the image is not in the text), from one image each.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        num_images = len(image_sizes)
+        return MultiModalData(
+            num_image_tokens=[self.num_image_tokens or 0] * num_images, num_image_patches=[1] * num_images
+        )
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
         """

@@ -153,7 +153,9 @@ def tiny_vision_tower_config(family: str):
     return classes[family](**geometry, intermediate_size=64)
 
 
-def tiny_text_tower_config(family: str, vocab_size: int, pad_token_id=0, bos_token_id=1, eos_token_id=2):
+def tiny_text_tower_config(
+    family: str, vocab_size: int, pad_token_id=0, bos_token_id=1, eos_token_id=2, head_dim: int = 16
+):
     from transformers import GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     from palme_hf import PalmETextConfig
@@ -172,20 +174,20 @@ def tiny_text_tower_config(family: str, vocab_size: int, pad_token_id=0, bos_tok
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=128,
         **ids,
     )
 
 
 def save_tiny_towers(
-    folder, vision_family: str, text_family: str, seed: int = 0, pretrain_steps: int = 0
+    folder, vision_family: str, text_family: str, seed: int = 0, pretrain_steps: int = 0, head_dim: int = 16
 ) -> tuple[str, str]:
     """
     Saves a tiny random vision tower (with its image processor) and causal language model (with the captioner's
-    word-level tokenizer) as their own classes' `save_pretrained` writes them; returns the two folders. With
-    `pretrain_steps`, the language model is first trained on the synthetic captions, text alone (a pretrained LM
-    that knows the captions' language but not the images).
+    word-level tokenizer, heads of `head_dim` for a Llama, Qwen2 or Gemma) as their own classes' `save_pretrained`
+    writes them; returns the two folders. With `pretrain_steps`, the language model is first trained on the synthetic
+    captions, text alone (a pretrained LM that knows the captions' language but not the images).
     """
     from transformers import (
         AutoModel,
@@ -214,7 +216,8 @@ def save_tiny_towers(
     ids = dict(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
-    language_model = AutoModelForCausalLM.from_config(tiny_text_tower_config(text_family, len(tokenizer), **ids))
+    text_config = tiny_text_tower_config(text_family, len(tokenizer), **ids, head_dim=head_dim)
+    language_model = AutoModelForCausalLM.from_config(text_config)
     if pretrain_steps:
         pretrain_on_captions(language_model, tokenizer, pretrain_steps, seed)
     language_model.save_pretrained(text_folder)

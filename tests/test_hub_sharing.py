@@ -107,6 +107,7 @@ def test_push_to_hub_sends_a_complete_repo(captioner, hub, tmp_path):
     assert not [name for name in {**model_files, **processor_files} if name.endswith((".bin", ".pt", ".pth"))]
     assert json.loads(model_files["config.json"])["auto_map"] == {
         "AutoConfig": "configuration_palme.PalmEConfig",
+        "AutoModel": "modeling_palme.PalmEModel",
         "AutoModelForImageTextToText": "modeling_palme.PalmEForConditionalGeneration",
     }
     processor_config = json.loads(processor_files["processor_config.json"])

@@ -1,6 +1,8 @@
 """PalmE models through the public API: forward, loss, attention implementations, caching and generate(),
 padding, training features, the reference document's examples and bad input."""
 
+import re
+
 import peft
 import pytest
 import torch
@@ -30,7 +32,7 @@ from palme_hf.cli import DEFAULT_CAPTIONER
 from palme_hf.compat_palme import CACHE_NAME
 from palme_hf.layers_palme import PalmEAttention, PalmERotaryEmbedding
 
-from helpers import BLOCK_TYPES, VARIANTS, combination_model, sample_image, tiny_inputs, tiny_model
+from helpers import BLOCK_TYPES, VARIANTS, combination_model, sample_image, tiny_config, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -709,3 +711,20 @@ def test_from_pretrained_names_a_missing_config(tmp_path, model_class):
         model_class.from_pretrained(tmp_path / "model")
     config = tiny_model().config
     assert model_class.from_pretrained(tmp_path / "model", config=config).config.vocab_size == 97  # given: fine
+
+
+@pytest.mark.parametrize(
+    "variant, block_type, option",
+    [
+        ("prefix", "standard", "`alibi_num_heads=2`"),
+        ("prefix", "hierarchical", "`block_type='hierarchical'`"),
+        ("reference", "parallel", "`add_cross_attention=True`"),
+    ],
+)
+def test_a_serving_engines_attention_is_refused_for_what_it_would_compute_wrong(variant, block_type, option):
+    """vLLM's Transformers backend builds the model with its own attention implementation ("vllm"), which ignores the
+    mask and the layers' kernels: a decoder that needs them is refused at construction, naming the option."""
+    config = tiny_config(variant, block_type=block_type)
+    config.text_config._attn_implementation = "vllm"
+    with pytest.raises(ValueError, match=f"The attention implementation 'vllm' .*{re.escape(option)}"):
+        PalmEForConditionalGeneration(config)
