@@ -34,7 +34,9 @@ from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.synthetic_shapes import SyntheticShapesDataset, build_caption_tokenizer
 from palme_hf.towers_palme import IMAGE_TOKEN, add_image_token
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "serve"))
+# The serving tests' server helpers (tests/serve/serving.py, which imports tests/helpers.py).
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "serve")]
 from serving import SERVED_NAME, start_server, stop_server  # noqa: E402
 
 
