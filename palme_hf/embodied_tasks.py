@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from .embodied_world import (
@@ -46,7 +46,7 @@ from .io_palme import load_saved_model, load_saved_processor, read_json_object
 from .model_card_palme import EVAL_RESULTS_FILE
 from .modeling_palme import PalmEForConditionalGeneration
 from .processing_palme import PalmEProcessor
-from .synthetic_shapes import BOS_TOKEN, COLOURS, EOS_TOKEN, PAD_TOKEN, SHAPES, UNK_TOKEN
+from .synthetic_shapes import COLOURS, SHAPES, build_word_level_tokenizer
 
 OBSERVATIONS = ("image", "state", "objects")
 # The observations of the sentences, by the name `--inputs` gives them.
@@ -88,24 +88,10 @@ def build_embodied_tokenizer(padding_side: str = "right") -> PreTrainedTokenizer
     of their own (`"obj_1?"` is `obj_1`, `?`). Encoding prepends `<bos>`; `<eos>` ends an answer. `padding_side="left"`
     suits batched generation.
     """
-    special_tokens = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
-    vocab = {token: index for index, token in enumerate([*special_tokens, *EMBODIED_WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?:]"), behavior="isolated")]
     )
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        padding_side=padding_side,
-        model_input_names=["input_ids", "attention_mask"],
-    )
+    return build_word_level_tokenizer(EMBODIED_WORDS, pre_tokenizer, padding_side)
 
 
 def check_inputs(inputs: Sequence[str]) -> tuple[str, ...]:

@@ -310,10 +310,21 @@ def build_caption_tokenizer(padding_side: str = "right") -> PreTrainedTokenizerF
     end-of-caption `<eos>` is the training target that stops generation. `padding_side="left"` suits batched
     generation from prompts of different lengths.
     """
+    return build_word_level_tokenizer(CAPTION_WORDS, pre_tokenizers.WhitespaceSplit(), padding_side)
+
+
+def build_word_level_tokenizer(
+    words, pre_tokenizer: pre_tokenizers.PreTokenizer, padding_side: str = "right"
+) -> PreTrainedTokenizerFast:
+    """
+    A word-level tokenizer (`tokenizers` WordLevel model) of `words`, split into words by `pre_tokenizer`, as a
+    Transformers fast tokenizer: ids 0 to 3 are `<pad>`, `<bos>`, `<eos>`, `<unk>`, then `words`; encoding prepends
+    `<bos>`.
+    """
     special_tokens = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
-    vocab = {token: index for index, token in enumerate([*special_tokens, *CAPTION_WORDS])}
+    vocab = {token: index for index, token in enumerate([*special_tokens, *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.pre_tokenizer = pre_tokenizer
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])]
     )
