@@ -12,7 +12,14 @@ is not scaled up to the size of a shape.
     python examples/train_captioner.py --output-dir palme_hf/captioner --overwrite   # replaces the committed one
     python examples/train_captioner.py --block-type parallel --vision-integration prefix --head-dim 64 \
         --output-dir my_palme   # the PaLM-E paper's layout: PaLM's parallel block, the image as prefix tokens
+    python examples/train_captioner.py --vision-from palme_hf/captioner --block-type parallel \
+        --vision-integration prefix --head-dim 64 --output-dir my_palme   # ... reading the captioner's trained ViT
     accelerate launch --multi_gpu --num_processes 2 examples/train_captioner.py --output-dir /tmp/captioner
+
+`--vision-from MODEL` starts the image encoder from a trained captioner's (its configuration and weights), as the
+PaLM-E paper starts from a pretrained ViT: the projector and the decoder are new, and all of it trains.
+`--hidden-size`, `--num-layers` and `--head-dim` are then the decoder's; the encoder's image and patch size are taken,
+and other values are refused.
 
 Two processes train data-parallel (torch.distributed, gloo on a machine without CUDA): start them with
 `accelerate launch --multi_gpu --num_processes 2` or `torchrun --nproc_per_node 2`. (`accelerate launch --cpu
@@ -77,7 +84,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf import PalmEConfig, PalmEForConditionalGeneration, PalmEProcessor, PalmEVisionConfig, PalmEVisionModel
 from palme_hf.captioning import (
     CaptioningCollator,
     ImageCaptionFolder,
@@ -142,6 +149,8 @@ ARCHITECTURE_DEFAULTS = {
     "image_size": 64, "patch_size": 8, "hidden_size": 128, "num_layers": 2, "head_dim": 32, "patch_norm_eps": 0.1,
     "block_type": "standard", "vision_integration": "cross_attention",
 }  # fmt: skip
+# The options that --vision-from's encoder sets; --hidden-size, --num-layers and --head-dim are then the decoder's.
+ENCODER_OPTIONS = ("image_size", "patch_size", "patch_norm_eps")
 # How both routes train (the Trainer's defaults but these): AdamW, a cosine schedule after a linear warmup.
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.05
@@ -161,6 +170,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save-steps", type=int, default=500, help="save a checkpoint every this many steps")
     parser.add_argument(
         "--init-from", default=None, metavar="MODEL", help="fine-tune this captioner folder instead of a new model"
+    )
+    parser.add_argument(
+        "--vision-from",
+        default=None,
+        metavar="MODEL",
+        help="start a new captioner's image encoder from this captioner folder's (configuration and weights); the "
+        "projector and the decoder are new",
     )
     parser.add_argument(
         "--train-dir",
@@ -217,24 +233,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--num-sample-images", type=int, default=12)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
-    # Architecture options default to None, so that one given with --init-from can be told from the default.
+    # Architecture options default to None, so that one given with --init-from or --vision-from can be told from the
+    # default.
     defaults = "default {}; with --init-from, the model's"
-    parser.add_argument("--image-size", type=int, help=defaults.format(ARCHITECTURE_DEFAULTS["image_size"]))
-    parser.add_argument("--patch-size", type=int, help=defaults.format(ARCHITECTURE_DEFAULTS["patch_size"]))
+    encoder_defaults = "default {}; with --init-from or --vision-from, the model's"
+    parser.add_argument("--image-size", type=int, help=encoder_defaults.format(ARCHITECTURE_DEFAULTS["image_size"]))
+    parser.add_argument("--patch-size", type=int, help=encoder_defaults.format(ARCHITECTURE_DEFAULTS["patch_size"]))
     parser.add_argument(
         "--hidden-size",
         type=int,
-        help=f"width of the encoder and the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['hidden_size'])})",
+        help="width of the encoder and the decoder, of the decoder alone with --vision-from "
+        f"({defaults.format(ARCHITECTURE_DEFAULTS['hidden_size'])})",
     )
     parser.add_argument(
         "--num-layers",
         type=int,
-        help=f"layers of the encoder and of the decoder ({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
+        help="layers of the encoder and of the decoder, of the decoder alone with --vision-from "
+        f"({defaults.format(ARCHITECTURE_DEFAULTS['num_layers'])})",
     )
     parser.add_argument(
         "--head-dim",
         type=int,
-        help="features of an attention head, in the encoder and the decoder "
+        help="features of an attention head, in the encoder and the decoder, in the decoder alone with --vision-from "
         f"({defaults.format(ARCHITECTURE_DEFAULTS['head_dim'])})",
     )
     parser.add_argument(
@@ -254,7 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--patch-norm-eps",
         type=float,
-        help=f"epsilon of the patch LayerNorm ({defaults.format(ARCHITECTURE_DEFAULTS['patch_norm_eps'])})",
+        help=f"epsilon of the patch LayerNorm ({encoder_defaults.format(ARCHITECTURE_DEFAULTS['patch_norm_eps'])})",
     )
     parser.add_argument("--logging-steps", type=int, default=50)
     args = parser.parse_args(argv)
@@ -279,31 +299,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--patch-norm-eps must be a positive number, got {args.patch_norm_eps}")
     if args.head_dim is not None and not args.head_dim > 0:
         parser.error(f"--head-dim must be a positive number, got {args.head_dim}")
+    if args.init_from is not None and args.vision_from is not None:
+        parser.error("--init-from fine-tunes a whole captioner and --vision-from starts a new one: pass one of them")
     if args.init_from is None:
         for name, default in ARCHITECTURE_DEFAULTS.items():
-            if getattr(args, name) is None:
+            # with --vision-from, the encoder's options not given are the encoder's (load_vision_encoder)
+            if getattr(args, name) is None and not (args.vision_from and name in ENCODER_OPTIONS):
                 setattr(args, name, default)
         if args.hidden_size % args.head_dim:
             parser.error(f"--hidden-size {args.hidden_size} must be a multiple of --head-dim {args.head_dim}")
     return args
 
 
-def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
-    """A small PalmE for `tokenizer`'s words: ViT encoder and decoder (`--block-type`) of the same width and head
-    size, the image through `--vision-integration` (with `"prefix"`, `tokenizer` holds the image token)."""
+def captioner_config(
+    args: argparse.Namespace, tokenizer, vision_config: PalmEVisionConfig | None = None
+) -> PalmEConfig:
+    """A small PalmE for `tokenizer`'s words: ViT encoder (`vision_config`, or one of the decoder's width and head
+    size) and decoder (`--block-type`), the image through `--vision-integration` (with `"prefix"`, `tokenizer` holds
+    the image token)."""
     num_heads = args.hidden_size // args.head_dim
     is_prefix = args.vision_integration == "prefix"
     num_patches = (args.image_size // args.patch_size) ** 2
+    if vision_config is None:
+        vision_config = PalmEVisionConfig(
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.num_layers,
+            num_attention_heads=num_heads,
+            head_dim=args.head_dim,
+            patch_norm_eps=args.patch_norm_eps,
+        )
     return PalmEConfig(
-        vision_config={
-            "image_size": args.image_size,
-            "patch_size": args.patch_size,
-            "hidden_size": args.hidden_size,
-            "num_hidden_layers": args.num_layers,
-            "num_attention_heads": num_heads,
-            "head_dim": args.head_dim,
-            "patch_norm_eps": args.patch_norm_eps,
-        },
+        vision_config=vision_config.to_dict(),
         text_config={
             "vocab_size": len(tokenizer),
             "pad_token_id": tokenizer.pad_token_id,
@@ -324,12 +352,16 @@ def captioner_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
 
 
 def new_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
-    """A new captioner of the architecture options, with the word-level caption tokenizer."""
+    """A new captioner of the architecture options, with the word-level caption tokenizer; with `--vision-from`, its
+    image encoder is that captioner's."""
     tokenizer = build_caption_tokenizer()
     if args.vision_integration == "prefix":
         add_image_token(tokenizer)
-    config = captioner_config(args, tokenizer)
+    vision_model = None if args.vision_from is None else load_vision_encoder(args)
+    config = captioner_config(args, tokenizer, None if vision_model is None else vision_model.config)
     model = PalmEForConditionalGeneration(config)  # its generation config takes the token ids from the text config
+    if vision_model is not None:
+        model.model.vision_model.load_state_dict(vision_model.state_dict())
     model.generation_config.max_new_tokens = MAX_CAPTION_TOKENS
     model.generation_config.do_sample = False
     return model, PalmEProcessor.from_model_config(config, tokenizer)
@@ -340,26 +372,8 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
     The captioner in `--init-from` with its processor. Architecture options that contradict it are refused; the
     ones not given take its values. A `--patch-norm-eps` given replaces the model's.
     """
-    check_model_folder(args.init_from)
-    saved = read_json_object(os.path.join(args.init_from, "config.json"))
-    model_types = [
-        part.get("model_type") if isinstance(part, dict) else None
-        for part in (saved, saved.get("vision_config"), saved.get("text_config"))
-    ]
-    if model_types != ["palme", "palme_vision", "palme_text"]:
-        raise ValueError(
-            f"--init-from {args.init_from} holds a model of type {model_types[0]} (vision {model_types[1]}, text "
-            f"{model_types[2]}), not a captioner of palme_hf's own towers (palme, palme_vision, palme_text), as this "
-            "script saves them. A PalmE of pretrained towers trains with examples/train_from_towers.py."
-        )
+    model = load_saved_captioner("--init-from", args.init_from, args.patch_norm_eps)
     processor = load_saved_processor(PalmEProcessor, args.init_from)
-    try:
-        config = PalmEConfig.from_pretrained(args.init_from)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ValueError(f"{args.init_from}/config.json is not a PalmE configuration: {one_line(error)}") from error
-    if args.patch_norm_eps is not None:
-        config.vision_config.patch_norm_eps = args.patch_norm_eps  # checked positive by parse_args
-    model = load_saved_model(PalmEForConditionalGeneration, args.init_from, config=config)
     vision, text = model.config.vision_config, model.config.text_config
     model_values = {
         "image_size": {vision.image_size},
@@ -371,20 +385,64 @@ def load_captioner(args: argparse.Namespace) -> tuple[PalmEForConditionalGenerat
         "block_type": {text.block_type},
         "vision_integration": {model.config.vision_integration},
     }
+    take_model_values(args, model_values, f"--init-from {args.init_from}", "fine-tune the model as it is")
+    return model, processor
+
+
+def load_vision_encoder(args: argparse.Namespace) -> PalmEVisionModel:
+    """
+    The image encoder of the captioner in `--vision-from`, for a new projector and decoder to read (the PaLM-E
+    paper's recipe: a pretrained ViT). `--image-size` and `--patch-size` that contradict it are refused; the encoder
+    options not given take its values. A `--patch-norm-eps` given replaces the encoder's.
+    """
+    model = load_saved_captioner("--vision-from", args.vision_from, args.patch_norm_eps)
+    vision = model.config.vision_config
+    model_values = {
+        "image_size": {vision.image_size},
+        "patch_size": {vision.patch_size},
+        "patch_norm_eps": {vision.patch_norm_eps},
+    }
+    take_model_values(args, model_values, f"--vision-from {args.vision_from}", "take the encoder as it is")
+    return model.model.vision_model
+
+
+def load_saved_captioner(option: str, folder: str, patch_norm_eps: float | None) -> PalmEForConditionalGeneration:
+    """The captioner `folder` (given as `option`), refused unless it is one of palme_hf's own towers as this script
+    saves them; a `patch_norm_eps` given replaces its vision configuration's."""
+    check_model_folder(folder)
+    saved = read_json_object(os.path.join(folder, "config.json"))
+    model_types = [
+        part.get("model_type") if isinstance(part, dict) else None
+        for part in (saved, saved.get("vision_config"), saved.get("text_config"))
+    ]
+    if model_types != ["palme", "palme_vision", "palme_text"]:
+        raise ValueError(
+            f"{option} {folder} holds a model of type {model_types[0]} (vision {model_types[1]}, text "
+            f"{model_types[2]}), not a captioner of palme_hf's own towers (palme, palme_vision, palme_text), as this "
+            "script saves them. A PalmE of pretrained towers trains with examples/train_from_towers.py."
+        )
+    try:
+        config = PalmEConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"{folder}/config.json is not a PalmE configuration: {one_line(error)}") from error
+    if patch_norm_eps is not None:
+        config.vision_config.patch_norm_eps = patch_norm_eps  # checked positive by parse_args
+    return load_saved_model(PalmEForConditionalGeneration, folder, config=config)
+
+
+def take_model_values(args: argparse.Namespace, model_values: dict[str, set], source: str, advice: str):
+    """Refuses the architecture options given that contradict `model_values` (option name -> the model's values) of
+    `source`, naming them; the options not given take the model's value where it has one."""
     contradictions = [
         f"--{name.replace('_', '-')} {getattr(args, name)} (the model has {' and '.join(map(str, sorted(values)))})"
         for name, values in model_values.items()
         if getattr(args, name) is not None and values != {getattr(args, name)}
     ]
     if contradictions:
-        raise ValueError(
-            f"--init-from {args.init_from} contradicts {', '.join(contradictions)}; leave these options out to "
-            "fine-tune the model as it is."
-        )
+        raise ValueError(f"{source} contradicts {', '.join(contradictions)}; leave these options out to {advice}.")
     for name, values in model_values.items():
         if len(values) == 1:
             setattr(args, name, next(iter(values)))
-    return model, processor
 
 
 def captioning_datasets(args: argparse.Namespace, processor: PalmEProcessor):
@@ -415,7 +473,12 @@ def captioning_datasets(args: argparse.Namespace, processor: PalmEProcessor):
 
 def input_paths(args: argparse.Namespace) -> dict[str, str | None]:
     """The folders the run reads, by option: no output may be, hold or lie inside one of them."""
-    return {"--train-dir": args.train_dir, "--eval-dir": args.eval_dir, "--init-from": args.init_from}
+    return {
+        "--train-dir": args.train_dir,
+        "--eval-dir": args.eval_dir,
+        "--init-from": args.init_from,
+        "--vision-from": args.vision_from,
+    }
 
 
 def sample_image_names(args: argparse.Namespace) -> list[str]:
@@ -514,7 +577,12 @@ each changed as named (`palme_hf.captioning.ROBUSTNESS_CONDITIONS`; noise on eve
         launcher = "python"
     # A resumed run trained as the command without --resume did.
     command = f"{launcher} examples/train_captioner.py {shlex.join(arg for arg in argv if arg != '--resume')}"
-    origin = "trained from scratch" if args.init_from is None else f"fine-tuned from `{args.init_from}`"
+    if args.init_from is not None:
+        origin = f"fine-tuned from `{args.init_from}`"
+    elif args.vision_from is not None:
+        origin = f"trained on the image encoder of `{args.vision_from}` (its projector and decoder from scratch)"
+    else:
+        origin = "trained from scratch"
     training = (
         f"{args.epochs:g} epoch(s), caption words hidden from the decoder's input with probability "
         f"{args.word_dropout:g} (`CaptioningCollator(word_dropout=...)`)"

@@ -448,3 +448,47 @@ def test_trains_the_paper_layout_parallel_block_with_the_image_as_prefix(tmp_pat
     with pytest.raises(SystemExit):
         train_captioner.parse_args(["--hidden-size", "32", "--head-dim", "12"])
     assert "--hidden-size 32 must be a multiple of --head-dim 12" in capsys.readouterr().err
+
+
+def test_vision_from_starts_a_paper_layout_captioner_on_a_trained_encoder(uninterrupted, tmp_path, train_captioner):
+    layout = ["--block-type", "parallel", "--vision-integration", "prefix", "--hidden-size", "64", "--head-dim", "32"]
+    args = train_captioner.parse_args(["--vision-from", str(uninterrupted), *layout])
+    model, processor = train_captioner.new_captioner(args)
+    trained = load_file(uninterrupted / "model.safetensors")
+    encoder = {name: value for name, value in trained.items() if name.startswith("model.vision_model.")}
+    assert encoder and all(torch.equal(model.state_dict()[name], value) for name, value in encoder.items())
+    assert (args.image_size, args.patch_size, args.patch_norm_eps) == (32, 8, 0.1)  # the encoder's
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.hidden_size, vision.head_dim, text.hidden_size, text.head_dim) == (32, 32, 64, 32)
+    assert model.model.multi_modal_projector.weight.shape == (64, 32)  # a new projector between the widths
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+    output_dir = tmp_path / "paper"
+    options = ["--train-samples", "16", "--batch-size", "8", "--eval-samples", "2", "--robustness-samples", "0"]
+    train_captioner.main(["--vision-from", str(uninterrupted), "--output-dir", str(output_dir), *layout, *options])
+    card = (output_dir / "README.md").read_text()
+    assert f"trained on the image encoder of `{uninterrupted}` (its projector and decoder from scratch)" in card
+    assert f"--vision-from {uninterrupted}" in card  # in the command that reproduces it
+
+
+VISION_FROM_REFUSALS = {
+    "with --init-from": (["--init-from", "MODEL"], "--init-from fine-tunes a whole captioner and --vision-from"),
+    "contradicting options": (["--image-size", "64"], "contradicts --image-size 64 (the model has 32); leave these"),
+    "a tower": ([], "--vision-from MODEL holds a model of type vit (vision None, text None), not a captioner of"),
+}
+
+
+@pytest.mark.parametrize("case", VISION_FROM_REFUSALS)
+def test_vision_from_refuses(case, uninterrupted, tmp_path, train_captioner, capsys):
+    options, message = VISION_FROM_REFUSALS[case]
+    model_dir = tmp_path / "model"
+    shutil.copytree(uninterrupted, model_dir)
+    if case == "a tower":
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    argv = ["--vision-from", str(model_dir), "--output-dir", str(tmp_path / "out")]
+    argv += [str(model_dir) if option == "MODEL" else option for option in options]
+    with pytest.raises(SystemExit) as refusal:
+        train_captioner.main(argv)
+    refused = f"{refusal.value.code}{capsys.readouterr().err}".replace(str(model_dir), "MODEL")
+    assert message in refused
+    assert not (tmp_path / "out").exists()
