@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each way's best one is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of generate()")
     parser.add_argument("--server-log", default=None, help="the server's log (default: a temporary file)")
+    parser.add_argument(
+        "--compiled", action="store_true", help="serve with vLLM's compiled mode (torch.compile), not eager"
+    )
     return parser.parse_args(argv)
 
 
@@ -139,7 +142,7 @@ def main(argv=None):
         held_out = SyntheticShapesDataset(args.requests, "held_out", seed=0)
         images = [held_out[index]["image"] for index in range(args.requests)]
         log_path = args.server_log or os.path.join(workdir, "server.log")
-        server, base_url = start_server(folder, log_path, "--max-model-len", "256")
+        server, base_url = start_server(folder, log_path, "--max-model-len", "256", eager=not args.compiled)
         client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="none")
         ways = {
             "vLLM (OpenAI server)": lambda: serve_with_vllm(client, images, args.new_tokens),
@@ -164,7 +167,8 @@ def main(argv=None):
     print(
         f"{args.requests} requests of an image and the captioning prompt, {args.new_tokens} new tokens each; "
         f"model: {args.model or f'random, hidden {args.hidden_size}, {args.num_layers} layers, heads of 64'}; "
-        f"best of {args.repeats} rounds; {args.threads} torch threads, {os.cpu_count()} CPUs\n"
+        f"vLLM {'compiled' if args.compiled else 'eager'}; best of {args.repeats} rounds; {args.threads} torch "
+        f"threads, {os.cpu_count()} CPUs\n"
     )
     print("| way | tokens/s | p50 latency (s) | p95 latency (s) |\n| --- | --- | --- | --- |")
     for name, latencies in best.items():

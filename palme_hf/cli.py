@@ -28,9 +28,11 @@ from transformers.utils import logging
 from .captioning import generate_captions
 from .io_palme import DEFAULT_MAX_IMAGE_PIXELS, load_saved_model, load_saved_processor, one_line, read_image_file
 
-# The captioner committed in the repository, shipped with the package (package data), so that it is there wherever
-# palme_hf is installed.
+# The captioners committed in the repository, shipped with the package (package data), so that they are there
+# wherever palme_hf is installed: the default one (cross-attention), and the PaLM-E paper's layout (PaLM's parallel
+# block, the image as prefix tokens), which `make serve` serves with vLLM.
 DEFAULT_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "captioner")
+PAPER_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "palme_paper")
 
 
 def positive_int(value: str) -> int:
@@ -115,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, TIFF, ...)")
     caption.add_argument(
-        "--model", default=DEFAULT_CAPTIONER, help="folder of a saved captioner (default: %(default)s)"
+        "--model",
+        default=DEFAULT_CAPTIONER,
+        help=f"folder of a saved captioner (default: %(default)s; the PaLM-E paper's layout: {PAPER_CAPTIONER})",
     )
     caption.add_argument("--max-new-tokens", type=positive_int, default=32, help="longest caption, in tokens")
     caption.add_argument("--batch-size", type=positive_int, default=16, help="images captioned together")

@@ -18,7 +18,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
-from palme_hf.cli import DEFAULT_CAPTIONER, main
+from palme_hf.cli import DEFAULT_CAPTIONER, PAPER_CAPTIONER, main
 
 from conftest import WITHOUT_PALME_HF
 from helpers import BROKEN_MODEL_FOLDERS, SAMPLE_IMAGES, break_model_folder, sample_captions, save_tiny_towers
@@ -26,6 +26,7 @@ from tiny_captioner import build_tokenizer, tiny_config
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = SAMPLE_IMAGES
+SHIPPED_CAPTIONERS = [DEFAULT_CAPTIONER, PAPER_CAPTIONER]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,14 @@ def test_caption_prints_path_and_caption_per_image(capsys, true_captions):
     assert [line.split("\t")[0] for line in lines] == paths
     captions = {os.path.basename(path): caption for path, caption in (line.split("\t") for line in lines)}
     # the committed captioner names every held-out sample image correctly
+    assert captions == true_captions
+
+
+def test_caption_with_the_paper_captioner(capsys, true_captions):
+    paths = [os.path.join(IMAGES, name) for name in sorted(true_captions)]
+    assert main(["caption", "--model", PAPER_CAPTIONER, *paths]) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    captions = {os.path.basename(path): caption for path, caption in (line.split("\t") for line in lines)}
     assert captions == true_captions
 
 
@@ -155,21 +164,24 @@ def test_generate_captions_prompts_each_integration(cross_attend):
         generate_captions(model, processor, images, batch_size=0)
 
 
-def test_the_captioner_ships_with_the_package():
+def test_the_captioners_ship_with_the_package():
     package = os.path.dirname(os.path.abspath(sys.modules["palme_hf"].__file__))
     assert DEFAULT_CAPTIONER == os.path.join(package, "captioner")
-    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= set(
-        os.listdir(DEFAULT_CAPTIONER)
-    )
+    assert PAPER_CAPTIONER == os.path.join(package, "palme_paper")
+    for folder in SHIPPED_CAPTIONERS:
+        files = set(os.listdir(folder))
+        assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
+    assert "chat_template.jinja" in os.listdir(PAPER_CAPTIONER)  # what vLLM's chat completions render
 
 
-def test_the_captioner_links_exactly_the_modules_its_auto_map_needs():
-    """The `*_palme.py` files of the shipped captioner are links to the package's modules (no copies to keep in
+@pytest.mark.parametrize("folder", SHIPPED_CAPTIONERS)
+def test_a_shipped_captioner_links_exactly_the_modules_its_auto_map_needs(folder):
+    """The `*_palme.py` files of a shipped captioner are links to the package's modules (no copies to keep in
     step), and they are the modules its `auto_map` entries import, no more, no fewer."""
-    package = os.path.dirname(DEFAULT_CAPTIONER)
+    package = os.path.dirname(folder)
     auto_map = {}
     for name in ("config.json", "processor_config.json"):
-        with open(os.path.join(DEFAULT_CAPTIONER, name)) as handle:
+        with open(os.path.join(folder, name)) as handle:
             config = json.load(handle)
         auto_map.update(config["auto_map"])
         auto_map.update(config.get("image_processor", {}).get("auto_map", {}))
@@ -178,10 +190,10 @@ def test_the_captioner_links_exactly_the_modules_its_auto_map_needs():
         module_file = os.path.join(package, reference.split(".")[0] + ".py")
         needed |= {module_file, *get_relative_import_files(module_file)}
     assert {os.path.basename(path) for path in needed} == {
-        os.path.basename(path) for path in glob.glob(os.path.join(DEFAULT_CAPTIONER, "*.py"))
+        os.path.basename(path) for path in glob.glob(os.path.join(folder, "*.py"))
     }
     for path in needed:
-        link = os.path.join(DEFAULT_CAPTIONER, os.path.basename(path))
+        link = os.path.join(folder, os.path.basename(path))
         assert os.path.islink(link) and os.readlink(link) == os.path.join("..", os.path.basename(path)), link
 
 
@@ -192,11 +204,11 @@ REMOTE_CODE_CAPTIONER = WITHOUT_PALME_HF + textwrap.dedent(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder, image = sys.argv[1], sys.argv[2]
+    folder, image, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    inputs = processor(images=[PIL.Image.open(image)], text=[""])
+    inputs = processor(images=[PIL.Image.open(image)], text=[prompt])
     generated = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     print(json.dumps(processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])))
     """
@@ -204,11 +216,12 @@ REMOTE_CODE_CAPTIONER = WITHOUT_PALME_HF + textwrap.dedent(
 
 
 @pytest.mark.slow  # a Python of its own
-def test_the_shipped_captioner_loads_with_remote_code_without_palme_hf(tmp_path, true_captions):
+@pytest.mark.parametrize("folder, prompt", [(DEFAULT_CAPTIONER, ""), (PAPER_CAPTIONER, "<image>")])
+def test_a_shipped_captioner_loads_with_remote_code_without_palme_hf(folder, prompt, tmp_path, true_captions):
     image = os.path.join(IMAGES, "held_out_00.png")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     run = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_CAPTIONER, DEFAULT_CAPTIONER, image],
+        [sys.executable, "-c", REMOTE_CODE_CAPTIONER, folder, image, prompt],
         capture_output=True,
         text=True,
         env=env,
@@ -236,7 +249,9 @@ def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_c
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     shipped = target / "palme_hf" / "captioner"
-    assert (shipped / "model.safetensors").is_file() and not (shipped / "modeling_palme.py").is_symlink()
+    for folder in (shipped, target / "palme_hf" / "palme_paper"):
+        assert (folder / "model.safetensors").is_file() and not (folder / "modeling_palme.py").is_symlink()
+    assert (target / "palme_hf" / "palme_paper" / "chat_template.jinja").is_file()
 
     image = os.path.join(IMAGES, "held_out_00.png")
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
@@ -245,6 +260,15 @@ def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_c
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout == f"{image}\t{true_captions['held_out_00.png']}\n"
+    paper = subprocess.run(
+        [str(target / "bin" / "palme-hf"), "caption", "--model", str(target / "palme_hf" / "palme_paper"), image],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert paper.returncode == 0, paper.stderr[-3000:]
+    assert paper.stdout == f"{image}\t{true_captions['held_out_00.png']}\n"
     where = subprocess.run(
         [sys.executable, "-c", "import palme_hf.cli; print(palme_hf.cli.DEFAULT_CAPTIONER)"],
         capture_output=True,

@@ -29,6 +29,7 @@ import unicodedata
 import pytest
 
 import palme_hf
+from palme_hf.cli import PAPER_CAPTIONER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -410,6 +411,19 @@ def test_the_robustness_table_is_the_evaluation_data():
     assert table[0] == ["condition", "before (first run)", "now"]
     assert [float(value) for _, cell, _ in table[1:] for value in cell.split(" / ")] == before
     assert [float(value) for _, _, cell in table[1:] for value in cell.split(" / ")] == now
+
+
+def test_the_paper_captioner_table_is_its_evaluation_data():
+    """The captioner page's table of the shipped paper-layout captioner holds its eval_results.json."""
+    with open(os.path.join(PAPER_CAPTIONER, "eval_results.json"), encoding="utf-8") as handle:
+        results = json.load(handle)
+    table = markdown_table(os.path.join(DOCS, "captioner.md"), "| held-out renders |")
+    assert table == [
+        ["held-out renders", "exact match"],
+        [f"{results['num_samples']}, clean", f"{results['exact_match']:.3f}"],
+        *([f"{results['robustness_samples']}, {name}", f"{results['robustness'][name]:.3f}"]
+          for name in ("clean", "JPEG q75", "noise sigma=5/255")),
+    ]  # fmt: skip
 
 
 def test_the_pictures_the_pages_show_are_committed():

