@@ -74,7 +74,6 @@ import math
 import os
 import random
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -707,11 +706,8 @@ def train_with_trainer(
         data_collator=collator,
         callbacks=[collator, stop_callback],
     )
-    previous_handler = signal.signal(signal.SIGINT, stop_callback.interrupt)
-    try:
+    with stop_callback:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
     if stop_callback.interrupted:
         if trainer.is_world_process_zero():
             checkpoint = get_last_checkpoint(training_args.output_dir)

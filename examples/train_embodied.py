@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from pathlib import Path
@@ -249,11 +248,8 @@ def main(argv: list[str] | None = None) -> Trainer:
         callbacks=[stop_callback],
     )
     start = time.monotonic()
-    previous_handler = signal.signal(signal.SIGINT, stop_callback.interrupt)
-    try:
+    with stop_callback:
         train_output = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
     train_minutes = (time.monotonic() - start) / 60
     if stop_callback.interrupted:
         checkpoint = get_last_checkpoint(training_args.output_dir)

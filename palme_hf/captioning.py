@@ -224,16 +224,22 @@ def generate_captions(
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         inputs = processor(images=batch, text=[prompt] * len(batch), return_tensors="pt").to(model.device)
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
-        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-        captions.extend(caption.strip() for caption in processor.post_process_image_text_to_text(new_tokens))
+        captions.extend(generate_greedy_texts(model, processor, inputs, max_new_tokens))
     return captions
+
+
+def generate_greedy_texts(model: PreTrainedModel, processor: PalmEProcessor, inputs, max_new_tokens: int) -> list[str]:
+    """The greedy continuations of the processor's batch `inputs`, decoded without their prompts and stripped of
+    surrounding whitespace."""
+    generated = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=processor.tokenizer.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.post_process_image_text_to_text(new_tokens)]
 
 
 def exact_match(references: Sequence[str], hypotheses: Sequence[str]) -> float:

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Regex, pre_tokenizers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from .captioning import generate_greedy_texts
 from .embodied_world import (
     DIRECTIONS,
     GRID_SIZE,
@@ -205,15 +206,7 @@ def generate_answers(
             padding_side="left",
             return_tensors="pt",
         ).to(model.device)
-        generated = model.generate(
-            **batch,
-            max_new_tokens=MAX_ANSWER_TOKENS,
-            do_sample=False,
-            eos_token_id=processor.tokenizer.eos_token_id,
-            pad_token_id=processor.tokenizer.pad_token_id,
-        )
-        new_tokens = generated[:, batch["input_ids"].shape[1] :]
-        answers.extend(answer.strip() for answer in processor.post_process_image_text_to_text(new_tokens))
+        answers.extend(generate_greedy_texts(model, processor, batch, MAX_ANSWER_TOKENS))
     return answers
 
 

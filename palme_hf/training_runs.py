@@ -10,8 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import sys
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .distributed_palme import last_checkpoint
+from .distributed_palme import StopOnInterrupt, last_checkpoint
 from .io_palme import check_model_folder, check_torch_file, read_json_file, read_json_object
 
 CHECKPOINTS_DIR = "checkpoints"  # inside --output-dir, while the run is not finished
@@ -98,23 +96,17 @@ def start_checkpoints(args: argparse.Namespace, num_processes: int):
     (Path(checkpoints_dir) / OPTIONS_FILE).write_text(json.dumps(options, indent=2) + "\n")
 
 
-class StopCallback(TrainerCallback):
+class StopCallback(StopOnInterrupt, TrainerCallback):
     """
-    Stops training after the current step on Ctrl-C (SIGINT, once `interrupt` is its handler), saving a checkpoint
-    first, or once `max_minutes` have passed. Under torch.distributed the processes agree, so that every process
-    stops after the same step.
+    Stops training after the current step on Ctrl-C (SIGINT, while it is in use: `with stop_callback:` around
+    `trainer.train`), saving a checkpoint first, or once `max_minutes` have passed. Under torch.distributed the
+    processes agree, so that every process stops after the same step.
     """
 
     def __init__(self, max_minutes: float | None):
+        super().__init__()
         self.max_seconds = None if max_minutes is None else 60 * max_minutes
         self.start = None
-        self.interrupted = False
-
-    def interrupt(self, signum, frame):
-        """The SIGINT handler while training: asks to stop after the current step; a second Ctrl-C aborts."""
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("Interrupted: saving a checkpoint after this step (Ctrl-C again aborts at once).", file=sys.stderr)
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Starts the clock of `max_minutes`."""
