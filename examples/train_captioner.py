@@ -96,6 +96,7 @@ from palme_hf.captioning import (
 )
 from palme_hf.cli import positive_int
 from palme_hf.distributed_palme import (
+    add_fsdp_argument,
     check_global_batch_size,
     exit_interrupted,
     full_state_dict,
@@ -200,13 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="per process; with --fsdp, the global batch they split"
     )
-    parser.add_argument(
-        "--fsdp",
-        choices=["full", "partial"],
-        default=None,
-        help="shard over the launched processes with FSDP2: full (parameters gathered for each pass) or partial "
-        "(kept gathered from forward to backward)",
-    )
+    add_fsdp_argument(parser)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument(
         "--word-dropout", type=float, default=0.8, help="probability of hiding a caption word from the decoder's input"

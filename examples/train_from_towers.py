@@ -41,6 +41,7 @@ from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import CaptioningCollator
 from palme_hf.cli import positive_int
 from palme_hf.distributed_palme import (
+    add_fsdp_argument,
     check_global_batch_size,
     checkpoint_steps,
     exit_interrupted,
@@ -85,13 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="per process; with --fsdp, the global batch they split"
     )
-    parser.add_argument(
-        "--fsdp",
-        choices=["full", "partial"],
-        default=None,
-        help="shard over the launched processes with FSDP2: full (parameters gathered for each pass) or partial "
-        "(kept gathered from forward to backward)",
-    )
+    add_fsdp_argument(parser)
     parser.add_argument("--save-steps", type=positive_int, default=500, help="with --fsdp: checkpoint interval")
     parser.add_argument("--resume", action="store_true", help="with --fsdp: continue from the last checkpoint")
     parser.add_argument("--learning-rate", type=float, default=1e-3)

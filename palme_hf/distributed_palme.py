@@ -13,6 +13,7 @@ included) is the one a single process sees; the loss is the mean over the global
 N processes train as one process does, and a run resumed on another number of processes continues the same curve.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -36,6 +37,18 @@ CHECKPOINT_PREFIX = "checkpoint-"
 # Written by the first process once every process has written its shards: a checkpoint without it is incomplete.
 TRAINING_STATE_FILE = "training_state.json"
 KEEP_CHECKPOINTS = 2  # the one before the last survives a save that is cut short
+
+
+def add_fsdp_argument(parser: argparse.ArgumentParser):
+    """The training scripts' `--fsdp full|partial` option (None without it): `shard_model`'s `reshard_after_forward`
+    True or False."""
+    parser.add_argument(
+        "--fsdp",
+        choices=["full", "partial"],
+        default=None,
+        help="shard over the launched processes with FSDP2: full (parameters gathered for each pass) or partial "
+        "(kept gathered from forward to backward)",
+    )
 
 
 def rank_and_world_size() -> tuple[int, int]:
