@@ -8,7 +8,8 @@ goal must then hold) and next-step accuracy (the step must be the first of a sho
     python examples/evaluate_embodied.py --model embodied-image-state --num-samples 1000 --output results.json
 
 The examples are the `"held_out"` split of `--seed` (0 by default, as `train_embodied.py` scores its model, so that the
-defaults reproduce the table of its model card with `--num-samples 500`), every task in turn. `--output` is checked
+defaults reproduce the table of its model card with `--num-samples 500`), every task of `--tasks` in turn (by default
+all of them; the tasks a model was trained on reproduce its card). `--output` is checked
 before the evaluation: an existing file is refused unless `--overwrite`.
 """
 
@@ -20,7 +21,7 @@ import torch
 
 from palme_hf.cli import positive_int
 from palme_hf.embodied_tasks import evaluate_embodied, load_embodied_model, model_answerer, scores_table
-from palme_hf.embodied_world import EmbodiedTaskDataset
+from palme_hf.embodied_world import TASKS, EmbodiedTaskDataset
 from palme_hf.io_palme import check_output_file, exit_with_error, write_text_file
 
 
@@ -28,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the model folder (model, processor and eval_results.json)")
     parser.add_argument("--num-samples", type=positive_int, default=500, help="held-out examples, every task in turn")
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="the tasks scored (default: all of them)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out examples")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="examples answered at a time")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     except (ValueError, OSError) as error:
         exit_with_error(error)
     start = time.monotonic()
-    held_out = EmbodiedTaskDataset(args.num_samples, "held_out", seed=args.seed)
+    tasks = tuple(dict.fromkeys(args.tasks))
+    held_out = EmbodiedTaskDataset(args.num_samples, "held_out", seed=args.seed, tasks=tasks)
     examples = [held_out[index] for index in range(len(held_out))]
     scores = evaluate_embodied(model_answerer(model, processor, inputs, args.batch_size), examples)
     report = {"model": args.model, "inputs": "+".join(inputs), "seed": args.seed, **scores}

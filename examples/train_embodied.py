@@ -10,10 +10,12 @@ word-level tokenizer), `eval_results.json` and a model card to `--output-dir`.
     OMP_NUM_THREADS=1 python examples/train_embodied.py --inputs image+state --output-dir embodied-image-state
 
 The model is PalmE's own ViT and decoder on the prefix route, with a state encoder and an object encoder whatever
-`--inputs` is, so that every run has the same architecture.
+`--inputs` is, so that every run has the same architecture. `--init-from MODEL` starts from the weights of a model
+this script saved, of the same architecture options (`--inputs` may differ), to train it further.
 
 No work is lost, as with `examples/train_captioner.py`:
-- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it.
+- A non-empty `--output-dir` is refused (and left as it was) unless `--overwrite` is given, which replaces it; one
+  that is, holds or lies inside `--init-from` is refused.
 - While training, checkpoints (model, optimizer, scheduler, random states) go to `OUTPUT_DIR/checkpoints/checkpoint-N`
   every `--save-steps` steps, at the end of training, and on Ctrl-C, which stops after the current step (a second
   Ctrl-C aborts without saving). The last two are kept.
@@ -43,17 +45,17 @@ from palme_hf.embodied_tasks import (
     EmbodiedCollator,
     build_embodied_tokenizer,
     evaluate_embodied,
+    load_embodied_model,
     model_answerer,
     scores_table,
 )
-from palme_hf.embodied_world import OBJECT_DIM, STATE_DIM, TASKS, EmbodiedTaskDataset
+from palme_hf.embodied_world import MAX_OBJECTS, OBJECT_DIM, STATE_DIM, TASKS, EmbodiedTaskDataset
 from palme_hf.io_palme import atomic_output_dir, check_output_dir, exit_on_sigterm, exit_with_error
 from palme_hf.model_card_palme import build_model_card
 from palme_hf.training_runs import CHECKPOINTS_DIR, StopCallback, find_resume_checkpoint, start_checkpoints
 
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {"output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples"}
-NUM_STATE_TOKENS = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +76,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="image+state",
         help="the observations that go into the sentence (default: %(default)s)",
     )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="MODEL",
+        help="start from the weights of this embodied model (a folder this script saved, trained with the same "
+        "architecture options; --inputs may differ) instead of new ones",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        default=list(TASKS),
+        help="the tasks trained on, in turn, and scored (default: all of them)",
+    )
     parser.add_argument("--train-samples", type=positive_int, default=20_000, help="length of the training split")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument(
@@ -88,17 +104,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--eval-samples",
         type=int,
         default=500,
-        help="held-out examples scored at the end (0: none), every task in turn",
+        help="held-out examples scored at the end (0: none), every task of --tasks in turn",
     )
     parser.add_argument("--max-minutes", type=float, default=None, help="stop training after this many minutes")
     parser.add_argument("--image-size", type=positive_int, default=64)
     parser.add_argument("--patch-size", type=positive_int, default=16)
     parser.add_argument("--hidden-size", type=positive_int, default=128, help="width of the encoders and the decoder")
     parser.add_argument("--num-layers", type=positive_int, default=2, help="layers of the encoder and of the decoder")
+    parser.add_argument(
+        "--block-type",
+        choices=["standard", "parallel"],
+        default="parallel",
+        help="the decoder layer: standard (ALiBi on half the heads, GELU) or parallel (PaLM's block: rotary, "
+        "multi-query attention, SwiGLU, no ALiBi) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--state-tokens",
+        type=positive_int,
+        default=MAX_OBJECTS,
+        help="embeddings the state encoder makes of the state vector (default: %(default)s, one per object slot)",
+    )
     parser.add_argument("--logging-steps", type=positive_int, default=50)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
+    if len(set(args.tasks)) != len(args.tasks):
+        parser.error(f"--tasks names a task twice: {' '.join(args.tasks)}")
     if args.eval_samples < 0:
         parser.error(f"--eval-samples must be 0 or more, got {args.eval_samples}")
     if args.hidden_size % 32:
@@ -108,8 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def embodied_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
     """A small PalmE on the prefix route for `tokenizer`'s words, the image, state and object placeholders the
-    tokenizer's next three tokens (as `PalmEProcessor.from_model_config` adds them): ViT encoder and standard decoder
-    of the same width, heads of 32 features."""
+    tokenizer's next three tokens (as `PalmEProcessor.from_model_config` adds them): ViT encoder and decoder of
+    `--block-type` of the same width, heads of 32 features, the state vector as `--state-tokens` embeddings."""
     num_heads = args.hidden_size // 32
     image_token_id = len(tokenizer)
     return PalmEConfig(
@@ -131,24 +162,53 @@ def embodied_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "num_hidden_layers": args.num_layers,
             "num_attention_heads": num_heads,
             "head_dim": 32,
-            "alibi_num_heads": num_heads // 2,
+            "block_type": args.block_type,
+            "alibi_num_heads": num_heads // 2 if args.block_type == "standard" else 0,
             "max_position_embeddings": 128,
         },
         vision_integration="prefix",
         image_token_id=image_token_id,
         state_dim=STATE_DIM,
-        num_state_tokens=NUM_STATE_TOKENS,
+        num_state_tokens=args.state_tokens,
         state_token_id=image_token_id + 1,
         object_dim=OBJECT_DIM,
         object_token_id=image_token_id + 2,
     )
 
 
+# What a saved configuration holds beside the architecture.
+NOT_ARCHITECTURE = {"_name_or_path", "architectures", "auto_map", "dtype", "transformers_version"}
+
+
+def architecture_differences(saved: dict, built: dict, prefix: str = "") -> list[str]:
+    """The keys of two configuration dicts (`to_dict()`) whose values differ, sub-configurations included, as
+    `"text_config.hidden_size: 64 saved, 128 here"`."""
+    differences = []
+    for key in sorted(set(saved) | set(built)):
+        if key in NOT_ARCHITECTURE:
+            continue
+        if isinstance(saved.get(key), dict) and isinstance(built.get(key), dict):
+            differences += architecture_differences(saved[key], built[key], f"{prefix}{key}.")
+        elif saved.get(key) != built.get(key):
+            differences.append(f"{prefix}{key}: {saved.get(key)!r} saved, {built.get(key)!r} here")
+    return differences
+
+
 def new_model(args: argparse.Namespace) -> tuple[PalmEForConditionalGeneration, PalmEProcessor]:
-    """A new model of the architecture options, with the word-level tokenizer of the embodied world."""
+    """A model of the architecture options, with the word-level tokenizer of the embodied world: new, or with the
+    weights of `--init-from`, whose architecture must be that of the options (a `ValueError` names what differs)."""
     tokenizer = build_embodied_tokenizer()
     config = embodied_config(args, tokenizer)
     model = PalmEForConditionalGeneration(config)
+    if args.init_from is not None:
+        saved, _, _ = load_embodied_model(args.init_from)
+        differences = architecture_differences(saved.config.to_dict(), config.to_dict())
+        if differences:
+            raise ValueError(
+                f"--init-from {args.init_from} has another architecture than the options give "
+                f"({'; '.join(differences)}): pass the architecture options it was trained with."
+            )
+        model.load_state_dict(saved.state_dict())
     model.generation_config.max_new_tokens = MAX_ANSWER_TOKENS
     model.generation_config.do_sample = False
     return model, PalmEProcessor.from_model_config(config, tokenizer)
@@ -161,9 +221,10 @@ def write_model_card(output_dir: Path, argv: list[str], args: argparse.Namespace
     )
     command = f"{launcher} examples/train_embodied.py {shlex.join(arg for arg in argv if arg != '--resume')}"
     observations = " and ".join(INPUT_CHOICES[args.inputs])
+    origin = "from scratch" if args.init_from is None else f"from `{args.init_from}`"
     dataset = (
         f"`palme_hf.embodied_world.EmbodiedTaskDataset`: {args.train_samples} examples (seed {args.seed}) of the "
-        f"tasks {', '.join(TASKS)} in turn, on scenes of two to four coloured shapes on a 4x4 grid; "
+        f"tasks {', '.join(args.tasks)} in turn, on scenes of two to four coloured shapes on a 4x4 grid; "
         f"{metrics['train_steps']} steps of batch {args.batch_size}. The model sees the {observations} before each "
         "prompt. The held-out scenes (sets of objects) and goals never appear in training."
     )
@@ -182,7 +243,7 @@ def write_model_card(output_dir: Path, argv: list[str], args: argparse.Namespace
         dataset=dataset,
         repo_id=args.output_dir,
         title="PalmE embodied planner (toy world)",
-        summary="A small PalmE (palme_hf) trained from scratch to answer geometry questions about a toy scene and "
+        summary=f"A small PalmE (palme_hf) trained {origin} to answer geometry questions about a toy scene and "
         f"plan in a small action language (`move obj_N left`), from the scene's {observations} in a multimodal "
         "sentence.",
         sections=[("Embodied tasks", evaluation), ("How to reproduce", f"```bash\n{command}\n```")],
@@ -210,7 +271,9 @@ def main(argv: list[str] | None = None) -> Trainer:
     args = parse_args(argv)
     set_seed(args.seed)
     try:
-        check_output_dir(args.output_dir, overwrite=args.overwrite or args.resume)
+        check_output_dir(
+            args.output_dir, overwrite=args.overwrite or args.resume, inputs={"--init-from": args.init_from}
+        )
         model, processor = new_model(args)
         training_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
@@ -243,7 +306,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=EmbodiedTaskDataset(args.train_samples, "train", seed=args.seed),
+        train_dataset=EmbodiedTaskDataset(args.train_samples, "train", seed=args.seed, tasks=tuple(args.tasks)),
         data_collator=EmbodiedCollator(processor, inputs),
         callbacks=[stop_callback],
     )
@@ -262,6 +325,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     logged_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
         "inputs": args.inputs,
+        "tasks": args.tasks,
         "train_samples": args.train_samples,
         "train_minutes": train_minutes,
         "train_steps": train_output.global_step,
@@ -270,7 +334,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         "cpu_count": os.cpu_count(),
     }
     if args.eval_samples:
-        held_out = EmbodiedTaskDataset(args.eval_samples, "held_out", seed=args.seed)
+        held_out = EmbodiedTaskDataset(args.eval_samples, "held_out", seed=args.seed, tasks=tuple(args.tasks))
         examples = [held_out[index] for index in range(len(held_out))]
         metrics.update(evaluate_embodied(model_answerer(trainer.model, processor, inputs), examples))
         print(scores_table(metrics))

@@ -13,6 +13,18 @@ image keeps one line. With `--json` it prints one JSON list instead, an object `
 captioned. Exit status: 0 when every image was captioned, 1 when one was not or the captioner could not be loaded,
 2 for invalid arguments, 141 when the reader of the output went away (`palme-hf caption *.png | head -1`), as for
 Unix tools.
+
+    palme-hf plan [--model DIR] [--max-steps N] [--strip PNG] [--overwrite] [--json] SCENE GOAL
+
+runs PaLM-E's closed loop in the toy embodied world (`palme_hf.embodied_world`) with a saved embodied model (as
+`examples/train_embodied.py` writes it; by default the one shipped with palme_hf, `palme_hf/embodied`): SCENE is a JSON
+file of the scene's objects, `obj_1` first (`[{"shape": "circle", "colour": "red", "size": "small", "column": 0,
+"row": 1}, ...]`), GOAL the goal in words (`"put the red circle right of the blue square"`). The model is asked for the
+next step from the scene's observations, the scripted policy executes it, and the loop asks again from the new scene
+until the goal holds or `--max-steps` steps were taken. Prints each step taken (`1. move obj_1 right`), then `goal
+holds` or `goal not reached` and why; `--json` prints one object `{"goal", "steps", "success"}` instead, `--strip`
+saves the episode as a PNG strip (an existing file is refused unless `--overwrite`). Exit status: 0 when the goal
+holds, 1 when it was not reached or the scene, goal or model could not be read, 2 for invalid arguments.
 """
 
 import argparse
@@ -26,13 +38,25 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging
 
 from .captioning import generate_captions
-from .io_palme import DEFAULT_MAX_IMAGE_PIXELS, load_saved_model, load_saved_processor, one_line, read_image_file
+from .embodied_tasks import Episode, episode_strip, load_embodied_model, model_next_step, run_episode
+from .embodied_world import goal_holds, parse_goal, scene_from_json
+from .io_palme import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_output_file,
+    load_saved_model,
+    load_saved_processor,
+    one_line,
+    read_image_file,
+    read_json_file,
+)
 
 # The captioners committed in the repository, shipped with the package (package data), so that they are there
 # wherever palme_hf is installed: the default one (cross-attention), and the PaLM-E paper's layout (PaLM's parallel
 # block, the image as prefix tokens), which `make serve` serves with vLLM.
 DEFAULT_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "captioner")
 PAPER_CAPTIONER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "palme_paper")
+# The embodied model shipped with the package: it plans in the toy embodied world from the image and the state vector.
+EMBODIED_PLANNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embodied")
 
 
 def positive_int(value: str) -> int:
@@ -106,6 +130,87 @@ def text_field(value: str) -> str:
     return value
 
 
+def print_lines(lines: list[str]) -> int:
+    """Prints `lines` to stdout; 0, or 141 when the reader of the output went away (`| head -1`), as for Unix tools."""
+    try:
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would flush stdout again at exit, and fail again, so stdout now goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return 0
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """`palme-hf caption`: see the module."""
+    try:
+        processor, model = load_captioner(args.model)
+    except ValueError as error:
+        print(f"palme-hf: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    results = caption_files(model, processor, args.images, args.max_new_tokens, args.batch_size, args.max_image_pixels)
+    for result in results:
+        if result["error"] is not None:
+            print(f"palme-hf: error: {result['path']}: {result['error']}", file=sys.stderr)
+    if args.json:
+        lines = [json.dumps(results, indent=2)]
+    else:
+        lines = [
+            f"{text_field(result['path'])}\t{text_field(result['caption'])}"
+            for result in results
+            if result["error"] is None
+        ]
+    status = print_lines(lines)
+    return status or (1 if any(result["error"] is not None for result in results) else 0)
+
+
+def episode_lines(episode: Episode) -> list[str]:
+    """The steps of a closed-loop episode, numbered, then whether the goal holds and, if not, why."""
+    lines = [f"{number}. {step}" for number, step in enumerate(episode.steps, start=1)]
+    if episode.success:
+        lines.append("goal holds")
+    elif len(episode.scenes) == len(episode.steps):  # the last step left no scene after it
+        lines.append(f"goal not reached: step {len(episode.steps)} cannot be executed")
+    else:
+        lines.append(f"goal not reached within the budget of {len(episode.steps)} steps")
+    return lines
+
+
+def read_scene(path: str):
+    """The [`~palme_hf.embodied_world.Scene`] in the JSON file `path`; a `ValueError` naming the file says why not."""
+    if not os.path.isfile(path):
+        raise ValueError(f"No scene at {path!r}: give a JSON file of the scene's objects.")
+    try:
+        return scene_from_json(read_json_file(path))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`palme-hf plan`: see the module."""
+    try:
+        if args.strip is not None:
+            check_output_file(args.strip, args.overwrite)
+        scene = read_scene(args.scene)
+        goal = parse_goal(args.goal)
+        goal_holds(scene, goal)  # a goal naming an object the scene does not have is refused here
+        model, processor, inputs = load_embodied_model(args.model)
+    except ValueError as error:
+        print(f"palme-hf: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    episode = run_episode(model_next_step(model, processor, inputs), scene, goal, args.max_steps)
+    if args.strip is not None:
+        os.makedirs(os.path.dirname(os.path.realpath(args.strip)), exist_ok=True)
+        episode_strip(episode).save(args.strip, format="PNG")
+    if args.json:
+        lines = [json.dumps({"goal": goal.text, "steps": list(episode.steps), "success": episode.success}, indent=2)]
+    else:
+        lines = episode_lines(episode)
+    return print_lines(lines) or (0 if episode.success else 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="palme-hf", description="PaLM-E style models as Transformers models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,32 +237,26 @@ def main(argv: list[str] | None = None) -> int:
     caption.add_argument(
         "--json", action="store_true", help='print a JSON list of {"path", "caption", "error"}, one per image'
     )
+    plan = commands.add_parser(
+        "plan",
+        help="plan toward a goal in the toy embodied world, step by step, in a closed loop",
+        description="Asks an embodied model for the next step toward GOAL from the scene's observations, executes it "
+        "with the scripted policy, and asks again from the new scene, until the goal holds: prints the steps taken, "
+        "then whether the goal holds (exit status 0) or not (1).",
+    )
+    plan.add_argument("scene", metavar="SCENE", help="JSON file of the scene: a list of objects, obj_1 first")
+    plan.add_argument("goal", metavar="GOAL", help='the goal, e.g. "put the red circle right of the blue square"')
+    plan.add_argument(
+        "--model", default=EMBODIED_PLANNER, help="folder of a saved embodied model (default: %(default)s)"
+    )
+    plan.add_argument("--max-steps", type=positive_int, default=12, help="the step budget (default: %(default)s)")
+    plan.add_argument("--strip", default=None, help="save the episode as a PNG strip of its scenes here")
+    plan.add_argument("--overwrite", action="store_true", help="replace an existing --strip file")
+    plan.add_argument("--json", action="store_true", help='print one JSON object {"goal", "steps", "success"}')
     args = parser.parse_args(argv)
 
-    logging.disable_progress_bar()  # stdout is the captions; keep stderr for errors
-    try:
-        processor, model = load_captioner(args.model)
-    except ValueError as error:
-        print(f"palme-hf: error: {one_line(error)}", file=sys.stderr)
-        return 1
-    results = caption_files(model, processor, args.images, args.max_new_tokens, args.batch_size, args.max_image_pixels)
-    for result in results:
-        if result["error"] is not None:
-            print(f"palme-hf: error: {result['path']}: {result['error']}", file=sys.stderr)
-    try:
-        if args.json:
-            print(json.dumps(results, indent=2))
-        else:
-            for result in results:
-                if result["error"] is None:
-                    print(f"{text_field(result['path'])}\t{text_field(result['caption'])}")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader went away (`| head -1`): stop quietly, as Unix tools do. Python would flush stdout again at exit,
-        # and fail again, so stdout now goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    return 1 if any(result["error"] is not None for result in results) else 0
+    logging.disable_progress_bar()  # stdout is the answers; keep stderr for errors
+    return run_caption(args) if args.command == "caption" else run_plan(args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from .embodied_world import (
     execute,
     goal_holds,
     next_step_prompt,
+    object_number,
     object_vectors,
     oracle_plan,
     plan_succeeds,
@@ -235,13 +236,17 @@ def score_answers(examples: Sequence[TaskExample], answers: Sequence[str]) -> di
     The scores of `answers` to `examples`, each a fraction of the examples of its tasks that [`answer_is_right`]:
     `question_accuracy` (the `QUESTION_TASKS`: relation, size and referral questions together), `plan_success`,
     `next_step_accuracy`, and each question task's own accuracy (`relation_accuracy`, ...), for the tasks `examples`
-    hold; `num_examples` is their count.
+    hold; `next_step_subject_accuracy` is the fraction of next steps that move the goal's subject, right or not (what
+    a step that is not right got wrong: the object, or the direction); `num_examples` is their count.
     """
     if len(examples) != len(answers):
         raise ValueError(f"Got {len(answers)} answers for {len(examples)} examples: give one answer per example.")
     right = {}
     for example, answer in zip(examples, answers):
         right.setdefault(example.task, []).append(answer_is_right(example, answer))
+        if example.task == "next_step":
+            subject = f"obj_{object_number(example.scene, example.goal.subject)}"
+            right.setdefault("next_step_subject", []).append(answer.split()[1:2] == [subject])
     groups = {f"{task}_accuracy": right[task] for task in QUESTION_TASKS if task in right}
     questions = [value for task in QUESTION_TASKS for value in right.get(task, [])]
     if questions:
@@ -250,6 +255,7 @@ def score_answers(examples: Sequence[TaskExample], answers: Sequence[str]) -> di
         groups["plan_success"] = right["plan"]
     if "next_step" in right:
         groups["next_step_accuracy"] = right["next_step"]
+        groups["next_step_subject_accuracy"] = right["next_step_subject"]
     scores = {name: sum(values) / len(values) for name, values in groups.items()}
     scores["num_examples"] = len(examples)
     return scores
@@ -271,6 +277,7 @@ SCORE_NAMES = {
     "referral_accuracy": "referral accuracy",
     "plan_success": "plan success",
     "next_step_accuracy": "next-step accuracy",
+    "next_step_subject_accuracy": "next steps that move the goal's subject",
 }
 
 

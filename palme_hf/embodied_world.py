@@ -134,6 +134,39 @@ class Goal:
         return f"put the {self.subject} {self.relation} the {self.reference}"
 
 
+def scene_from_json(value) -> Scene:
+    """
+    The scene of a JSON value (as `json.load` reads it): a list of objects, `obj_1` first, each an object with the keys
+    `shape`, `colour`, `size`, `column` and `row`, e.g. `[{"shape": "circle", "colour": "red", "size": "small",
+    "column": 0, "row": 1}]`. Anything else, a missing or unknown key, and a scene that breaks the rules of [`Scene`]
+    are a `ValueError` that names it.
+    """
+    fields = ("shape", "colour", "size", "column", "row")
+    if not isinstance(value, list):
+        raise ValueError(f"A scene is a JSON list of objects, each with the keys {fields}; got {value!r}.")
+    objects = []
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict) or set(item) != set(fields):
+            raise ValueError(f"Object {number} of the scene must have exactly the keys {fields}, got {item!r}.")
+        objects.append(SceneObject(**item))
+    return Scene(tuple(objects))
+
+
+def parse_goal(text: str) -> Goal:
+    """
+    The goal of its text, as [`Goal.text`] writes it: `"put the red circle right of the blue square"`. Text of another
+    form, or naming a colour, shape or relation the world does not have, is a `ValueError` that names it.
+    """
+    description = rf"(?:{'|'.join(COLOURS)}) (?:{'|'.join(SHAPES)})"
+    match = re.fullmatch(rf"put the ({description}) ({'|'.join(RELATIONS)}) the ({description})", text.strip())
+    if match is None:
+        raise ValueError(
+            f"Cannot read the goal {text!r}: a goal reads 'put the COLOUR SHAPE RELATION the COLOUR SHAPE', with a "
+            f"COLOUR of {tuple(COLOURS)}, a SHAPE of {SHAPES} and a RELATION of {RELATIONS}."
+        )
+    return Goal(*match.groups())
+
+
 @dataclass(frozen=True)
 class TaskExample:
     """
@@ -503,6 +536,7 @@ __all__ = [
     "object_vectors",
     "open_goals",
     "oracle_plan",
+    "parse_goal",
     "parse_plan",
     "plan_succeeds",
     "relation_holds",
@@ -510,6 +544,7 @@ __all__ = [
     "sample_example",
     "sample_scene",
     "sample_scene_and_goal",
+    "scene_from_json",
     "scene_split",
     "state_vector",
 ]

@@ -1,7 +1,8 @@
 """The `palme-hf caption` command line: captions of the sample images with the committed captioner, per-file errors,
 argument validation, `--json`; and `generate_captions`, which it shares with the training script. The captioner ships
 with the package (`palme_hf/captioner`): a non-editable install captions without `--model`, and the folder loads with
-`trust_remote_code=True` where palme_hf is not installed."""
+`trust_remote_code=True` where palme_hf is not installed. `palme-hf plan`: the closed loop of the shipped embodied
+model (`palme_hf/embodied`) toward a goal, its output, strip and errors."""
 
 import glob
 import json
@@ -18,7 +19,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from palme_hf import PalmEForConditionalGeneration, PalmEProcessor
 from palme_hf.captioning import generate_captions
-from palme_hf.cli import DEFAULT_CAPTIONER, PAPER_CAPTIONER, main
+from palme_hf.cli import DEFAULT_CAPTIONER, EMBODIED_PLANNER, PAPER_CAPTIONER, main
+from palme_hf.embodied_world import execute, goal_holds, parse_goal, scene_from_json
 
 from conftest import WITHOUT_PALME_HF
 from helpers import BROKEN_MODEL_FOLDERS, SAMPLE_IMAGES, break_model_folder, sample_captions, save_tiny_towers
@@ -27,6 +29,9 @@ from tiny_captioner import build_tokenizer, tiny_config
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = SAMPLE_IMAGES
 SHIPPED_CAPTIONERS = [DEFAULT_CAPTIONER, PAPER_CAPTIONER]
+SHIPPED_MODELS = [*SHIPPED_CAPTIONERS, EMBODIED_PLANNER]
+SCENE = os.path.join(REPOSITORY, "examples", "scene.json")  # the README's `palme-hf plan` example
+GOAL = "put the green triangle right of the blue square"
 
 
 @pytest.fixture(scope="module")
@@ -164,19 +169,20 @@ def test_generate_captions_prompts_each_integration(cross_attend):
         generate_captions(model, processor, images, batch_size=0)
 
 
-def test_the_captioners_ship_with_the_package():
+def test_the_models_ship_with_the_package():
     package = os.path.dirname(os.path.abspath(sys.modules["palme_hf"].__file__))
     assert DEFAULT_CAPTIONER == os.path.join(package, "captioner")
     assert PAPER_CAPTIONER == os.path.join(package, "palme_paper")
-    for folder in SHIPPED_CAPTIONERS:
+    assert EMBODIED_PLANNER == os.path.join(package, "embodied")
+    for folder in SHIPPED_MODELS:
         files = set(os.listdir(folder))
         assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
     assert "chat_template.jinja" in os.listdir(PAPER_CAPTIONER)  # what vLLM's chat completions render
 
 
-@pytest.mark.parametrize("folder", SHIPPED_CAPTIONERS)
-def test_a_shipped_captioner_links_exactly_the_modules_its_auto_map_needs(folder):
-    """The `*_palme.py` files of a shipped captioner are links to the package's modules (no copies to keep in
+@pytest.mark.parametrize("folder", SHIPPED_MODELS)
+def test_a_shipped_model_links_exactly_the_modules_its_auto_map_needs(folder):
+    """The `*_palme.py` files of a shipped model are links to the package's modules (no copies to keep in
     step), and they are the modules its `auto_map` entries import, no more, no fewer."""
     package = os.path.dirname(folder)
     auto_map = {}
@@ -249,7 +255,7 @@ def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_c
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
     shipped = target / "palme_hf" / "captioner"
-    for folder in (shipped, target / "palme_hf" / "palme_paper"):
+    for folder in (shipped, target / "palme_hf" / "palme_paper", target / "palme_hf" / "embodied"):
         assert (folder / "model.safetensors").is_file() and not (folder / "modeling_palme.py").is_symlink()
     assert (target / "palme_hf" / "palme_paper" / "chat_template.jinja").is_file()
 
@@ -269,6 +275,10 @@ def test_a_non_editable_install_captions_with_its_own_captioner(tmp_path, true_c
     )
     assert paper.returncode == 0, paper.stderr[-3000:]
     assert paper.stdout == f"{image}\t{true_captions['held_out_00.png']}\n"
+    plan = subprocess.run(
+        [str(target / "bin" / "palme-hf"), "plan", SCENE, GOAL], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert plan.returncode == 0 and plan.stdout.endswith("goal holds\n"), plan.stderr[-3000:]
     where = subprocess.run(
         [sys.executable, "-c", "import palme_hf.cli; print(palme_hf.cli.DEFAULT_CAPTIONER)"],
         capture_output=True,
@@ -346,3 +356,85 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     process.stdout.close()  # the reader is gone before the first caption
     assert process.wait(timeout=300) == 141
     assert process.stderr.read() == b""
+
+
+def test_plan_reaches_the_goal_step_by_step_with_the_shipped_model(capsys):
+    """The README's `palme-hf plan examples/scene.json "put the green triangle right of the blue square"`: a scene
+    and a goal of the held-out split."""
+    assert main(["plan", SCENE, GOAL]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "goal holds" and len(lines) > 1
+    with open(SCENE) as handle:
+        scene = scene_from_json(json.load(handle))
+    assert not goal_holds(scene, parse_goal(GOAL))
+    for number, line in enumerate(lines[:-1], start=1):
+        assert line.startswith(f"{number}. ")
+        scene = execute(scene, line.split(". ", 1)[1])
+    assert goal_holds(scene, parse_goal(GOAL))
+
+
+def test_plan_prints_json_saves_the_strip_and_keeps_an_existing_one(tmp_path, capsys):
+    strip = tmp_path / "episode.png"
+    assert main(["plan", SCENE, GOAL, "--json", "--strip", str(strip)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["goal"] == GOAL and result["success"] is True and len(result["steps"]) >= 1
+    with PIL.Image.open(strip) as image:
+        assert image.format == "PNG" and image.width > 128 * (len(result["steps"]) + 1)
+    before = strip.read_bytes()
+    assert main(["plan", SCENE, GOAL, "--strip", str(strip)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"palme-hf: error: {strip} exists; pass --overwrite to replace it.\n"
+    assert strip.read_bytes() == before
+    assert main(["plan", SCENE, GOAL, "--strip", str(strip), "--overwrite"]) == 0
+
+
+def test_plan_says_when_the_budget_runs_out_or_the_goal_already_holds(tmp_path, capsys):
+    assert main(["plan", SCENE, GOAL, "--max-steps", "1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("1. move obj_")
+    assert lines[1] == "goal not reached within the budget of 1 steps"
+    assert main(["plan", SCENE, "put the red circle right of the green triangle"]) == 0
+    assert capsys.readouterr().out == "goal holds\n"
+
+
+@pytest.mark.parametrize(
+    "scene, goal, message",
+    [
+        (None, GOAL, "No scene at"),
+        ("{not json", GOAL, "is not valid JSON"),
+        ('{"objects": []}', GOAL, "A scene is a JSON list of objects"),
+        ('[{"shape": "circle", "colour": "red"}]', GOAL, "Object 1 of the scene must have exactly the keys"),
+        (SCENE, "put the red circle next to the blue square", "Cannot read the goal 'put the red circle next to"),
+        (SCENE, "put the red circle right of the green square", "The scene has no 'green square'"),
+    ],
+)
+def test_plan_refuses_a_scene_or_goal_it_cannot_read_in_one_line(scene, goal, message, tmp_path, capsys):
+    path = tmp_path / "scene.json"
+    if scene == SCENE:
+        path = SCENE
+    elif scene is not None:
+        path.write_text(scene)
+    assert main(["plan", str(path), goal]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("palme-hf: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_plan_refuses_a_folder_that_is_not_an_embodied_model(tmp_path, capsys):
+    for folder in (str(tmp_path / "nowhere"), DEFAULT_CAPTIONER):  # a captioner does not name its observations
+        assert main(["plan", SCENE, GOAL, "--model", folder]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("palme-hf: error: ") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ([SCENE], "the following arguments are required: GOAL"),
+        ([SCENE, GOAL, "--max-steps", "0"], "argument --max-steps: must be a positive integer, got '0'"),
+    ],
+)
+def test_plan_invalid_arguments_exit_2(capsys, arguments, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", *arguments])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -30,6 +30,7 @@ import pytest
 
 import palme_hf
 from palme_hf.cli import PAPER_CAPTIONER
+from palme_hf.embodied_world import TASKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -434,23 +435,36 @@ def test_the_pictures_the_pages_show_are_committed():
                 assert os.path.getsize(picture) < 200_000, f"{target}: keep committed pictures small"
 
 
+def embodied_runs_rows(runs: dict) -> list[list[str]]:
+    """The rows the embodied page shows for `runs` (of docs/data/embodied.json): name, inputs, tasks ("all" or their
+    names), training examples, steps, and the three scores to three decimals ("–" for one not measured)."""
+    rows = []
+    for name, run in runs.items():
+        tasks = run.get("tasks", list(TASKS))
+        scores = [run.get(key) for key in ("question_accuracy", "plan_success", "next_step_accuracy")]
+        rows.append(
+            [name, run["inputs"], "all" if tasks == list(TASKS) else ", ".join(tasks), str(run["train_samples"]),
+             str(run["train_steps"]), *("–" if score is None else f"{score:.3f}" for score in scores)]
+        )  # fmt: skip
+    return rows
+
+
 def test_the_embodied_tables_are_the_run_data():
     """The embodied page's tables hold the scores of the runs recorded in docs/data/embodied.json (each run's
-    eval_results.json, and the closed loop's report), to three decimals."""
+    eval_results.json, and the closed loop's reports), to three decimals (the loop's success rate to two)."""
     with open(os.path.join(DOCS, "data", "embodied.json"), encoding="utf-8") as handle:
         data = json.load(handle)
     page = os.path.join(DOCS, "embodied.md")
-    table = markdown_table(page, "| run | inputs |")
-    assert table[0] == [
-        "run", "inputs", "training examples", "steps", "question accuracy", "plan success", "next-step accuracy"
+    columns = [
+        "inputs", "tasks", "training examples", "steps", "question accuracy", "plan success", "next-step accuracy"
     ]  # fmt: skip
-    assert [row[0] for row in table[1:]] == list(data["runs"])
-    for row, run in zip(table[1:], data["runs"].values()):
-        assert row[1:4] == [run["inputs"], str(run["train_samples"]), str(run["train_steps"])]
-        scores = [run["question_accuracy"], run["plan_success"], run["next_step_accuracy"]]
-        assert [float(cell) for cell in row[4:]] == [round(score, 3) for score in scores]
-    loop = markdown_table(page, "| model | episodes |")
-    assert loop[1] == [
-        data["loop"]["run"], str(data["loop"]["episodes"]), str(data["loop"]["max_steps"]),
-        f"{data['loop']['success_rate']:.2f}",
-    ]  # fmt: skip
+    for first_cell, runs in (("run", data["runs"]), ("first run", data["first_runs"])):
+        table = markdown_table(page, f"| {first_cell} | inputs |")
+        assert table[0] == [first_cell, *columns]
+        assert table[1:] == embodied_runs_rows(runs)
+    loop = markdown_table(page, "| model | inputs | episodes |")
+    assert loop[0] == ["model", "inputs", "episodes", "step budget", "success rate"]
+    assert loop[1:] == [
+        [name, report["inputs"], str(report["episodes"]), str(report["max_steps"]), f"{report['success_rate']:.2f}"]
+        for name, report in data["loops"].items()
+    ]

@@ -1,6 +1,8 @@
 """palme_hf.embodied_tasks: the embodied world's tokenizer, multimodal sentences and training batches, the scores of
 answers on held-out examples (the oracle's are all right, wrong ones are not), and the closed loop."""
 
+import re
+
 import pytest
 import torch
 
@@ -93,8 +95,9 @@ def test_a_sentence_puts_the_observations_before_the_prompt(tiny):
     num_image_tokens = processor.num_image_tokens
     assert tokens[: 1 + num_image_tokens] == ["<bos>", *["<image>"] * num_image_tokens]
     rest = tokens[1 + num_image_tokens :]
+    assert processor.num_state_tokens == 4  # one embedding per object slot, the script's default
     assert rest == [
-        "<state>", "<state>", "obj_1", ":", "<obj>", "obj_2", ":", "<obj>",
+        "<state>", "<state>", "<state>", "<state>", "obj_1", ":", "<obj>", "obj_2", ":", "<obj>",
         "Q", ":", "Which", "object", "is", "largest", "?", "A", ":",
     ]  # fmt: skip
     torch.testing.assert_close(encoded["object_values"][1, 3:7], torch.tensor([0.0, 0.0, 1.0, 0.0]))  # blue
@@ -117,6 +120,7 @@ def test_the_oracle_scores_one_and_wrong_answers_score_less():
         "question_accuracy": 1.0,
         "plan_success": 1.0,
         "next_step_accuracy": 1.0,
+        "next_step_subject_accuracy": 1.0,
         "num_examples": 100,
     }
     # every answer of another example: right only by chance
@@ -131,6 +135,20 @@ def test_the_oracle_scores_one_and_wrong_answers_score_less():
     assert 0.3 < score_answers(examples, negative)["relation_accuracy"] < 0.7
     with pytest.raises(ValueError, match="Got 99 answers for 100 examples"):
         score_answers(examples, negative[:-1])
+    # next steps that move the goal's subject the wrong way: the subject is right, the step is not
+    backwards = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong_way = [
+        " ".join([*example.answer.split()[:2], backwards[example.answer.split()[2]]])
+        if example.task == "next_step"
+        else example.answer
+        for example in examples
+    ]
+    scores = score_answers(examples, wrong_way)
+    assert scores["next_step_subject_accuracy"] == 1.0 and scores["next_step_accuracy"] == 0.0
+    other_object = [  # obj_N becomes obj_(N+1), obj_4 becomes obj_1
+        re.sub(r"obj_(\d)", lambda match: f"obj_{int(match[1]) % 4 + 1}", example.answer) for example in examples
+    ]
+    assert score_answers(examples, other_object)["next_step_subject_accuracy"] == 0.0
 
 
 def test_a_next_step_is_right_when_it_starts_a_shortest_plan():

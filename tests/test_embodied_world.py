@@ -1,7 +1,9 @@
 """The toy embodied world: its state as numbers, its renders, the answers of its tasks, the scripted policy and the
 oracle's plans, and the seeded train and held-out splits."""
 
+import dataclasses
 import itertools
+import json
 import random
 import re
 
@@ -26,11 +28,13 @@ from palme_hf.embodied_world import (
     goal_split,
     object_vectors,
     oracle_plan,
+    parse_goal,
     parse_plan,
     plan_succeeds,
     render,
     sample_example,
     sample_scene,
+    scene_from_json,
     scene_split,
     state_vector,
 )
@@ -242,6 +246,52 @@ def test_plans_are_numbered_steps():
         assert not plan_succeeds(two_objects(), goal, plan)
     assert not plan_succeeds(two_objects(), goal, "1. move obj_1 up")  # off the grid
     assert plan_succeeds(two_objects(), goal, "1. move obj_1 down 2. move obj_1 down 3. move obj_1 down")
+
+
+def test_scenes_and_goals_are_read_from_json_and_words():
+    scene = two_objects()
+    value = json.loads(json.dumps([dataclasses.asdict(item) for item in scene.objects]))
+    assert scene_from_json(value) == scene
+    for goal in (Goal("red circle", "right of", "blue square"), Goal("yellow triangle", "above", "green circle")):
+        assert parse_goal(goal.text) == goal and parse_goal(f"  {goal.text}\n") == goal
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"objects": []}, "A scene is a JSON list of objects, each with the keys ('shape', 'colour', 'size', "),
+        ([["circle", "red", "tiny", 0, 0]], "Object 1 of the scene must have exactly the keys"),
+        (
+            [{"shape": "circle", "colour": "red", "size": "tiny", "column": 0}],
+            "Object 1 of the scene must have exactly the keys ('shape', 'colour', 'size', 'column', 'row'), got",
+        ),
+        (
+            [{"shape": "circle", "colour": "red", "size": "tiny", "column": 0, "row": 0, "mass": 1}],
+            "Object 1 of the scene must have exactly the keys",
+        ),
+        ([{"shape": "circle", "colour": "red", "size": "tiny", "column": "0", "row": 0}], "`column` must be an"),
+        ([], "`objects` must be 1 to 4 SceneObjects, got ()"),
+    ],
+)
+def test_a_bad_scene_in_json_raises_naming_it(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        scene_from_json(value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "put red circle right of the blue square",
+        "put the pink circle right of the blue square",
+        "put the red circle near the blue square",
+        "put the red circle right of the blue square and the green circle",
+        "put the red circle right of the red circle",
+    ],
+)
+def test_a_goal_that_cannot_be_read_raises_naming_it(text):
+    message = "Cannot read the goal" if "the red circle right of the red" not in text else "must be two objects"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_goal(text)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from palme_hf.embodied_tasks import load_embodied_model
+from palme_hf.embodied_world import TASKS
 from palme_hf.training_runs import StopCallback
 
 from helpers import load_script
@@ -49,6 +50,7 @@ def test_a_run_saves_model_processor_scores_and_card(finished):
     assert "Captioning" not in card and "examples/embodied_loop.py" in card  # its own intended use
     model, processor, inputs = load_embodied_model(str(finished))
     assert inputs == ("image", "state") and model.config.state_dim == 44 and model.config.object_dim == 10
+    assert model.config.num_state_tokens == 4 and model.config.text_config.block_type == "parallel"  # the defaults
     assert processor.tokenizer.tokenize("obj_1? A:") == ["obj_1", "?", "A", ":"]
 
 
@@ -103,6 +105,43 @@ def test_refuses_a_non_empty_output_dir_and_a_resume_without_checkpoints(tmp_pat
     train_embodied.main(["--output-dir", str(output_dir), *TINY_RUN, "--max-steps", "1", "--overwrite"])
     assert not (output_dir / "notes.txt").exists() and (output_dir / "model.safetensors").exists()
     assert os.listdir(tmp_path) == ["taken"]  # no temporary folder left beside it
+
+
+def test_init_from_starts_from_a_saved_model_of_the_same_architecture(finished, tmp_path, train_embodied):
+    output_dir = tmp_path / "further"
+    # learning rate 0: the weights stay those of --init-from, whatever the observations trained on
+    argv = ["--output-dir", str(output_dir), *TINY_RUN, "--inputs", "state", "--init-from", str(finished)]
+    train_embodied.main([*argv, "--learning-rate", "0", "--max-steps", "1"])
+    weights, saved = load_file(output_dir / "model.safetensors"), load_file(finished / "model.safetensors")
+    assert weights.keys() == saved.keys()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0, msg=name)
+    assert f"trained from `{finished}`" in (output_dir / "README.md").read_text()
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["tasks"] == list(TASKS) and results["inputs"] == "state"
+
+    with pytest.raises(SystemExit, match=r"has another architecture than the options give \(text_config.block_type"):
+        train_embodied.main([*argv, "--overwrite", "--block-type", "standard"])
+    with pytest.raises(SystemExit, match="--init-from"):  # the output would replace its own input
+        train_embodied.main(["--output-dir", str(finished), *TINY_RUN, "--init-from", str(finished), "--overwrite"])
+    assert (finished / "model.safetensors").is_file()
+
+
+def test_tasks_chooses_what_is_trained_and_scored(tmp_path, train_embodied, capsys):
+    output_dir = tmp_path / "planner"
+    train_embodied.main(["--output-dir", str(output_dir), *TINY_RUN, "--tasks", "next_step", "referral"])
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["tasks"] == ["next_step", "referral"] and results["num_examples"] == 5
+    assert {"next_step_accuracy", "referral_accuracy", "question_accuracy"} <= set(results)
+    assert not {"plan_success", "relation_accuracy", "size_accuracy"} & set(results)
+    assert "the tasks next_step, referral in turn" in (output_dir / "README.md").read_text()
+    evaluate = load_script("examples", "evaluate_embodied.py")
+    report = evaluate.main(["--model", str(output_dir), "--num-samples", "5", "--tasks", "next_step", "referral"])
+    assert report["next_step_accuracy"] == results["next_step_accuracy"]  # the examples the training scored
+    for tasks, message in ((["plan", "plan"], "--tasks names a task twice: plan plan"), (["dance"], "invalid choice")):
+        with pytest.raises(SystemExit):
+            train_embodied.main(["--output-dir", str(tmp_path / "other"), *TINY_RUN, "--tasks", *tasks])
+        assert message in capsys.readouterr().err
 
 
 def test_evaluate_prints_the_held_out_scores(finished, tmp_path, capsys):

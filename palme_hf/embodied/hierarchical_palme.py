@@ -1,0 +1,1 @@
+../hierarchical_palme.py

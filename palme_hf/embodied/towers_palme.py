@@ -1,0 +1,1 @@
+../towers_palme.py
