@@ -16,11 +16,10 @@ existing file is refused unless `--overwrite`.
 
 import argparse
 import json
-import os
 import time
 
 from palme_hf.cli import positive_int
-from palme_hf.embodied_tasks import episode_strip, load_embodied_model, model_next_step, run_episode
+from palme_hf.embodied_tasks import load_embodied_model, model_next_step, run_episode, save_episode_strip
 from palme_hf.embodied_world import EmbodiedTaskDataset, oracle_plan
 from palme_hf.io_palme import check_output_file, exit_with_error, write_text_file
 
@@ -72,8 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.strip is not None:
         successful = [episode for episode in episodes if episode.success]
         shown = max(successful, key=lambda episode: len(episode.steps)) if successful else episodes[0]
-        os.makedirs(os.path.dirname(os.path.realpath(args.strip)), exist_ok=True)
-        episode_strip(shown).save(args.strip)
+        save_episode_strip(shown, args.strip)
     if args.output is not None:
         write_text_file(args.output, json.dumps(report, indent=2) + "\n")
     return report

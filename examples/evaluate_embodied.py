@@ -44,12 +44,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.output is not None:
             check_output_file(args.output, args.overwrite)  # before the evaluation, which takes long
+        held_out = EmbodiedTaskDataset(args.num_samples, "held_out", seed=args.seed, tasks=tuple(args.tasks))
         model, processor, inputs = load_embodied_model(args.model)
     except (ValueError, OSError) as error:
         exit_with_error(error)
     start = time.monotonic()
-    tasks = tuple(dict.fromkeys(args.tasks))
-    held_out = EmbodiedTaskDataset(args.num_samples, "held_out", seed=args.seed, tasks=tasks)
     examples = [held_out[index] for index in range(len(held_out))]
     scores = evaluate_embodied(model_answerer(model, processor, inputs, args.batch_size), examples)
     report = {"model": args.model, "inputs": "+".join(inputs), "seed": args.seed, **scores}

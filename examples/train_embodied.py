@@ -128,8 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir and --overwrite starts a new one: pass one of them")
-    if len(set(args.tasks)) != len(args.tasks):
-        parser.error(f"--tasks names a task twice: {' '.join(args.tasks)}")
     if args.eval_samples < 0:
         parser.error(f"--eval-samples must be 0 or more, got {args.eval_samples}")
     if args.hidden_size % 32:
@@ -274,6 +272,7 @@ def main(argv: list[str] | None = None) -> Trainer:
         check_output_dir(
             args.output_dir, overwrite=args.overwrite or args.resume, inputs={"--init-from": args.init_from}
         )
+        train_dataset = EmbodiedTaskDataset(args.train_samples, "train", seed=args.seed, tasks=tuple(args.tasks))
         model, processor = new_model(args)
         training_args = TrainingArguments(
             output_dir=os.path.join(args.output_dir, CHECKPOINTS_DIR),
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> Trainer:
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=EmbodiedTaskDataset(args.train_samples, "train", seed=args.seed, tasks=tuple(args.tasks)),
+        train_dataset=train_dataset,
         data_collator=EmbodiedCollator(processor, inputs),
         callbacks=[stop_callback],
     )

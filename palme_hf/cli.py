@@ -38,7 +38,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging
 
 from .captioning import generate_captions
-from .embodied_tasks import Episode, episode_strip, load_embodied_model, model_next_step, run_episode
+from .embodied_tasks import Episode, load_embodied_model, model_next_step, run_episode, save_episode_strip
 from .embodied_world import goal_holds, parse_goal, scene_from_json
 from .io_palme import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -202,8 +202,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return 1
     episode = run_episode(model_next_step(model, processor, inputs), scene, goal, args.max_steps)
     if args.strip is not None:
-        os.makedirs(os.path.dirname(os.path.realpath(args.strip)), exist_ok=True)
-        episode_strip(episode).save(args.strip, format="PNG")
+        save_episode_strip(episode, args.strip)
     if args.json:
         lines = [json.dumps({"goal": goal.text, "steps": list(episode.steps), "success": episode.success}, indent=2)]
     else:

@@ -14,6 +14,7 @@ A multimodal sentence holds the observations `inputs` names (a tuple of `OBSERVA
 so that `("image", "state")` gives `"<image> <state> Q: Is obj_2 left of obj_1? A:"`.
 """
 
+import io
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from .embodied_world import (
     render,
     state_vector,
 )
-from .io_palme import load_saved_model, load_saved_processor, read_json_object
+from .io_palme import load_saved_model, load_saved_processor, read_json_object, write_bytes_file
 from .model_card_palme import EVAL_RESULTS_FILE
 from .modeling_palme import PalmEForConditionalGeneration
 from .processing_palme import PalmEProcessor
@@ -361,6 +362,14 @@ def model_next_step(
     return next_step
 
 
+def save_episode_strip(episode: Episode, path: str):
+    """Writes the [`episode_strip`] of `episode` to `path` as a PNG file (making its folder; a file already there is
+    replaced, so check it first)."""
+    buffer = io.BytesIO()
+    episode_strip(episode).save(buffer, format="PNG")
+    write_bytes_file(path, buffer.getvalue())
+
+
 def episode_strip(episode: Episode, image_size: int = 128, caption_height: int = 36) -> Image.Image:
     """
     The episode as one image: its scenes from left to right, each rendered at `image_size` with the step taken from it
@@ -402,6 +411,7 @@ __all__ = [
     "model_answerer",
     "model_next_step",
     "run_episode",
+    "save_episode_strip",
     "score_answers",
     "scores_table",
     "step_is_right",

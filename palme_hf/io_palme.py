@@ -158,13 +158,18 @@ def check_output_file(path: str, overwrite: bool = False):
 
 
 def write_text_file(path: str, text: str):
-    """Writes `text` to `path` (making its parent folders) through a temporary file beside it, renamed into place."""
+    """Writes `text` to `path` as UTF-8, as [`write_bytes_file`] does."""
+    write_bytes_file(path, text.encode("utf-8"))
+
+
+def write_bytes_file(path: str, data: bytes):
+    """Writes `data` to `path` (making its parent folders) through a temporary file beside it, renamed into place."""
     path = os.path.realpath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(temporary, "wb") as handle:
+            handle.write(data)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -402,5 +407,6 @@ __all__ = [
     "read_json_file",
     "read_json_object",
     "remove_stale_temporaries",
+    "write_bytes_file",
     "write_text_file",
 ]

@@ -17,6 +17,8 @@ from palme_hf.io_palme import (
     atomic_output_dir,
     check_output_dir,
     read_json_file,
+    write_bytes_file,
+    write_text_file,
 )
 
 from helpers import fixture_path, load_script, read_only_folder, save_tiny_towers
@@ -282,3 +284,12 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(writer, scr
             code, err = run_writer(scripts, capsys, writer, str(output), *writer_inputs(writer, towers), "--overwrite")
             assert code == 1 and message in err, err
     assert tree(tmp_path) == {"file": b"mine"} and os.listdir(read_only) == ["existing"]
+
+
+def test_files_are_written_whole_into_new_folders_and_replace_what_was_there(tmp_path):
+    path = tmp_path / "new" / "folder" / "strip.png"
+    write_bytes_file(str(path), b"\x89PNG\x00\xff")
+    assert path.read_bytes() == b"\x89PNG\x00\xff"
+    write_text_file(str(path), "caf\u00e9\n")
+    assert path.read_bytes() == "caf\u00e9\n".encode("utf-8")
+    assert os.listdir(path.parent) == ["strip.png"]  # no temporary file left beside it

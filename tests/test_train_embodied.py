@@ -138,10 +138,15 @@ def test_tasks_chooses_what_is_trained_and_scored(tmp_path, train_embodied, caps
     evaluate = load_script("examples", "evaluate_embodied.py")
     report = evaluate.main(["--model", str(output_dir), "--num-samples", "5", "--tasks", "next_step", "referral"])
     assert report["next_step_accuracy"] == results["next_step_accuracy"]  # the examples the training scored
-    for tasks, message in ((["plan", "plan"], "--tasks names a task twice: plan plan"), (["dance"], "invalid choice")):
-        with pytest.raises(SystemExit):
-            train_embodied.main(["--output-dir", str(tmp_path / "other"), *TINY_RUN, "--tasks", *tasks])
-        assert message in capsys.readouterr().err
+    twice = r"`tasks` must be distinct names of .*, got \('plan', 'plan'\)"
+    with pytest.raises(SystemExit, match=twice):
+        train_embodied.main(["--output-dir", str(tmp_path / "other"), *TINY_RUN, "--tasks", "plan", "plan"])
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit, match=twice):
+        evaluate.main(["--model", str(output_dir), "--tasks", "plan", "plan"])
+    with pytest.raises(SystemExit):
+        train_embodied.main(["--output-dir", str(tmp_path / "other"), *TINY_RUN, "--tasks", "dance"])
+    assert "invalid choice: 'dance'" in capsys.readouterr().err
 
 
 def test_evaluate_prints_the_held_out_scores(finished, tmp_path, capsys):
