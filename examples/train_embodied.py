@@ -56,6 +56,14 @@ from palme_hf.training_runs import CHECKPOINTS_DIR, StopCallback, find_resume_ch
 
 # Options that may differ between a run and its --resume, since they do not change the training.
 RESUMABLE_CHANGES = {"output_dir", "overwrite", "resume", "max_minutes", "save_steps", "logging_steps", "eval_samples"}
+# Options the script gained after its first runs, with what a run that started before each did.
+ADDED_OPTIONS = {
+    "block_type": "standard",
+    "state_tokens": 2,
+    "init_from": None,
+    "tasks": list(TASKS),
+    "qk_norm": False,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -124,6 +132,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=MAX_OBJECTS,
         help="embeddings the state encoder makes of the state vector (default: %(default)s, one per object slot)",
     )
+    parser.add_argument(
+        "--qk-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="l2-normalise the decoder's queries and keys, with a fixed attention scale: the attention is sharp from "
+        "the start, which finding an object by its colour and shape needs (default: on)",
+    )
     parser.add_argument("--logging-steps", type=positive_int, default=50)
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
@@ -138,7 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def embodied_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
     """A small PalmE on the prefix route for `tokenizer`'s words, the image, state and object placeholders the
     tokenizer's next three tokens (as `PalmEProcessor.from_model_config` adds them): ViT encoder and decoder of
-    `--block-type` of the same width, heads of 32 features, the state vector as `--state-tokens` embeddings."""
+    `--block-type` of the same width, heads of 32 features (queries and keys l2-normalised with `--qk-norm`), the
+    state vector as `--state-tokens` embeddings."""
     num_heads = args.hidden_size // 32
     image_token_id = len(tokenizer)
     return PalmEConfig(
@@ -162,6 +178,7 @@ def embodied_config(args: argparse.Namespace, tokenizer) -> PalmEConfig:
             "head_dim": 32,
             "block_type": args.block_type,
             "alibi_num_heads": num_heads // 2 if args.block_type == "standard" else 0,
+            "qk_norm": args.qk_norm,
             "max_position_embeddings": 128,
         },
         vision_integration="prefix",
@@ -248,6 +265,10 @@ def write_model_card(output_dir: Path, argv: list[str], args: argparse.Namespace
         intended_use="Research on PaLM-E style models at toy scale: questions and plans about scenes of "
         "`palme_hf.embodied_world`, put as `palme_hf.embodied_tasks.encode_sentences` writes them "
         f"(`inputs={INPUT_CHOICES[args.inputs]}`); `examples/embodied_loop.py` runs its closed loop.",
+        limits=[
+            "It knows only the toy world of its training data: scenes of `palme_hf.embodied_world`, its prompts and "
+            f"its action language, and of its tasks only those it was trained on ({', '.join(args.tasks)})."
+        ],
         generated=False,
     )
     card = f"""---
@@ -294,7 +315,9 @@ def main(argv: list[str] | None = None) -> Trainer:
             seed=args.seed,
             data_seed=args.seed,
         )
-        resume_from = find_resume_checkpoint(args, training_args.world_size, RESUMABLE_CHANGES)
+        resume_from = find_resume_checkpoint(
+            args, training_args.world_size, RESUMABLE_CHANGES, added_options=ADDED_OPTIONS
+        )
     except (ValueError, OSError) as error:
         exit_with_error(error)
     if resume_from is None:

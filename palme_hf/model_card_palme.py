@@ -30,6 +30,9 @@ BLOCK_DESCRIPTIONS = {
     "parallel": "PaLM's parallel block: multi-query attention and a SwiGLU feed-forward side by side",
     "hierarchical": "the hierarchical block: token shift, full or local-window attention, axial grouping",
 }
+CAPTIONING_LIMIT = (
+    "It knows only what its training data shows: images unlike them get captions in the words of that data."
+)
 IMAGE_ROUTES = {
     "cross_attention": "every decoder layer cross-attends to the image features, as in zeta's PalmE",
     "prefix": "the image features replace the image placeholder tokens of the text, as in the PaLM-E paper",
@@ -48,6 +51,7 @@ def build_model_card(
     summary: str | None = None,
     sections: Sequence[tuple[str, str]] = (),
     intended_use: str | None = None,
+    limits: Sequence[str] = (),
     generated: bool = True,
 ) -> str:
     """
@@ -57,9 +61,9 @@ def build_model_card(
     `dataset` what it was trained on, `repo_id` where it is shared (for the usage example).
 
     A training script describes its model further: `title`, a `summary` paragraph in place of the generic one, and
-    `sections` of `(heading, Markdown)` after the evaluation, and an `intended_use` paragraph in place of the
-    captioning one. Without `generated`, the card lacks the marker that lets
-    a later `push_to_hub` rewrite it from the config: it is kept as written.
+    `sections` of `(heading, Markdown)` after the evaluation, an `intended_use` paragraph in place of the captioning
+    one, and `limits` (sentences) in place of `CAPTIONING_LIMIT`. Without `generated`, the card lacks the marker that
+    lets a later `push_to_hub` rewrite it from the config: it is kept as written.
     """
     vision, text = config.vision_config, config.text_config
     features = config.num_image_tokens
@@ -84,6 +88,8 @@ def build_model_card(
             f"{text.num_hidden_layers} layers of width {text.hidden_size}, {text.num_attention_heads} heads, block "
             f"type `{text.block_type}` ({BLOCK_DESCRIPTIONS[text.block_type]})"
         )
+        if text.qk_norm:
+            decoder += f", queries and keys l2-normalised (attention scale {text.qk_norm_scale:g})"
     else:
         decoder = (
             f"a pretrained `{text.model_type}` causal language model, {text.num_hidden_layers} layers of width "
@@ -103,6 +109,12 @@ def build_model_card(
         f"- image encoder: {encoder}; {features} image features reach the text{resampler}",
         f"- text decoder: {decoder}; a vocabulary of {text.vocab_size} tokens",
         f"- image route: `{config.vision_integration}`: {IMAGE_ROUTES[config.vision_integration]}",
+        *(
+            f"- {kind} encoder: an MLP from each {kind} vector ({getattr(config, f'{kind}_dim')} values) to "
+            f"{getattr(config, f'num_{kind}_tokens')} embedding(s), in place of its placeholder tokens"
+            for kind in ("state", "object")
+            if getattr(config, f"{kind}_dim") is not None
+        ),
         "",
         "## Training data",
         "",
@@ -140,7 +152,7 @@ def build_model_card(
         "",
         "## Limits",
         "",
-        "- It knows only what its training data shows: images unlike them get captions in the words of that data.",
+        *(f"- {limit}" for limit in limits or [CAPTIONING_LIMIT]),
         f"- Images are resized to {vision.image_size}x{vision.image_size}: detail below that scale is lost.",
         f"- Its vocabulary has {text.vocab_size} tokens; it cannot write a word its tokenizer does not hold.",
         "- It was not evaluated for bias or safety.",

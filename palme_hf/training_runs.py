@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import torch
@@ -27,14 +27,19 @@ OPTIONS_FILE = "training_options.json"  # in CHECKPOINTS_DIR: what --resume must
 
 
 def find_resume_checkpoint(
-    args: argparse.Namespace, num_processes: int, resumable_changes: Collection[str], sharded: bool = False
+    args: argparse.Namespace,
+    num_processes: int,
+    resumable_changes: Collection[str],
+    sharded: bool = False,
+    added_options: Mapping[str, object] | None = None,
 ) -> str | None:
     """
     Returns the checkpoint to resume from (None for a new run). `--resume` needs a complete last checkpoint (the
     `Trainer`'s: see [`find_trainer_checkpoint`]; with `sharded`, torch distributed checkpoint's: see
     `distributed_palme.last_checkpoint`), and the options the run started with, but for those in `resumable_changes`
     (names of options of `args` that do not change the training) and, for a sharded checkpoint, which loads on any
-    number of processes, `num_processes`: otherwise the data order would change.
+    number of processes, `num_processes`: otherwise the data order would change. `added_options` maps each option a
+    script gained after runs may have started to the value of a run that did not record it (what runs did before).
     """
     if not args.resume:
         return None
@@ -44,7 +49,7 @@ def find_resume_checkpoint(
         resumable_changes = {*resumable_changes, "num_processes"}
     else:
         checkpoint = find_trainer_checkpoint(checkpoints_dir, num_processes)
-    started_with = read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))
+    started_with = {**(added_options or {}), **read_json_file(os.path.join(checkpoints_dir, OPTIONS_FILE))}
     options = {**vars(args), "num_processes": num_processes}
     changed = sorted(
         name

@@ -458,7 +458,9 @@ def test_the_embodied_tables_are_the_run_data():
     columns = [
         "inputs", "tasks", "training examples", "steps", "question accuracy", "plan success", "next-step accuracy"
     ]  # fmt: skip
-    for first_cell, runs in (("run", data["runs"]), ("first run", data["first_runs"])):
+    for first_cell, runs in (
+        ("run", data["runs"]), ("earlier run", data["earlier_runs"]), ("first run", data["first_runs"])
+    ):  # fmt: skip
         table = markdown_table(page, f"| {first_cell} | inputs |")
         assert table[0] == [first_cell, *columns]
         assert table[1:] == embodied_runs_rows(runs)

@@ -48,9 +48,17 @@ def test_a_run_saves_model_processor_scores_and_card(finished):
     card = (finished / "README.md").read_text()
     assert "| plan success |" in card and "--inputs image+state" in card
     assert "Captioning" not in card and "examples/embodied_loop.py" in card  # its own intended use
+    for encoder in (
+        "- state encoder: an MLP from each state vector (44 values) to 4 embedding(s), in place of its placeholder",
+        "- object encoder: an MLP from each object vector (10 values) to 1 embedding(s), in place of its placeholder",
+    ):
+        assert encoder in card
+    assert "queries and keys l2-normalised (attention scale 10)" in card
+    assert "- It knows only the toy world of its training data" in card and "get captions" not in card
     model, processor, inputs = load_embodied_model(str(finished))
     assert inputs == ("image", "state") and model.config.state_dim == 44 and model.config.object_dim == 10
     assert model.config.num_state_tokens == 4 and model.config.text_config.block_type == "parallel"  # the defaults
+    assert model.config.text_config.qk_norm
     assert processor.tokenizer.tokenize("obj_1? A:") == ["obj_1", "?", "A", ":"]
 
 
@@ -91,6 +99,28 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_run_exactly(
     assert "--resume" not in (output_dir / "README.md").read_text()
 
 
+def test_resume_continues_a_run_started_before_the_options_it_lacks(train_embodied, tmp_path, monkeypatch):
+    """A run recorded by an earlier version of the script, without the options added since (`ADDED_OPTIONS`),
+    resumes with the options that give what it did."""
+    output_dir = tmp_path / "run"
+    argv = ["--output-dir", str(output_dir), *TINY_RUN, "--block-type", "standard", "--state-tokens", "2"]
+    argv += ["--no-qk-norm"]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_embodied, "StopCallback", StopAtStep3)
+        with pytest.raises(SystemExit):
+            train_embodied.main(argv)
+    options_file = output_dir / "checkpoints" / "training_options.json"
+    options = json.loads(options_file.read_text())
+    for name in ("block_type", "state_tokens", "init_from", "tasks", "qk_norm"):
+        del options[name]
+    options_file.write_text(json.dumps(options))
+    with pytest.raises(SystemExit, match=r"--resume: --qk-norm True \(started with False\)"):
+        train_embodied.main([*argv[:-1], "--resume"])
+    train_embodied.main([*argv, "--resume"])
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert results["train_steps"] == 6 and len(results["train_losses"]) == 6
+
+
 def test_refuses_a_non_empty_output_dir_and_a_resume_without_checkpoints(tmp_path, train_embodied):
     output_dir = tmp_path / "taken"
     output_dir.mkdir()
@@ -122,6 +152,8 @@ def test_init_from_starts_from_a_saved_model_of_the_same_architecture(finished, 
 
     with pytest.raises(SystemExit, match=r"has another architecture than the options give \(text_config.block_type"):
         train_embodied.main([*argv, "--overwrite", "--block-type", "standard"])
+    with pytest.raises(SystemExit, match=r"\(text_config.qk_norm: True saved, False here\)"):
+        train_embodied.main([*argv, "--overwrite", "--no-qk-norm"])
     with pytest.raises(SystemExit, match="--init-from"):  # the output would replace its own input
         train_embodied.main(["--output-dir", str(finished), *TINY_RUN, "--init-from", str(finished), "--overwrite"])
     assert (finished / "model.safetensors").is_file()
