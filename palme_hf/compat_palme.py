@@ -1,4 +1,4 @@
-"""What differs between the Transformers releases palme_hf supports (5.19 to 5.24), and the one place where it does.
+"""What differs between the Transformers releases palme_hf supports (5.19 to 5.25), and the one place where it does.
 palme_hf's code uses the newest release's names; each shim below maps one of them onto the installed release and
 names the releases it serves:
 - 5.24 renamed the cache argument and output field `past_key_values` to `cache` (5.19 to 5.23 use the old name);
