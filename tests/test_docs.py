@@ -459,7 +459,8 @@ def test_the_embodied_tables_are_the_run_data():
         "inputs", "tasks", "training examples", "steps", "question accuracy", "plan success", "next-step accuracy"
     ]  # fmt: skip
     for first_cell, runs in (
-        ("run", data["runs"]), ("earlier run", data["earlier_runs"]), ("first run", data["first_runs"])
+        ("run", data["runs"]), ("earlier run", data["earlier_runs"]), ("first run", data["first_runs"]),
+        ("data run", data["data_efficiency_runs"]),
     ):  # fmt: skip
         table = markdown_table(page, f"| {first_cell} | inputs |")
         assert table[0] == [first_cell, *columns]
@@ -470,3 +471,22 @@ def test_the_embodied_tables_are_the_run_data():
         [name, report["inputs"], str(report["episodes"]), str(report["max_steps"]), f"{report['success_rate']:.2f}"]
         for name, report in data["loops"].items()
     ]
+
+
+def test_the_embodied_card_shows_the_data_efficiency_runs():
+    """The shipped planner's model card shows each data-efficiency run of docs/data/embodied.json, its referral and
+    next-step accuracy by inputs (rows) and training examples (columns)."""
+    with open(os.path.join(DOCS, "data", "embodied.json"), encoding="utf-8") as handle:
+        runs = json.load(handle)["data_efficiency_runs"]
+    table = markdown_table(os.path.join(ROOT, "palme_hf", "embodied", "README.md"), "| inputs | 500 examples |")
+    sizes = (500, 5000, 50000)
+    assert table[0] == ["inputs", "500 examples", "5000 examples", "50 000 examples"]
+    names = {"state": "state", "objects": "objects", "image+state": "image and state"}
+    expected = []
+    for inputs, name in names.items():
+        by_size = {run["train_samples"]: run for run in runs.values() if run["inputs"] == inputs}
+        cells = [
+            f"{by_size[size]['referral_accuracy']:.3f} / {by_size[size]['next_step_accuracy']:.3f}" for size in sizes
+        ]
+        expected.append([name, *cells])
+    assert table[1:] == expected
