@@ -3,7 +3,9 @@ The closed loop of PaLM-E at toy scale: an embodied model (a folder as `examples
 for the next step toward a held-out goal from the current observation of the scene (`"Q: What is the next step to put
 the red circle right of the blue square? A:"` after its image, state or object vectors); the scripted policy executes
 the step (`palme_hf.embodied_world.execute`); the scene changes, its new observation goes into the next sentence, and
-so on until the goal holds or `--max-steps` steps were taken (a step the policy cannot execute ends the episode).
+so on until the goal holds or `--max-steps` steps were taken. A step the policy refuses (off the grid, into a taken
+cell) leaves the scene as it was and the next sentence names it (`move obj_2 right failed Q: ...`): the model plans
+again, told what failed. With `--no-replan` a refused step ends the episode.
 Prints the success rate over `--episodes` held-out scenes and goals, and saves one episode as a strip of images with
 the step under each (`--strip`: the longest successful episode, else the first).
 
@@ -29,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="the model folder (model, processor and eval_results.json)")
     parser.add_argument("--episodes", type=positive_int, default=100, help="held-out scenes and goals to reach")
     parser.add_argument("--max-steps", type=positive_int, default=12, help="the step budget of an episode")
+    parser.add_argument(
+        "--no-replan", action="store_true", help="end an episode at a step the policy refuses, instead of asking again"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out scenes and goals")
     parser.add_argument("--strip", default=None, help="save one episode as a PNG strip here")
     parser.add_argument("--output", default=None, help="also write the results to this JSON file")
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     episodes, oracle_steps = [], []
     for index in range(len(goals)):
         example = goals[index]
-        episodes.append(run_episode(next_step, example.scene, example.goal, args.max_steps))
+        episodes.append(run_episode(next_step, example.scene, example.goal, args.max_steps, replan=not args.no_replan))
         oracle_steps.append(len(oracle_plan(example.scene, example.goal)))
     successes = [episode.success for episode in episodes]
     report = {
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
         "seed": args.seed,
         "episodes": len(episodes),
         "max_steps": args.max_steps,
+        "replan": not args.no_replan,
         "success_rate": sum(successes) / len(episodes),
+        "refused_steps": sum(sum(episode.refused) for episode in episodes),
+        # episodes that reached the goal after the policy refused one of their steps
+        "successes_after_refusal": sum(episode.success and any(episode.refused) for episode in episodes),
         # steps of the successful episodes beyond the oracle's shortest plans
         "extra_steps": sum(
             len(episode.steps) - shortest for episode, shortest in zip(episodes, oracle_steps) if episode.success

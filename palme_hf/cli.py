@@ -14,15 +14,17 @@ captioned. Exit status: 0 when every image was captioned, 1 when one was not or 
 2 for invalid arguments, 141 when the reader of the output went away (`palme-hf caption *.png | head -1`), as for
 Unix tools.
 
-    palme-hf plan [--model DIR] [--max-steps N] [--strip PNG] [--overwrite] [--json] SCENE GOAL
+    palme-hf plan [--model DIR] [--max-steps N] [--no-replan] [--strip PNG] [--overwrite] [--json] SCENE GOAL
 
 runs PaLM-E's closed loop in the toy embodied world (`palme_hf.embodied_world`) with a saved embodied model (as
 `examples/train_embodied.py` writes it; by default the one shipped with palme_hf, `palme_hf/embodied`): SCENE is a JSON
 file of the scene's objects, `obj_1` first (`[{"shape": "circle", "colour": "red", "size": "small", "column": 0,
 "row": 1}, ...]`), GOAL the goal in words (`"put the red circle right of the blue square"`). The model is asked for the
 next step from the scene's observations, the scripted policy executes it, and the loop asks again from the new scene
-until the goal holds or `--max-steps` steps were taken. Prints each step taken (`1. move obj_1 right`), then `goal
-holds` or `goal not reached` and why; `--json` prints one object `{"goal", "steps", "success"}` instead, `--strip`
+until the goal holds or `--max-steps` steps were taken. A step the policy refuses (off the grid, into a taken cell)
+leaves the scene as it was, and the next question names it (`move obj_1 right failed Q: ...`); with `--no-replan` it
+ends the episode. Prints each step taken (`1. move obj_1 right`, `- refused` after a refused one), then `goal holds`
+or `goal not reached` and why; `--json` prints one object `{"goal", "steps", "refused", "success"}` instead, `--strip`
 saves the episode as a PNG strip (an existing file is refused unless `--overwrite`). Exit status: 0 when the goal
 holds, 1 when it was not reached or the scene, goal or model could not be read, 2 for invalid arguments.
 """
@@ -166,13 +168,17 @@ def run_caption(args: argparse.Namespace) -> int:
     return status or (1 if any(result["error"] is not None for result in results) else 0)
 
 
-def episode_lines(episode: Episode) -> list[str]:
-    """The steps of a closed-loop episode, numbered, then whether the goal holds and, if not, why."""
-    lines = [f"{number}. {step}" for number, step in enumerate(episode.steps, start=1)]
+def episode_lines(episode: Episode, replan: bool) -> list[str]:
+    """The steps of a closed-loop episode, numbered (`- refused` after a step the policy refused), then whether the
+    goal holds and, if not, why."""
+    lines = [
+        f"{number}. {step}" + (" - refused" if refused else "")
+        for number, (step, refused) in enumerate(zip(episode.steps, episode.refused), start=1)
+    ]
     if episode.success:
         lines.append("goal holds")
-    elif len(episode.scenes) == len(episode.steps):  # the last step left no scene after it
-        lines.append(f"goal not reached: step {len(episode.steps)} cannot be executed")
+    elif episode.refused and episode.refused[-1] and not replan:
+        lines.append(f"goal not reached: step {len(episode.steps)} was refused (--no-replan)")
     else:
         lines.append(f"goal not reached within the budget of {len(episode.steps)} steps")
     return lines
@@ -200,13 +206,20 @@ def run_plan(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"palme-hf: error: {one_line(error)}", file=sys.stderr)
         return 1
-    episode = run_episode(model_next_step(model, processor, inputs), scene, goal, args.max_steps)
+    next_step = model_next_step(model, processor, inputs)
+    episode = run_episode(next_step, scene, goal, args.max_steps, replan=not args.no_replan)
     if args.strip is not None:
         save_episode_strip(episode, args.strip)
     if args.json:
-        lines = [json.dumps({"goal": goal.text, "steps": list(episode.steps), "success": episode.success}, indent=2)]
+        result = {
+            "goal": goal.text,
+            "steps": list(episode.steps),
+            "refused": list(episode.refused),
+            "success": episode.success,
+        }
+        lines = [json.dumps(result, indent=2)]
     else:
-        lines = episode_lines(episode)
+        lines = episode_lines(episode, replan=not args.no_replan)
     return print_lines(lines) or (0 if episode.success else 1)
 
 
@@ -240,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "plan",
         help="plan toward a goal in the toy embodied world, step by step, in a closed loop",
         description="Asks an embodied model for the next step toward GOAL from the scene's observations, executes it "
-        "with the scripted policy, and asks again from the new scene, until the goal holds: prints the steps taken, "
-        "then whether the goal holds (exit status 0) or not (1).",
+        "with the scripted policy, and asks again from the new scene (naming a step the policy refused), until the "
+        "goal holds: prints the steps taken, then whether the goal holds (exit status 0) or not (1).",
     )
     plan.add_argument("scene", metavar="SCENE", help="JSON file of the scene: a list of objects, obj_1 first")
     plan.add_argument("goal", metavar="GOAL", help='the goal, e.g. "put the red circle right of the blue square"')
@@ -249,9 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         "--model", default=EMBODIED_PLANNER, help="folder of a saved embodied model (default: %(default)s)"
     )
     plan.add_argument("--max-steps", type=positive_int, default=12, help="the step budget (default: %(default)s)")
+    plan.add_argument(
+        "--no-replan",
+        action="store_true",
+        help="end the episode at a step the policy refuses, instead of asking again with the refused step named",
+    )
     plan.add_argument("--strip", default=None, help="save the episode as a PNG strip of its scenes here")
     plan.add_argument("--overwrite", action="store_true", help="replace an existing --strip file")
-    plan.add_argument("--json", action="store_true", help='print one JSON object {"goal", "steps", "success"}')
+    plan.add_argument(
+        "--json", action="store_true", help='print one JSON object {"goal", "steps", "refused", "success"}'
+    )
     args = parser.parse_args(argv)
 
     logging.disable_progress_bar()  # stdout is the answers; keep stderr for errors

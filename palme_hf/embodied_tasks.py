@@ -2,7 +2,7 @@
 The embodied world's tasks for a PalmE: the word-level tokenizer of the world's vocabulary, the multimodal sentences
 that put a scene's observations (image, state vector, object vectors) before a task's prompt, training batches,
 greedy answers by `generate()`, their scores on held-out examples, and the closed loop in which a model's next step is
-executed by the scripted policy and the new observation goes back into the sentence.
+executed by the scripted policy and the new observation, or the step the policy refused, goes back into the sentence.
 
 A multimodal sentence holds the observations `inputs` names (a tuple of `OBSERVATIONS`), then the prompt:
 
@@ -79,6 +79,7 @@ EMBODIED_WORDS = tuple(
             *SIZE_FRACTIONS,
             *(f"obj_{number}" for number in range(1, MAX_OBJECTS + 1)),
             *(f"{number}." for number in range(1, MAX_PLAN_STEPS + 1)),
+            "failed",
         ]
     )
 )
@@ -321,43 +322,62 @@ def load_embodied_model(model_dir: str) -> tuple[PalmEForConditionalGeneration, 
 @dataclass(frozen=True)
 class Episode:
     """
-    One run of the closed loop toward `goal`: `scenes[0]` is the start, `scenes[i + 1]` the scene after `steps[i]`.
-    `success` says whether the goal held within the step budget; a step the policy cannot execute ends the episode
-    (it is the last of `steps`, without a scene after it).
+    One run of the closed loop toward `goal`: `scenes[0]` is the start, `scenes[i + 1]` the scene after `steps[i]`,
+    the same scene when the policy refused the step (`refused[i]`). `success` says whether the goal held within the
+    step budget.
     """
 
     goal: Goal
     scenes: tuple[Scene, ...]
     steps: tuple[str, ...]
+    refused: tuple[bool, ...]
     success: bool
 
 
-def run_episode(next_step: Callable[[Scene, Goal], str], scene: Scene, goal: Goal, max_steps: int) -> Episode:
+def run_episode(
+    next_step: Callable[[Scene, Goal, tuple[str, ...]], str],
+    scene: Scene,
+    goal: Goal,
+    max_steps: int,
+    replan: bool = True,
+) -> Episode:
     """
-    The closed loop: `next_step(scene, goal)` (a model's answer to [`next_step_prompt`] from the current observation)
-    is executed by the scripted policy, the scene changes, and the loop asks again, until the goal holds, `max_steps`
-    steps were taken, or a step cannot be executed.
+    The closed loop: `next_step(scene, goal, refused)` (a model's answer to [`next_step_prompt`] from the current
+    observation) is executed by the scripted policy, the scene changes, and the loop asks again, until the goal holds
+    or `max_steps` steps were taken. A step the policy refuses (off the grid, into a taken cell, off the grammar)
+    leaves the scene as it was; `refused` holds the steps refused on the current scene, which the next question
+    names: the model plans again, told what failed. With `replan=False` a refused step ends the episode instead.
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
         raise ValueError(f"`max_steps` must be an integer >= 0, got {max_steps!r}.")
-    scenes, steps = [scene], []
+    scenes, steps, refused_flags, refused = [scene], [], [], []
     while not goal_holds(scenes[-1], goal) and len(steps) < max_steps:
-        step = next_step(scenes[-1], goal)
+        step = next_step(scenes[-1], goal, tuple(refused))
         steps.append(step)
         try:
-            scenes.append(execute(scenes[-1], step))
+            after = execute(scenes[-1], step)
         except ValueError:
-            break
-    return Episode(goal, tuple(scenes), tuple(steps), goal_holds(scenes[-1], goal))
+            after = None
+        refused_flags.append(after is None)
+        if after is None:
+            scenes.append(scenes[-1])
+            refused.append(step)
+            if not replan:
+                break
+        else:
+            scenes.append(after)
+            refused = []
+    return Episode(goal, tuple(scenes), tuple(steps), tuple(refused_flags), goal_holds(scenes[-1], goal))
 
 
 def model_next_step(
     model: PreTrainedModel, processor: PalmEProcessor, inputs: Sequence[str]
-) -> Callable[[Scene, Goal], str]:
-    """The next step that `model` answers from the observations of `inputs` of a scene, for [`run_episode`]."""
+) -> Callable[[Scene, Goal, tuple[str, ...]], str]:
+    """The next step that `model` answers from the observations of `inputs` of a scene and the steps refused on it,
+    for [`run_episode`]."""
 
-    def next_step(scene: Scene, goal: Goal) -> str:
-        return generate_answers(model, processor, inputs, [scene], [next_step_prompt(goal)])[0]
+    def next_step(scene: Scene, goal: Goal, refused: tuple[str, ...] = ()) -> str:
+        return generate_answers(model, processor, inputs, [scene], [next_step_prompt(goal, refused)])[0]
 
     return next_step
 
@@ -384,7 +404,7 @@ def episode_strip(episode: Episode, image_size: int = 128, caption_height: int =
         left = 8 + index * (image_size + 8)
         strip.paste(render(scene, image_size), (left, heading))
         if index < len(episode.steps):
-            caption = f"{index + 1}. {episode.steps[index]}"
+            caption = f"{index + 1}. {episode.steps[index]}" + (" - refused" if episode.refused[index] else "")
         else:
             caption = "goal holds" if episode.success else "goal not reached"
         draw.text((left, heading + image_size + 6), caption, fill="black")

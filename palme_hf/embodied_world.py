@@ -27,6 +27,7 @@ import hashlib
 import random
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -419,10 +420,26 @@ def sample_scene_and_goal(rng: random.Random, split: str) -> tuple[Scene, Goal]:
             return scene, rng.choice(goals)
 
 
-def next_step_prompt(goal: Goal) -> str:
-    """The prompt of the `"next_step"` task, the closed loop's question: `"Q: What is the next step to put the red
-    circle right of the blue square? A:"`."""
-    return f"Q: What is the next step to {goal.text}? A:"
+def refused_steps(scene: Scene, number: int) -> list[str]:
+    """The steps of `obj_{number}` that the scripted policy refuses on `scene` ([`execute`]): off the grid or into a
+    taken cell, in the order of `DIRECTIONS`."""
+    steps = []
+    for direction in DIRECTIONS:
+        step = f"move obj_{number} {direction}"
+        try:
+            execute(scene, step)
+        except ValueError:
+            steps.append(step)
+    return steps
+
+
+def next_step_prompt(goal: Goal, refused: Sequence[str] = ()) -> str:
+    """
+    The prompt of the `"next_step"` task, the closed loop's question: `"Q: What is the next step to put the red circle
+    right of the blue square? A:"`, after the steps the policy refused on this scene, each followed by `failed`:
+    `"move obj_2 right failed Q: What is the next step to ... ? A:"`.
+    """
+    return " ".join([*(f"{step.strip()} failed" for step in refused), f"Q: What is the next step to {goal.text}? A:"])
 
 
 def sample_example(rng: random.Random, split: str, task: str) -> TaskExample:
@@ -437,7 +454,9 @@ def sample_example(rng: random.Random, split: str, task: str) -> TaskExample:
       `"1. move obj_2 right 2. move obj_2 right"`;
     - `"next_step"`: `"Q: What is the next step to put the red circle right of the blue square? A:"`, the first step
       of the oracle plan, `"move obj_2 right"`, on the scene after a random number of the oracle's steps toward the
-      goal (the states a closed loop meets): the scene and the goal of the `"plan"` example of the same `rng`.
+      goal (the states a closed loop meets): the scene and the goal of the `"plan"` example of the same `rng`. The
+      prompt first names each of the [`refused_steps`] of the goal's subject there, half of them at random (what the
+      closed loop says after the policy refused a step; see [`next_step_prompt`]).
     """
     if task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
@@ -448,7 +467,10 @@ def sample_example(rng: random.Random, split: str, task: str) -> TaskExample:
             return TaskExample(task, scene, f"Q: How to {goal.text}? A:", format_plan(steps), goal)
         for step in steps[: rng.randrange(len(steps))]:
             scene = execute(scene, step)
-        return TaskExample(task, scene, next_step_prompt(goal), oracle_plan(scene, goal)[0], goal)
+        # The steps the policy would refuse here, each named half the time, as the closed loop names a refused one.
+        subject_steps = refused_steps(scene, object_number(scene, goal.subject))
+        refused = [step for step in subject_steps if rng.random() < 0.5]
+        return TaskExample(task, scene, next_step_prompt(goal, refused), oracle_plan(scene, goal)[0], goal)
     scene = sample_scene(rng, split)
     numbers = range(1, len(scene.objects) + 1)
     if task == "relation":
@@ -539,6 +561,7 @@ __all__ = [
     "parse_goal",
     "parse_plan",
     "plan_succeeds",
+    "refused_steps",
     "relation_holds",
     "render",
     "sample_example",

@@ -369,7 +369,12 @@ def test_plan_reaches_the_goal_step_by_step_with_the_shipped_model(capsys):
     assert not goal_holds(scene, parse_goal(GOAL))
     for number, line in enumerate(lines[:-1], start=1):
         assert line.startswith(f"{number}. ")
-        scene = execute(scene, line.split(". ", 1)[1])
+        step = line.split(". ", 1)[1]
+        if step.endswith(" - refused"):  # the policy refused it: the scene stays as it was
+            with pytest.raises(ValueError, match="Cannot execute"):
+                execute(scene, step.removesuffix(" - refused"))
+        else:
+            scene = execute(scene, step)
     assert goal_holds(scene, parse_goal(GOAL))
 
 
@@ -378,6 +383,7 @@ def test_plan_prints_json_saves_the_strip_and_keeps_an_existing_one(tmp_path, ca
     assert main(["plan", SCENE, GOAL, "--json", "--strip", str(strip)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["goal"] == GOAL and result["success"] is True and len(result["steps"]) >= 1
+    assert len(result["refused"]) == len(result["steps"]) and not result["refused"][-1]
     with PIL.Image.open(strip) as image:
         assert image.format == "PNG" and image.width > 128 * (len(result["steps"]) + 1)
     before = strip.read_bytes()
@@ -395,6 +401,30 @@ def test_plan_says_when_the_budget_runs_out_or_the_goal_already_holds(tmp_path, 
     assert lines[1] == "goal not reached within the budget of 1 steps"
     assert main(["plan", SCENE, "put the red circle right of the green triangle"]) == 0
     assert capsys.readouterr().out == "goal holds\n"
+
+
+def test_plan_names_a_refused_step_and_asks_again_unless_told_not_to(tmp_path, capsys):
+    """The blue square stands right beside the green triangle: the step right is refused, the model goes around."""
+    path = tmp_path / "scene.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"shape": "triangle", "colour": "green", "size": "small", "column": 0, "row": 1},
+                {"shape": "square", "colour": "blue", "size": "large", "column": 1, "row": 1},
+            ]
+        )
+    )
+    assert main(["plan", str(path), GOAL, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"][0] == "move obj_1 right" and result["refused"][0] and result["success"]
+    assert main(["plan", str(path), GOAL]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "1. move obj_1 right - refused" and lines[-1] == "goal holds"
+    assert main(["plan", str(path), GOAL, "--no-replan"]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        "1. move obj_1 right - refused",
+        "goal not reached: step 1 was refused (--no-replan)",
+    ]
 
 
 @pytest.mark.parametrize(

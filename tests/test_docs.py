@@ -466,9 +466,16 @@ def test_the_embodied_tables_are_the_run_data():
         assert table[0] == [first_cell, *columns]
         assert table[1:] == embodied_runs_rows(runs)
     loop = markdown_table(page, "| model | inputs | episodes |")
-    assert loop[0] == ["model", "inputs", "episodes", "step budget", "success rate"]
+    assert loop[0] == ["model", "inputs", "episodes", "step budget", "a refused step", "success rate"]
     assert loop[1:] == [
-        [name, report["inputs"], str(report["episodes"]), str(report["max_steps"]), f"{report['success_rate']:.2f}"]
+        [
+            name,
+            report["inputs"],
+            str(report["episodes"]),
+            str(report["max_steps"]),
+            "is named, the model asked again" if report.get("replan") else "ends the episode",
+            f"{report['success_rate']:.2f}",
+        ]
         for name, report in data["loops"].items()
     ]
 

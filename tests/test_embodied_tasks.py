@@ -163,19 +163,43 @@ def test_a_next_step_is_right_when_it_starts_a_shortest_plan():
     assert not step_is_right(execute(SCENE, "move obj_2 right"), GOAL, "move obj_2 down")  # still at the edge
 
 
-def test_the_closed_loop_ends_when_the_goal_holds_or_the_budget_is_spent(tmp_path):
-    episode = run_episode(lambda scene, goal: oracle_plan(scene, goal)[0], SCENE, GOAL, max_steps=10)
+def oracle_step(scene, goal, refused):
+    return oracle_plan(scene, goal)[0]
+
+
+def test_the_closed_loop_ends_when_the_goal_holds_or_the_budget_is_spent():
+    episode = run_episode(oracle_step, SCENE, GOAL, max_steps=10)
     assert episode.success and len(episode.steps) == 4 and len(episode.scenes) == 5
     assert episode.steps[0] == "move obj_1 right" and episode.scenes[-1].objects[0].column == 3
-    wandering = run_episode(lambda scene, goal: "move obj_2 down", SCENE, GOAL, max_steps=10)
-    assert not wandering.success and wandering.steps == ("move obj_2 down",) * 3  # the fourth leaves the grid
-    assert len(wandering.scenes) == 3
-    stuck = run_episode(lambda scene, goal: "move obj_1 up", SCENE, GOAL, max_steps=1)
-    assert not stuck.success and len(stuck.steps) == 1
-    strip = episode_strip(episode, image_size=64)
-    assert strip.width == 5 * (64 + 8) + 8 and strip.height > 64
+    assert episode.refused == (False,) * 4
+    # two steps down to the bottom row, then the policy refuses the step off the grid until the budget is spent
+    wandering = run_episode(lambda scene, goal, refused: "move obj_2 down", SCENE, GOAL, max_steps=10)
+    assert not wandering.success and wandering.steps == ("move obj_2 down",) * 10
+    assert wandering.refused == (False,) * 2 + (True,) * 8 and len(wandering.scenes) == 11
+    assert all(scene == wandering.scenes[2] for scene in wandering.scenes[3:])  # a refused step leaves the scene
     with pytest.raises(ValueError, match="`max_steps` must be an integer >= 0"):
-        run_episode(lambda scene, goal: "move obj_1 up", SCENE, GOAL, max_steps=-1)
+        run_episode(oracle_step, SCENE, GOAL, max_steps=-1)
+
+
+def test_the_closed_loop_names_the_refused_steps_until_one_is_executed():
+    asked = []
+
+    def next_step(scene, goal, refused):
+        asked.append(refused)
+        if scene == SCENE:
+            return ["move obj_1 left", "walk obj_1", "move obj_1 up"][len(refused)]
+        return oracle_step(scene, goal, refused)
+
+    episode = run_episode(next_step, SCENE, GOAL, max_steps=6)
+    # off the grid, then off the grammar: both refused and named; the step up is executed, and the list starts anew
+    assert asked == [(), ("move obj_1 left",), ("move obj_1 left", "walk obj_1"), (), (), ()]
+    assert episode.refused == (True, True, False, False, False, False) and episode.success
+    assert episode.scenes[1] == episode.scenes[2] == SCENE and episode.scenes[3].objects[0].row == 0
+    strict = run_episode(next_step, SCENE, GOAL, max_steps=6, replan=False)
+    assert strict.steps == ("move obj_1 left",) and strict.refused == (True,) and not strict.success
+    assert len(strict.scenes) == 2
+    strip = episode_strip(episode, image_size=64)
+    assert strip.width == 7 * (64 + 8) + 8 and strip.height > 64
 
 
 def test_a_model_answers_and_steps_through_its_generation(tiny):

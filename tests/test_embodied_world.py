@@ -26,11 +26,14 @@ from palme_hf.embodied_world import (
     format_plan,
     goal_holds,
     goal_split,
+    next_step_prompt,
+    object_number,
     object_vectors,
     oracle_plan,
     parse_goal,
     parse_plan,
     plan_succeeds,
+    refused_steps,
     render,
     sample_example,
     sample_scene,
@@ -161,7 +164,9 @@ def test_next_step_answers_lead_the_closed_loop_to_the_goal():
     plans, next_steps = examples("plan", num_samples=200), examples("next_step", num_samples=200)
     steps_done = []
     for plan, example in zip(plans, next_steps):
-        assert example.goal == plan.goal and example.prompt == f"Q: What is the next step to {plan.goal.text}? A:"
+        assert example.goal == plan.goal and example.prompt.endswith(
+            f"Q: What is the next step to {plan.goal.text}? A:"
+        )
         states = [plan.scene]
         for step in parse_plan(plan.answer)[:-1]:
             states.append(execute(states[-1], step))
@@ -170,6 +175,34 @@ def test_next_step_answers_lead_the_closed_loop_to_the_goal():
         assert example.answer == remaining[0]
         assert len(oracle_plan(execute(example.scene, example.answer), example.goal)) == len(remaining) - 1
     assert steps_done.count(0) < 150 and max(steps_done) >= 3  # the states a closed loop meets, not only starts
+
+
+def test_next_step_prompts_name_some_steps_the_policy_refuses_and_the_answer_is_none_of_them():
+    named = []
+    for example in examples("next_step", num_samples=300):
+        subject = object_number(example.scene, example.goal.subject)
+        refusable = refused_steps(example.scene, subject)
+        refused = [step for step in refusable if f"{step} failed" in example.prompt]
+        assert example.prompt == next_step_prompt(example.goal, refused) and example.answer not in refusable
+        named.append(len(refused))
+    assert 0.2 < sum(count > 0 for count in named) / len(named) < 0.8 and max(named) >= 2
+    goal = Goal("red circle", "right of", "blue square")
+    assert next_step_prompt(goal) == "Q: What is the next step to put the red circle right of the blue square? A:"
+    assert next_step_prompt(goal, ["move obj_1 right", " move obj_1 up "]) == (
+        "move obj_1 right failed move obj_1 up failed "
+        "Q: What is the next step to put the red circle right of the blue square? A:"
+    )
+
+
+def test_refused_steps_are_those_off_the_grid_or_into_a_taken_cell():
+    scene = Scene(
+        (
+            SceneObject("circle", "red", "small", column=0, row=1),
+            SceneObject("square", "blue", "tiny", column=1, row=1),
+        )
+    )
+    assert refused_steps(scene, 1) == ["move obj_1 left", "move obj_1 right"]
+    assert refused_steps(scene, 2) == ["move obj_2 left"]
 
 
 def test_the_oracle_goes_around_objects_and_refuses_a_walled_in_subject():
