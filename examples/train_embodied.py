@@ -20,7 +20,8 @@ No work is lost, as with `examples/train_captioner.py`:
   every `--save-steps` steps, at the end of training, and on Ctrl-C, which stops after the current step (a second
   Ctrl-C aborts without saving). The last two are kept.
 - `--resume`, with the options the run started with, continues from the last checkpoint: same data order, same
-  random states, so the loss curve continues as if the run had not stopped.
+  random states, so the loss curve continues as if the run had not stopped. A checkpoint of another model than the
+  script builds now (its words changed since the run started) is refused, the difference named.
 - The finished model is written into a temporary folder beside `--output-dir`, which then replaces it (checkpoints
   included): a run that fails or is stopped leaves no half-written model.
 """
@@ -318,6 +319,15 @@ def main(argv: list[str] | None = None) -> Trainer:
         resume_from = find_resume_checkpoint(
             args, training_args.world_size, RESUMABLE_CHANGES, added_options=ADDED_OPTIONS
         )
+        if resume_from is not None:
+            saved = PalmEConfig.from_pretrained(resume_from).to_dict()
+            differences = architecture_differences(saved, model.config.to_dict())
+            if differences:
+                raise ValueError(
+                    f"--resume: the checkpoint {resume_from} holds another model than this script builds "
+                    f"({'; '.join(differences)}): the script's model or words changed since the run started. Start "
+                    "a new run in another --output-dir."
+                )
     except (ValueError, OSError) as error:
         exit_with_error(error)
     if resume_from is None:

@@ -121,6 +121,29 @@ def test_resume_continues_a_run_started_before_the_options_it_lacks(train_embodi
     assert results["train_steps"] == 6 and len(results["train_losses"]) == 6
 
 
+def test_resume_refuses_a_checkpoint_of_another_model(train_embodied, tmp_path, monkeypatch):
+    """A run started when the script built another model (here: a word fewer, as before `failed` was added) cannot
+    continue: the difference is named, and the checkpoint is left as it was."""
+    output_dir = tmp_path / "run"
+    argv = ["--output-dir", str(output_dir), *TINY_RUN]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_embodied, "StopCallback", StopAtStep3)
+        with pytest.raises(SystemExit):
+            train_embodied.main(argv)
+    config_file = output_dir / "checkpoints" / "checkpoint-3" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["text_config"]["vocab_size"] -= 1
+    for name in ("image_token_id", "state_token_id", "object_token_id"):
+        config[name] -= 1  # the placeholders follow the words
+    config_file.write_text(json.dumps(config))
+    message = (
+        r"holds another model than this script builds \(image_token_id: 58 saved, 59 here; .*vocab_size: 61 saved"
+    )
+    with pytest.raises(SystemExit, match=message):
+        train_embodied.main([*argv, "--resume"])
+    assert json.loads(config_file.read_text()) == config
+
+
 def test_refuses_a_non_empty_output_dir_and_a_resume_without_checkpoints(tmp_path, train_embodied):
     output_dir = tmp_path / "taken"
     output_dir.mkdir()
@@ -198,6 +221,9 @@ def test_the_loop_runs_to_the_goal_or_the_budget_and_draws_an_episode(finished, 
     strip = tmp_path / "images" / "loop.png"
     report = loop.main(["--model", str(finished), "--episodes", "2", "--max-steps", "2", "--strip", str(strip)])
     assert report["episodes"] == 2 and 0.0 <= report["success_rate"] <= 1.0 and report["inputs"] == "image+state"
+    assert report["replan"] and report["refused_steps"] >= 0
+    strict = loop.main(["--model", str(finished), "--episodes", "2", "--max-steps", "2", "--no-replan"])
+    assert not strict["replan"] and strict["refused_steps"] <= 2  # a refused step ends its episode
     image = Image.open(strip)
     assert image.width >= 128 and image.height > 128  # the start, and a scene per step executed
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
